@@ -1,0 +1,409 @@
+"""ApiClient: one AOTsend call per :class:`ApiRequest`, classified into an :class:`ApiResult`.
+
+The thin IO layer between the delivery policy and the network. Its one hard job
+is telling "the request never left" (safe to retry, DESIGN 5 ``451 4.4.1``)
+from "it left and we got no answer" (outcome unknown, ``451 4.4.2``).
+
+httpx_aiohttp maps aiohttp's exceptions lossily (``ServerDisconnectedError``, a
+``ClientConnectionError``, surfaces as ``httpx.ConnectTimeout``), so the
+original aiohttp exception is looked up in the exception chain first. When the
+client owns its aiohttp session it also traces whether a connection was ever
+obtained, which proves "never sent" for anything else that goes wrong earlier,
+including the whole-call timeout.
+
+Neither the API key nor exception text ever reaches an ApiResult, a log record
+or a repr: failures are described by fixed phrases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import email.utils
+import errno
+import json
+import logging
+import time
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import SimpleNamespace, TracebackType
+from typing import Any, Literal, Self
+
+import aiohttp
+import httpx
+from httpx_aiohttp import AiohttpTransport
+
+from smtp_bridge import __version__
+from smtp_bridge.outcomes import ApiRequest, ApiResult, ResultKind
+
+__all__ = ["ApiClient", "USER_AGENT", "request_fields"]
+
+log = logging.getLogger(__name__)
+
+USER_AGENT = f"smtp-bridge/{__version__}"
+
+#: The API answers a few dozen bytes; anything far larger is not the API.
+_MAX_BODY = 64 * 1024
+_MAX_MESSAGE = 200
+#: Idle keep-alive connections are dropped well before a typical server's own
+#: keep-alive timeout, so a POST rarely meets a connection the server is closing
+#: (aiohttp never retries a POST, and that race would read as "outcome unknown").
+_KEEPALIVE_EXPIRY = 5.0
+#: Characters stripped from provider messages before they reach logs and records:
+#: controls, format characters (bidi overrides), lone surrogates, line separators.
+_STRIP_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+
+
+@dataclass(slots=True)
+class _Progress:
+    """How far the current call got; proves "never sent" when nothing was connected."""
+
+    traced: bool = False  # our own aiohttp session reports connections below
+    admitted: bool = False  # a concurrency slot was acquired
+    connected: bool = False  # a connection was created or reused: bytes may have left
+
+
+_PROGRESS: contextvars.ContextVar[_Progress | None] = contextvars.ContextVar(
+    "smtp_bridge_api_progress", default=None
+)
+
+
+async def _on_connection(
+    session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object
+) -> None:
+    progress = _PROGRESS.get()
+    if progress is not None:
+        progress.connected = True
+
+
+# --- exception classification --------------------------------------------------------
+
+_Table = tuple[tuple[type[BaseException], ResultKind, str], ...]
+
+
+def _optional(name: str, kind: ResultKind, text: str) -> _Table:
+    """An entry for an aiohttp exception that older aiohttp releases lack."""
+    cls = getattr(aiohttp, name, None)
+    return ((cls, kind, text),) if isinstance(cls, type) else ()
+
+
+# Order matters: subclasses before their bases. (exception type, kind, description)
+_AIOHTTP_CLASSES: _Table = (
+    *_optional("ClientConnectorDNSError", ResultKind.NEVER_SENT, "DNS lookup failed"),
+    (aiohttp.ClientConnectorCertificateError, ResultKind.NEVER_SENT, "TLS certificate rejected"),
+    (aiohttp.ClientSSLError, ResultKind.NEVER_SENT, "TLS handshake failed"),
+    (aiohttp.ClientProxyConnectionError, ResultKind.NEVER_SENT, "proxy connection failed"),
+    (aiohttp.ClientConnectorError, ResultKind.NEVER_SENT, "connection failed"),
+    (aiohttp.ConnectionTimeoutError, ResultKind.NEVER_SENT, "connect timed out"),
+    (aiohttp.ServerFingerprintMismatch, ResultKind.NEVER_SENT, "TLS fingerprint mismatch"),
+    (aiohttp.ClientHttpProxyError, ResultKind.NEVER_SENT, "proxy refused the connection"),
+    (aiohttp.InvalidURL, ResultKind.NEVER_SENT, "invalid API URL"),
+    (aiohttp.NonHttpUrlClientError, ResultKind.NEVER_SENT, "invalid API URL"),
+    (aiohttp.SocketTimeoutError, ResultKind.UNKNOWN, "timed out after sending"),
+    (aiohttp.ServerTimeoutError, ResultKind.UNKNOWN, "timed out after sending"),
+    (aiohttp.ServerDisconnectedError, ResultKind.UNKNOWN, "server disconnected after sending"),
+    (aiohttp.ClientConnectionResetError, ResultKind.UNKNOWN, "connection reset after sending"),
+    (aiohttp.ClientPayloadError, ResultKind.UNKNOWN, "response body incomplete"),
+    (aiohttp.ClientResponseError, ResultKind.UNKNOWN, "malformed response"),
+    *_optional("UploadAbortedError", ResultKind.UNKNOWN, "request body not fully sent"),
+    (aiohttp.ClientOSError, ResultKind.UNKNOWN, "connection error after sending"),
+)
+
+_HTTPX_CLASSES: _Table = (
+    (httpx.ConnectTimeout, ResultKind.NEVER_SENT, "connect timed out"),
+    (httpx.PoolTimeout, ResultKind.NEVER_SENT, "timed out waiting for a connection"),
+    (httpx.ConnectError, ResultKind.NEVER_SENT, "connection failed"),
+    (httpx.ProxyError, ResultKind.NEVER_SENT, "proxy connection failed"),
+    (httpx.UnsupportedProtocol, ResultKind.NEVER_SENT, "invalid API URL"),
+    (httpx.InvalidURL, ResultKind.NEVER_SENT, "invalid API URL"),
+    (httpx.ReadTimeout, ResultKind.UNKNOWN, "timed out after sending"),
+    (httpx.WriteTimeout, ResultKind.UNKNOWN, "timed out while sending"),
+    (httpx.ReadError, ResultKind.UNKNOWN, "connection error after sending"),
+    (httpx.WriteError, ResultKind.UNKNOWN, "connection error while sending"),
+    (httpx.RemoteProtocolError, ResultKind.UNKNOWN, "malformed response"),
+    (httpx.DecodingError, ResultKind.UNKNOWN, "malformed response body"),
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and its causes/contexts, outermost first, without cycles."""
+    seen: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and not any(cur is s for s in seen):
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _lookup(exc: BaseException, table: _Table) -> tuple[ResultKind, str] | None:
+    for cls, kind, text in table:
+        if isinstance(exc, cls):
+            if cls is aiohttp.ClientConnectorError and _is_refused(exc):
+                return kind, "connection refused"
+            return kind, text
+    return None
+
+
+def _is_refused(exc: BaseException) -> bool:
+    os_error = getattr(exc, "os_error", None)
+    return isinstance(os_error, ConnectionRefusedError) or (
+        isinstance(os_error, OSError) and os_error.errno == errno.ECONNREFUSED
+    )
+
+
+def _classify(exc: BaseException, progress: _Progress) -> tuple[ResultKind, str]:
+    """Never sent or unknown, and a fixed description; never the exception's text."""
+    chain = _chain(exc)
+    # The original aiohttp exception is authoritative: httpx_aiohttp's mapping is lossy.
+    for link in chain:
+        found = _lookup(link, _AIOHTTP_CLASSES)
+        if found is not None:
+            return found
+    for link in chain:
+        found = _lookup(link, _HTTPX_CLASSES)
+        if found is not None:
+            return found
+    if progress.traced and not progress.connected:
+        return ResultKind.NEVER_SENT, "failed before connecting"
+    return ResultKind.UNKNOWN, "request failed"
+
+
+# --- response parsing ------------------------------------------------------------------
+
+
+def _clean_message(text: str, app_key: str) -> str:
+    cleaned = "".join(c for c in text if unicodedata.category(c) not in _STRIP_CATEGORIES)
+    if app_key and app_key in cleaned:  # a misbehaving proxy echoing the form back
+        cleaned = cleaned.replace(app_key, "***")
+    return cleaned[:_MAX_MESSAGE]
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """RFC 9110 10.2.3: delta-seconds or an HTTP-date; clamped to >= 0."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": UTC by RFC 5322 3.3
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _parse_api_body(body: bytes, app_key: str) -> tuple[int, str] | None:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(doc, dict):
+        return None
+    code = doc.get("code")
+    # bool is an int subclass; true/false is not an API code.
+    if not isinstance(code, int) or isinstance(code, bool):
+        return None
+    message = doc.get("message")
+    return code, _clean_message(message if isinstance(message, str) else "", app_key)
+
+
+def _redact_url(url: str) -> str:
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return "<invalid url>"
+    return str(parsed.copy_with(userinfo=b"", query=None))
+
+
+def request_fields(
+    request: ApiRequest, app_key: str, encoding: Literal["form", "json"] = "form"
+) -> dict[str, Any]:
+    """The request fields (DESIGN 1), as sent; also what ``smtp-bridge route`` prints.
+
+    ValueError if ``data`` is not JSON-serialisable.
+    """
+    body: dict[str, Any] = {
+        "app_key": app_key,
+        "template_id": request.template_id,
+        "to": request.to,
+    }
+    try:
+        data_json = json.dumps(
+            request.data, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+        )
+    except (TypeError, ValueError):
+        raise ValueError("request data is not JSON-serialisable") from None
+    body["data"] = data_json if encoding == "form" else request.data
+    if request.alias:
+        body["alias"] = request.alias
+    if request.reply_to:
+        body["reply_to"] = request.reply_to
+    if request.is_random is not None:
+        flag = int(request.is_random)
+        body["is_random"] = str(flag) if encoding == "form" else flag
+    return body
+
+
+class ApiClient:
+    """Sends :class:`ApiRequest` s to the AOTsend API over one shared HTTP client.
+
+    ``timeout`` bounds the whole call, waiting for a concurrency slot included;
+    ``max_concurrency`` caps calls in flight. ``transport`` replaces the default
+    aiohttp transport (tests pass ``httpx.MockTransport``). The API key is an
+    argument of :meth:`send`, never stored.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        encoding: Literal["form", "json"] = "form",
+        timeout: float = 10.0,
+        max_concurrency: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if encoding not in ("form", "json"):
+            raise ValueError(f"encoding must be 'form' or 'json', got {encoding!r}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0, got {timeout!r}")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency!r}")
+        self._url = url
+        self._encoding = encoding
+        self._timeout = timeout
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._traced = transport is None
+        if transport is None:
+            transport = self._default_transport(max_concurrency)
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            timeout=httpx.Timeout(timeout),
+            headers={"User-Agent": USER_AGENT},
+            follow_redirects=False,
+            trust_env=False,  # no proxies from the environment: the URL is the URL
+        )
+
+    @staticmethod
+    def _default_transport(max_concurrency: int) -> AiohttpTransport:
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(_on_connection)
+        trace.on_connection_reuseconn.append(_on_connection)
+        transport = AiohttpTransport()
+
+        def make_session() -> aiohttp.ClientSession:
+            # Called lazily by the transport inside the running loop.
+            connector = aiohttp.TCPConnector(
+                limit=max_concurrency,
+                keepalive_timeout=_KEEPALIVE_EXPIRY,
+                ssl=transport.ssl_context,
+            )
+            return aiohttp.ClientSession(connector=connector, trace_configs=[trace])
+
+        factory: Callable[[], aiohttp.ClientSession] = make_session
+        transport.client = factory
+        return transport
+
+    def __repr__(self) -> str:
+        return f"ApiClient(url={_redact_url(self._url)!r}, encoding={self._encoding!r})"
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def _body(self, request: ApiRequest, app_key: str) -> dict[str, Any]:
+        return request_fields(request, app_key, self._encoding)
+
+    async def send(self, request: ApiRequest, app_key: str) -> ApiResult:
+        """One API call; always an ApiResult, never an exception for IO failures.
+
+        Raises ValueError only for a caller bug: ``request.data`` that is not
+        JSON-serialisable (nothing is sent).
+        """
+        body = self._body(request, app_key)
+        started = time.perf_counter()
+        progress = _Progress(traced=self._traced)
+        token = _PROGRESS.set(progress)
+        deadline = asyncio.timeout(self._timeout)
+        try:
+            async with deadline, self._semaphore:
+                progress.admitted = True
+                result = await self._post(body, app_key)
+        except Exception as exc:  # CancelledError is a BaseException: it propagates
+            if deadline.expired():
+                kind, text = self._classify_deadline(progress)
+                log.debug(
+                    "API call: %s (whole-call timeout, %.3fs)", text, time.perf_counter() - started
+                )
+            else:
+                kind, text = _classify(exc, progress)
+                origin = _chain(exc)[-1]
+                log.debug("API call: %s (%s)", text, type(origin).__name__)
+            result = ApiResult(kind=kind, message=text)
+        finally:
+            _PROGRESS.reset(token)
+        return ApiResult(
+            kind=result.kind,
+            code=result.code,
+            http_status=result.http_status,
+            message=result.message,
+            retry_after=result.retry_after,
+            latency=time.perf_counter() - started,
+        )
+
+    @staticmethod
+    def _classify_deadline(progress: _Progress) -> tuple[ResultKind, str]:
+        if not progress.admitted:
+            return ResultKind.NEVER_SENT, "timed out waiting for a free API slot"
+        if progress.traced and not progress.connected:
+            return ResultKind.NEVER_SENT, "timed out before connecting"
+        return ResultKind.UNKNOWN, "timed out after sending"
+
+    async def _post(self, body: dict[str, Any], app_key: str) -> ApiResult:
+        if self._encoding == "form":
+            stream = self._client.stream("POST", self._url, data=body)
+        else:
+            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+            stream = self._client.stream(
+                "POST",
+                self._url,
+                content=content,
+                headers={"Content-Type": "application/json"},
+            )
+        async with stream as response:
+            status = response.status_code
+            if status != 200:
+                # The body of an error page is not needed and may be large.
+                return ApiResult(
+                    kind=ResultKind.HTTP,
+                    http_status=status,
+                    message=f"HTTP {status}",
+                    retry_after=_parse_retry_after(response.headers.get("Retry-After")),
+                )
+            raw = bytearray()
+            async for chunk in response.aiter_bytes():
+                raw += chunk
+                if len(raw) > _MAX_BODY:
+                    return ApiResult(
+                        kind=ResultKind.BAD_BODY, http_status=200, message="response too large"
+                    )
+        parsed = _parse_api_body(bytes(raw), app_key)
+        if parsed is None:
+            return ApiResult(
+                kind=ResultKind.BAD_BODY, http_status=200, message="HTTP 200 without API JSON"
+            )
+        code, message = parsed
+        return ApiResult(kind=ResultKind.API, code=code, http_status=200, message=message)

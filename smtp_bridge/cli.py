@@ -1,0 +1,276 @@
+"""The ``smtp-bridge`` command line (DESIGN 6)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, json_schema, load_config, parse_config
+from .logs import configure_logging
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_CONFIG = 1
+EXIT_STARTUP = 2
+
+#: ``serve --sandbox`` with no config file: a catch-all route, so a newcomer
+#: sees mail flow end to end before writing any YAML.
+SANDBOX_CONFIG = """
+smtp:
+  listen: ["127.0.0.1:2525"]
+  hostname: localhost
+delivery:
+  state_dir: {state_dir}
+admin:
+  listen: null
+routes:
+  - name: everything
+    template_id: "sandbox-template"
+    alias: "{{{{ sender.name or 'smtp-bridge' }}}}"
+    data:
+      subject: "{{{{ subject }}}}"
+      body: "{{{{ text }}}}"
+"""
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "smtp-bridge"
+
+
+def _load(path: str | None, *, sandbox: bool = False) -> Config:
+    if path is None and sandbox and not DEFAULT_CONFIG_PATH.exists():
+        text = SANDBOX_CONFIG.format(state_dir=json.dumps(str(_default_state_dir())))
+        return parse_config(text, filename="<built-in sandbox config>")
+    return load_config(path or DEFAULT_CONFIG_PATH)
+
+
+def _print_errors(error: ConfigError) -> None:
+    for issue in error.issues:
+        print(issue, file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .service import BridgeService, StartupError
+
+    configure_logging(args.log_format, args.log_level)
+    try:
+        config = _load(args.config, sandbox=args.sandbox)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return EXIT_CONFIG
+    config_path = Path(args.config) if args.config else (
+        DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)  # fmt: skip
+    service = BridgeService(config, config_path=config_path, sandbox=args.sandbox)
+    try:
+        _run(service.run())
+    except StartupError as exc:
+        print(f"smtp-bridge: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    return EXIT_OK
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return EXIT_CONFIG
+    print(f"ok: {args.config or DEFAULT_CONFIG_PATH}: {len(config.routes)} routes")
+    for route in config.routes:
+        print(f"  {_describe_route(route)}")
+    if config.api.app_key is None:
+        print("  warning: api.app_key is not set (only `serve --sandbox` works)")
+    return EXIT_OK
+
+
+def _describe_route(route: Any) -> str:
+    conditions = []
+    for name, value in route.match:
+        if value is None:
+            continue
+        if name == "headers":
+            text = ", ".join(f"{k}={'|'.join(map(str, v))}" for k, v in value.items())
+        else:
+            text = "|".join(map(str, value))
+        conditions.append(f"{name}={text}")
+    where = " ".join(conditions) or "(any)"
+    if route.action == "relay":
+        what = f"template={route.template_id}"
+    elif route.action == "reject":
+        what = f"reject {route.reply or '(550 5.7.1)'}"
+    else:
+        what = "drop"
+    return f"{route.name}: {where} -> {what}"
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    from .delivery import plan_recipient
+    from .message import parse_message
+    from .rules import Router
+    from .templating import ClientInfo
+
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return EXIT_CONFIG
+    try:
+        raw = Path(args.message).read_bytes()
+    except OSError as exc:
+        print(f"smtp-bridge: cannot read {args.message}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    parsed = parse_message(raw)
+    rcpts = args.rcpt or [a.address for a in (*parsed.to, *parsed.cc) if a.address]
+    if not rcpts:
+        print("smtp-bridge: no recipients: give --rcpt", file=sys.stderr)
+        return EXIT_CONFIG
+    router = Router(config.routes)
+    mail_from = args.mail_from if args.mail_from is not None else parsed.sender.address
+    client = ClientInfo(args.client)
+    status = EXIT_OK
+    for rcpt in rcpts:
+        plan = plan_recipient(parsed, rcpt, config=config, router=router,
+                              mail_from=mail_from, user=args.user, client=client)  # fmt: skip
+        print(f"rcpt: {rcpt}")
+        print(f"  route: {plan.route.name if plan.route else '(none)'}")
+        if plan.request is not None:
+            from .api import request_fields
+
+            fields = request_fields(plan.request, "***", config.api.encoding)
+            print(f"  POST {config.api.url} ({config.api.encoding})")
+            print("  " + json.dumps(fields, ensure_ascii=False, indent=2).replace("\n", "\n  "))
+        elif plan.outcome is not None:
+            print(f"  no API call: {plan.outcome.reply}")
+            status = status if plan.outcome.reply.is_success else EXIT_CONFIG
+    return status
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from .config import split_host_port
+    from .sandbox import run_sandbox
+
+    configure_logging(args.log_format, args.log_level)
+    host, port = split_host_port(args.listen)
+    templates = [t for t in (args.templates or "").split(",") if t] or None
+    try:
+        _run(run_sandbox(host, port, app_key=args.app_key, templates=templates,
+                         latency=args.latency))  # fmt: skip
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def cmd_send_test(args: argparse.Namespace) -> int:
+    from .api import ApiClient
+    from .outcomes import ApiRequest
+
+    try:
+        config = _load(args.config)
+        data = json.loads(args.data) if args.data else {}
+    except ConfigError as exc:
+        _print_errors(exc)
+        return EXIT_CONFIG
+    except ValueError:
+        print("smtp-bridge: --data must be a JSON object", file=sys.stderr)
+        return EXIT_CONFIG
+    if not isinstance(data, dict):
+        print("smtp-bridge: --data must be a JSON object", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def send() -> int:
+        request = ApiRequest(template_id=args.template, to=args.to, data=data)
+        async with ApiClient(config.api.url, encoding=config.api.encoding,
+                             timeout=config.api.timeout) as client:  # fmt: skip
+            result = await client.send(request, config.app_key())
+        print(json.dumps({"result": result.kind.value, "code": result.code,
+                          "http_status": result.http_status, "message": result.message,
+                          "latency_ms": round(result.latency * 1000, 1)}))  # fmt: skip
+        return EXIT_OK if result.delivered else EXIT_CONFIG
+
+    return int(_run(send()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smtp-bridge",
+                                     description="SMTP in, AOTsend template API calls out.")  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"smtp-bridge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", help=f"config file (default {DEFAULT_CONFIG_PATH})")
+
+    def with_logging(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--log-format", choices=["json", "text"], default="json")
+        p.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])  # fmt: skip
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    with_config(serve)
+    with_logging(serve)
+    serve.add_argument("--sandbox", action="store_true",
+                       help="start the embedded fake API and send to it")  # fmt: skip
+    serve.set_defaults(func=cmd_serve)
+
+    check = commands.add_parser("check-config", help="validate the config and print the routes")
+    with_config(check)
+    check.set_defaults(func=cmd_check_config)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of the config")
+    schema.set_defaults(func=cmd_schema)
+
+    route = commands.add_parser("route", help="dry run: the route and API request per recipient")
+    with_config(route)
+    route.add_argument("message", help="an RFC 5322 message file (.eml)")
+    route.add_argument("--rcpt", action="append", help="envelope recipient (repeatable)")
+    route.add_argument("--mail-from", help="envelope sender (default: the From address)")
+    route.add_argument("--user", default="", help="SMTP AUTH user to assume")
+    route.add_argument("--client", default="127.0.0.1", help="client IP to assume")
+    route.set_defaults(func=cmd_route)
+
+    sandbox = commands.add_parser("sandbox", help="run the AOTsend-compatible local API")
+    sandbox.add_argument("--listen", default="127.0.0.1:8025")
+    sandbox.add_argument("--app-key", help="accept only this key (default: any non-empty)")
+    sandbox.add_argument("--templates", help="comma-separated template ids (default: any)")
+    sandbox.add_argument("--latency", type=float, default=0.0, help="seconds before answering")
+    with_logging(sandbox)
+    sandbox.set_defaults(func=cmd_sandbox)
+
+    send_test = commands.add_parser("send-test", help="one real API call; prints the answer")
+    with_config(send_test)
+    send_test.add_argument("--to", required=True)
+    send_test.add_argument("--template", default="test")
+    send_test.add_argument("--data", help="template variables as a JSON object")
+    send_test.set_defaults(func=cmd_send_test)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

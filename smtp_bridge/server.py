@@ -1,0 +1,416 @@
+"""The SMTP face: aiosmtpd's protocol engine with the bridge's handler hooks.
+
+:class:`BridgeSMTP` adjusts the engine (DATA reader, enhanced status codes,
+connection limits); :class:`BridgeHandler` speaks the policy (who may send,
+which recipients are routable, what a message became). Every hook returns an
+explicit SMTP reply; internal errors answer ``451 4.3.0`` and never leak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
+
+from . import replies
+from .config import Config
+from .delivery import DirectDelivery, IncomingMessage, RecipientOutcome, aggregate
+from .logs import log_event
+from .message import has_bare_line_end, is_valid_address, normalize_line_ends, parse_message
+from .rules import Envelope, Router
+from .templating import ClientInfo
+
+__all__ = ["BridgeHandler", "BridgeSMTP", "ConnectionTracker", "Runtime", "new_queue_id"]
+
+log = logging.getLogger("smtp_bridge.smtp")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Parse in a worker thread above this size, so one big message does not
+#: stall every other session on the loop.
+PARSE_IN_THREAD_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What one session works with; replaced as a whole on reload (SIGHUP)."""
+
+    config: Config
+    router: Router
+
+    @classmethod
+    def build(cls, config: Config) -> Runtime:
+        return cls(config, Router(config.routes))
+
+    def is_trusted(self, ip: IPAddress | None) -> bool:
+        if ip is None:
+            return False
+        nets = self.config.smtp.trusted_networks
+        return any(ip.version == net.version and ip in net for net in nets)
+
+
+def new_queue_id() -> str:
+    """A short, time-ordered, unguessable id: what operators grep for."""
+    return f"{int(time.time() * 1000):011X}{secrets.token_hex(3).upper()}"
+
+
+def peer_ip(peer: Any) -> IPAddress | None:
+    if isinstance(peer, tuple) and peer:
+        try:
+            return ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+        except ValueError:
+            return None
+    return None
+
+
+class ConnectionTracker:
+    """Counts open sessions, in total and per client address."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_ip: Counter[IPAddress | None] = Counter()
+        self.sessions: set[BridgeSMTP] = set()
+        self._empty: asyncio.Event | None = None
+
+    async def wait_empty(self) -> None:
+        """Return once no session is open (shutdown drain)."""
+        while self.total:
+            self._empty = self._empty or asyncio.Event()
+            await self._empty.wait()
+
+    def admit(self, session: BridgeSMTP, ip: IPAddress | None, runtime: Runtime) -> bool:
+        smtp = runtime.config.smtp
+        if self.total >= smtp.max_connections:
+            return False
+        # Trusted networks skip the per-IP cap, as Postfix exempts mynetworks.
+        if not runtime.is_trusted(ip) and self.per_ip[ip] >= smtp.max_connections_per_ip:
+            return False
+        self.total += 1
+        self.per_ip[ip] += 1
+        self.sessions.add(session)
+        return True
+
+    def release(self, session: BridgeSMTP, ip: IPAddress | None) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.total -= 1
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
+            if not self.total and self._empty is not None:
+                self._empty.set()
+                self._empty = None
+
+
+# aiosmtpd's own replies carry no enhanced status code (RFC 3463); clients and
+# operators read those, so add one by reply code. 220 and 354 take none, and
+# neither do EHLO/HELO lines (RFC 2034 section 3).
+_ENHANCED_DEFAULTS = {
+    221: "2.0.0", 250: "2.0.0", 251: "2.1.5", 252: "2.5.0", 421: "4.7.0", 451: "4.3.0",
+    500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0",
+    535: "5.7.8", 538: "5.7.11", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3", 554: "5.3.0",
+    555: "5.5.4",
+}  # fmt: skip
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
+_REWRITES = {
+    "552 Error: message size exceeds fixed maximum message size": str(replies.TOO_LARGE),
+    "552 Error: Too much mail data": str(replies.TOO_LARGE),
+}
+
+
+def _with_enhanced_code(line: str) -> str:
+    if line in _REWRITES:
+        return _REWRITES[line]
+    if len(line) < 3 or not line[:3].isdigit() or _HAS_ENHANCED.match(line):
+        return line
+    if len(line) > 3 and line[3] == "-":
+        return line
+    enhanced = _ENHANCED_DEFAULTS.get(int(line[:3]))
+    if enhanced is None:
+        return line
+    text = line[4:].removeprefix("Error: ") or "Ok"
+    return f"{line[:3]} {enhanced} {text}"
+
+
+class BridgeSMTP(SMTP):
+    """aiosmtpd's SMTP with our DATA reader, reply codes and connection limits."""
+
+    def __init__(
+        self,
+        handler: BridgeHandler,
+        runtime: Runtime,
+        tracker: ConnectionTracker,
+        **kwargs: Any,
+    ) -> None:
+        smtp = runtime.config.smtp
+        super().__init__(
+            handler,
+            data_size_limit=smtp.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=smtp.hostname,
+            ident="ESMTP",  # no software version in the banner
+            timeout=smtp.timeout,
+            # Reset floods: each command has a budget per session.
+            command_call_limit={"NOOP": 50, "RSET": 50, "VRFY": 10, "HELP": 10, "*": 200},
+            **kwargs,
+        )
+        self.runtime = runtime
+        self.tracker = tracker
+        self.client_ip: IPAddress | None = None
+        self.session_id = secrets.token_hex(4)
+        self._admitted = False
+        self._raw_replies = False
+        self._in_data = False
+        self._closing = False
+
+    def close_when_idle(self) -> None:
+        """Shutdown: end the session now if idle, else right after its DATA reply."""
+        self._closing = True
+        if not self._in_data and self.transport is not None:
+            self._writer.write(f"{replies.SERVICE_UNAVAILABLE_SHUTDOWN}\r\n".encode())
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Shutdown grace period over: close whatever is left."""
+        if self.transport is not None:
+            self.transport.close()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if self.transport is None:  # a new connection, not a STARTTLS upgrade
+            self.client_ip = peer_ip(transport.get_extra_info("peername"))
+            if not self.tracker.admit(self, self.client_ip, self.runtime):
+                log_event(log, "connection_refused", level=logging.WARNING,
+                          client=str(self.client_ip), reason="too many connections")  # fmt: skip
+                transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())
+                transport.close()
+                return
+            self._admitted = True
+            log_event(log, "connect", session=self.session_id, client=str(self.client_ip))
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._admitted:
+            return
+        self.tracker.release(self, self.client_ip)
+        log_event(log, "disconnect", session=self.session_id, client=str(self.client_ip))
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if not self._admitted:
+            return False
+        result: bool | None = super().eof_received()
+        return result
+
+    # ------------------------------------------------------------ replies
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str) and not self._raw_replies:
+            await super().push(_with_enhanced_code(status))
+        else:
+            await super().push(status)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._raw_replies = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._raw_replies = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._raw_replies = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._raw_replies = False
+
+    # ------------------------------------------------------------ DATA
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """Read DATA ourselves: end only at CRLF.CRLF, cap the size whatever the
+        line lengths (552 5.3.4 after the terminator, RFC 5321 4.2.5), and keep
+        long lines, which legacy apps send and RFC 5322 readers tolerate."""
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Need RCPT command first")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        self._in_data = True
+        try:
+            await self._read_and_handle_data()
+        finally:
+            self._in_data = False
+        if self._closing and self.transport is not None:
+            await self.push(str(replies.SERVICE_UNAVAILABLE_SHUTDOWN))
+            self.transport.close()
+
+    async def _read_and_handle_data(self) -> None:
+        assert self.envelope is not None
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        limit = self.data_size_limit
+        data = bytearray()
+        too_big = False
+        at_line_start = True
+        while self.transport is not None:
+            try:
+                chunk = await self._reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                chunk = await self._reader.read(exc.consumed)
+            except asyncio.IncompleteReadError:
+                return  # connection closed mid-DATA: nothing to answer
+            self._reset_timeout()
+            complete = chunk.endswith(b"\r\n")
+            if at_line_start and chunk == b".\r\n":
+                break
+            if at_line_start and chunk.startswith(b"."):
+                chunk = chunk[1:]  # dot-unstuffing, RFC 5321 4.5.2
+            at_line_start = complete
+            if not too_big:
+                if limit and len(data) + len(chunk) > limit:
+                    too_big = True
+                    data.clear()  # stop holding memory for a message we refuse
+                else:
+                    data += chunk
+        if self.transport is None:
+            return
+        if too_big:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push(str(replies.TOO_LARGE))
+            return
+        self.envelope.content = bytes(data)
+        self.envelope.original_content = self.envelope.content
+        data.clear()
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push(status)
+
+
+class BridgeHandler:
+    """aiosmtpd handler hooks: policy at MAIL and RCPT, delivery at DATA."""
+
+    def __init__(self, delivery: DirectDelivery,
+                 track: Callable[[asyncio.Task[list[RecipientOutcome]]], None]) -> None:  # fmt: skip
+        self.delivery = delivery
+        self._track = track
+
+    async def handle_EHLO(
+        self, server: BridgeSMTP, session: Session, envelope: SmtpEnvelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:  # fmt: skip
+        session.host_name = hostname
+        # RFC 2034: advertise before the final line.
+        return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: BridgeSMTP, session: Session, envelope: SmtpEnvelope, address: str,
+        mail_options: list[str],
+    ) -> str:  # fmt: skip
+        runtime = server.runtime
+        if not session.authenticated and not runtime.is_trusted(server.client_ip):
+            log_event(log, "relay_denied", level=logging.WARNING, session=server.session_id,
+                      client=str(server.client_ip))  # fmt: skip
+            return str(replies.AUTH_REQUIRED)
+        sender = "" if address == "<>" else address
+        if sender and not is_valid_address(sender):
+            return "553 5.1.7 Bad sender address syntax"
+        envelope.mail_from = sender
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: BridgeSMTP, session: Session, envelope: SmtpEnvelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:  # fmt: skip
+        runtime = server.runtime
+        if len(envelope.rcpt_tos) >= runtime.config.smtp.max_recipients:
+            return str(replies.TOO_MANY_RECIPIENTS)
+        if not is_valid_address(address):
+            return str(replies.RCPT_BAD_SYNTAX)
+        user = _user(session)
+        decision = runtime.router.at_rcpt(
+            Envelope(envelope.mail_from or "", address, user, server.client_ip)
+        )
+        if decision.verdict == "no_route":
+            log_event(log, "rcpt_no_route", session=server.session_id, rcpt=address)
+            return str(replies.RCPT_NO_ROUTE)
+        if decision.verdict == "reject":
+            assert decision.route is not None
+            log_event(log, "rcpt_rejected", session=server.session_id, rcpt=address,
+                      route=decision.route.name)  # fmt: skip
+            return str(decision.route.reply or replies.REJECTED)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: BridgeSMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        queue_id = new_queue_id()
+        started = time.perf_counter()
+        runtime = server.runtime
+        raw: bytes = envelope.original_content or b""
+        if has_bare_line_end(raw):
+            if runtime.config.smtp.bare_lf == "reject":
+                log_event(log, "bare_lf_rejected", level=logging.WARNING, queue_id=queue_id,
+                          session=server.session_id)  # fmt: skip
+                return replies.BARE_LF.with_id(queue_id)
+            raw = normalize_line_ends(raw)
+        if len(raw) > PARSE_IN_THREAD_BYTES:
+            parsed = await asyncio.to_thread(parse_message, raw)
+        else:
+            parsed = parse_message(raw)
+        user = _user(session)
+        message = IncomingMessage(
+            queue_id=queue_id, raw=raw, parsed=parsed, mail_from=envelope.mail_from or "",
+            rcpts=list(envelope.rcpt_tos), user=user,
+            client=ClientInfo(str(server.client_ip or "")), app_key=_user_key(runtime, user),
+        )  # fmt: skip
+        # The delivery runs in its own task: aiosmtpd cancels the handler when
+        # the client disconnects, and calls already sent must finish and be
+        # recorded, or a retry would send them twice (DESIGN 2).
+        task = asyncio.get_running_loop().create_task(
+            self.delivery.deliver(message, runtime.config, runtime.router)
+        )
+        self._track(task)
+        outcomes = await asyncio.shield(task)
+        reply = aggregate(outcomes)
+        log_event(
+            log, "message", queue_id=queue_id, session=server.session_id,
+            client=message.client.ip, mail_from=message.mail_from, rcpts=len(message.rcpts),
+            size=len(raw), subject=parsed.subject[:100], reply=str(reply),
+            elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
+        )  # fmt: skip
+        return reply.with_id(queue_id)
+
+    async def handle_exception(self, error: Exception) -> str:
+        # Never the class name or text of an exception in a reply.
+        log.error("session error", exc_info=error)
+        return str(replies.INTERNAL)
+
+
+def _user(session: Session) -> str:
+    if not session.authenticated:
+        return ""
+    data = session.auth_data
+    return str(getattr(data, "login", None) or data or "")
+
+
+def _user_key(runtime: Runtime, user: str) -> str:
+    account = runtime.config.smtp.auth.users.get(user) if user else None
+    if account is not None and account.app_key is not None:
+        return account.app_key.get_secret_value()
+    return ""

@@ -1,0 +1,690 @@
+"""The SQLite state store against a real database file under tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import smtp_bridge.store as store_module
+from smtp_bridge.outcomes import RecipientState
+from smtp_bridge.store import MessageRecord, RecipientRecord, Store, StoreError
+
+T0 = 1_700_000_000.0
+TTL = 3600.0
+SECRET = b"Subject: hi\r\n\r\nthe very secret body\r\n"
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "bridge.sqlite3"
+
+
+@pytest.fixture
+async def store(db_path: Path, clock: Clock) -> AsyncIterator[Store]:
+    opened = await Store.open(db_path, dedup_ttl=TTL, clock=clock)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def message(
+    queue_id: str = "Q1",
+    *,
+    key: str = "key-1",
+    content: bytes | None = None,
+    received_at: float = T0,
+) -> MessageRecord:
+    return MessageRecord(
+        queue_id=queue_id,
+        message_key=key,
+        mail_from="app@example.com",
+        client="192.0.2.1",
+        user="crm",
+        subject="Reset your password",
+        size=len(content or b""),
+        received_at=received_at,
+        mode="queue" if content is not None else "direct",
+        content=content,
+    )
+
+
+def rcpt(
+    rcpt: str,
+    state: RecipientState = RecipientState.RETRYING,
+    *,
+    queue_id: str = "Q1",
+    **fields: Any,
+) -> RecipientRecord:
+    return RecipientRecord(queue_id=queue_id, rcpt=rcpt, state=state, **fields)
+
+
+@contextlib.asynccontextmanager
+async def writer_held(store: Store) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Park the writer thread inside a batch of its own until ``release()`` is awaited.
+
+    Writes submitted meanwhile queue up and form the next batch, so a test can decide
+    exactly which operations share a transaction, without sleeping.
+    """
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+    gate = threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        loop.call_soon_threadsafe(started.set)
+        gate.wait(30)
+
+    blocker = store._submit("test: hold the writer", hold)
+    waiting = asyncio.ensure_future(started.wait())
+    either: list[asyncio.Future[Any]] = [waiting, blocker]
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    if not waiting.done():  # the parked batch itself failed (e.g. a read-only database)
+        waiting.cancel()
+        await blocker
+
+    async def release_writer() -> None:
+        gate.set()
+
+    try:
+        yield release_writer
+    finally:
+        gate.set()
+        await blocker
+
+
+async def in_one_batch(store: Store, *writes: Awaitable[Any]) -> list[Any | BaseException]:
+    """Run ``writes`` so that all of them are committed (or fail) in one transaction."""
+    async with writer_held(store) as release:
+        # gather starts its tasks in order: each write is queued by its task's first
+        # step, so by the time the last task runs, every write is waiting in the queue.
+        *results, _ = await asyncio.gather(*writes, release(), return_exceptions=True)
+    return results
+
+
+async def set_writer_pragma(store: Store, pragma: str) -> None:
+    """Test hook: a PRAGMA on the writer's own connection, outside any transaction."""
+    await store._submit(
+        f"test: {pragma}", lambda conn: conn.execute(f"PRAGMA {pragma}"), alone=True
+    )
+
+
+async def limit_size_to_current(store: Store) -> None:
+    """Simulate a full disk: the database may not grow by a single page."""
+
+    def limit(conn: sqlite3.Connection) -> None:
+        (pages,) = conn.execute("PRAGMA page_count").fetchone()
+        conn.execute(f"PRAGMA max_page_count = {pages}")
+
+    await store._submit("test: fill the disk", limit)
+
+
+def test_exports() -> None:
+    assert set(store_module.__all__) == {"MessageRecord", "RecipientRecord", "Store", "StoreError"}
+
+
+# -- open / close ----------------------------------------------------------------------
+
+
+async def test_open_creates_directory_wal_and_schema_version(db_path: Path) -> None:
+    opened = await Store.open(db_path)
+    await opened.close()
+    assert db_path.is_file()
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"messages", "recipients", "dedup", "recipients_due"} <= tables
+
+
+async def test_reopen_keeps_data(db_path: Path) -> None:
+    first = await Store.open(db_path)
+    await first.add_message(message(), [rcpt("a@example.com")])
+    await first.close()
+    second = await Store.open(db_path)
+    try:
+        assert await second.get_message("Q1") is not None
+    finally:
+        await second.close()
+
+
+async def test_open_fails_when_directory_cannot_be_created(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    with pytest.raises(StoreError, match="cannot create state directory") as info:
+        await Store.open(blocker / "state" / "bridge.sqlite3")
+    assert str(blocker) in str(info.value)
+
+
+async def test_open_fails_on_a_file_that_is_not_a_database(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    db_path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="cannot open state store") as info:
+        await Store.open(db_path)
+    assert str(db_path) in str(info.value)
+
+
+async def test_open_fails_when_path_is_a_directory(db_path: Path) -> None:
+    db_path.mkdir(parents=True)
+    with pytest.raises(StoreError, match=str(db_path)):
+        await Store.open(db_path)
+
+
+async def test_open_refuses_a_newer_schema(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    with pytest.raises(StoreError, match="schema version 99 is newer"):
+        await Store.open(db_path)
+
+
+async def test_closed_store_raises(store: Store) -> None:
+    await store.close()
+    with pytest.raises(StoreError, match="closed"):
+        await store.update_recipient(rcpt("a@example.com"), message_key="k")
+    with pytest.raises(StoreError, match="closed"):
+        await store.counts()
+    assert await store.check_writable() is False
+    await store.close()  # idempotent
+
+
+async def test_close_completes_pending_writes(db_path: Path) -> None:
+    opened = await Store.open(db_path)
+    writes = [
+        opened.update_recipient(rcpt(f"r{i}@example.com"), message_key="k") for i in range(50)
+    ]
+    # close() is started after every write has been queued (gather runs tasks in order)
+    # and must not return before all of them are committed.
+    results = await asyncio.gather(*writes, opened.close(), return_exceptions=True)
+    assert results == [None] * 51
+    reopened = await Store.open(db_path)
+    try:
+        assert (await reopened.counts())["retrying"] == 50
+    finally:
+        await reopened.close()
+
+
+# -- round trips -----------------------------------------------------------------------
+
+
+async def test_message_round_trip(store: Store) -> None:
+    msg = message(content=SECRET)
+    recipients = [
+        rcpt("b@example.com", route="otp", template_id="E_1002", next_attempt=T0 + 30),
+        rcpt(
+            "a@example.com",
+            RecipientState.FAILED,
+            api_code=40005,
+            reply="550 5.1.3 rejected",
+            attempts=1,
+            updated_at=T0 + 5,
+            error="recipient format incorrect",
+        ),
+    ]
+    await store.add_message(msg, recipients)
+    got = await store.get_message("Q1")
+    assert got is not None
+    got_msg, got_rcpts = got
+    assert got_msg == msg
+    assert got_rcpts == [
+        recipients[1],
+        rcpt(
+            "b@example.com",
+            route="otp",
+            template_id="E_1002",
+            next_attempt=T0 + 30,
+            updated_at=T0,  # 0.0 means "now": the store's clock
+        ),
+    ]
+    assert await store.get_message("nope") is None
+
+
+async def test_message_without_content_round_trips_as_none(store: Store) -> None:
+    await store.add_message(message(), [])
+    got = await store.get_message("Q1")
+    assert got is not None
+    assert got[0].content is None
+    assert got[1] == []
+
+
+async def test_add_message_rejects_recipients_of_another_message(store: Store) -> None:
+    with pytest.raises(ValueError, match="queue_id"):
+        await store.add_message(message(), [rcpt("a@example.com", queue_id="OTHER")])
+
+
+async def test_add_message_twice_is_a_store_error_and_store_keeps_working(
+    store: Store,
+) -> None:
+    await store.add_message(message(), [rcpt("a@example.com")])
+    with pytest.raises(StoreError, match="add message failed"):
+        await store.add_message(message(), [rcpt("a@example.com")])
+    await store.add_message(message("Q2"), [rcpt("a@example.com", queue_id="Q2")])
+    assert (await store.counts())["retrying"] == 2
+
+
+async def test_add_message_is_one_transaction(store: Store) -> None:
+    # The second recipient fails after the message row was written: nothing may remain.
+    bogus = rcpt("b@example.com", "bogus")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bogus"):
+        await store.add_message(message(), [rcpt("a@example.com"), bogus])
+    assert await store.get_message("Q1") is None
+    assert sum((await store.counts()).values()) == 0
+
+
+async def test_add_message_merges_a_repeated_recipient(store: Store) -> None:
+    await store.add_message(
+        message(), [rcpt("a@example.com"), rcpt("a@example.com", RecipientState.DELIVERED)]
+    )
+    got = await store.get_message("Q1")
+    assert got is not None
+    assert [(r.rcpt, r.state) for r in got[1]] == [("a@example.com", RecipientState.DELIVERED)]
+
+
+async def test_update_recipient_inserts_then_replaces(store: Store, clock: Clock) -> None:
+    await store.add_message(message(content=SECRET), [rcpt("a@example.com")])
+    clock.now = T0 + 10
+    await store.update_recipient(
+        rcpt("a@example.com", RecipientState.DELIVERED, api_code=200, attempts=1, reply="250"),
+        message_key="key-1",
+    )
+    await store.update_recipient(rcpt("new@example.com"), message_key="key-1")
+    got = await store.get_message("Q1")
+    assert got is not None
+    assert got[1] == [
+        rcpt(
+            "a@example.com",
+            RecipientState.DELIVERED,
+            api_code=200,
+            attempts=1,
+            reply="250",
+            updated_at=T0 + 10,
+        ),
+        rcpt("new@example.com", updated_at=T0 + 10),
+    ]
+
+
+async def test_update_recipient_never_lowers_attempts(store: Store) -> None:
+    await store.update_recipient(rcpt("a@example.com", attempts=3), message_key="k")
+    await store.update_recipient(rcpt("a@example.com", attempts=1), message_key="k")
+    (record,) = await store.list_recipients()
+    assert record.attempts == 3
+
+
+async def test_list_recipients_newest_first_with_state_filter(store: Store) -> None:
+    await store.update_recipient(
+        rcpt("old@example.com", RecipientState.DEAD, updated_at=T0 + 1), message_key="k"
+    )
+    await store.update_recipient(
+        rcpt("mid@example.com", RecipientState.DELIVERED, updated_at=T0 + 2), message_key="k"
+    )
+    await store.update_recipient(
+        rcpt("new@example.com", RecipientState.DEAD, updated_at=T0 + 3), message_key="k"
+    )
+    assert [r.rcpt for r in await store.list_recipients()] == [
+        "new@example.com",
+        "mid@example.com",
+        "old@example.com",
+    ]
+    dead = await store.list_recipients(states={RecipientState.DEAD})
+    assert [r.rcpt for r in dead] == ["new@example.com", "old@example.com"]
+    assert [r.rcpt for r in await store.list_recipients(limit=1)] == ["new@example.com"]
+    assert await store.list_recipients(states=()) == []
+
+
+async def test_counts_every_state(store: Store) -> None:
+    await store.add_message(
+        message(),
+        [
+            rcpt("a@example.com", RecipientState.DELIVERED),
+            rcpt("b@example.com", RecipientState.DELIVERED),
+            rcpt("c@example.com", RecipientState.DEAD),
+        ],
+    )
+    assert await store.counts() == {
+        "delivered": 2,
+        "retrying": 0,
+        "unknown": 0,
+        "failed": 0,
+        "dead": 1,
+        "dropped": 0,
+    }
+
+
+async def test_check_writable(store: Store) -> None:
+    assert await store.check_writable() is True
+
+
+# -- dedup -----------------------------------------------------------------------------
+
+
+async def test_previous_outcomes_lower_cases_and_honours_ttl(store: Store, clock: Clock) -> None:
+    await store.update_recipient(
+        rcpt("Alice@Example.COM", RecipientState.DELIVERED), message_key="key-1"
+    )
+    await store.update_recipient(
+        rcpt("bob@example.com", RecipientState.UNKNOWN), message_key="key-1"
+    )
+    for state in (RecipientState.FAILED, RecipientState.RETRYING, RecipientState.DEAD):
+        await store.update_recipient(rcpt(f"{state.value}@example.com", state), message_key="key-1")
+    asked = ["alice@example.com", "BOB@example.com", "failed@example.com", "retrying@example.com"]
+    asked += ["dead@example.com", "carol@example.com"]
+
+    assert await store.previous_outcomes("key-1", asked) == {
+        "alice@example.com": RecipientState.DELIVERED,
+        "bob@example.com": RecipientState.UNKNOWN,
+    }
+    assert await store.previous_outcomes("other-key", asked) == {}
+    assert await store.previous_outcomes("key-1", []) == {}
+
+    clock.now = T0 + TTL - 1
+    assert set(await store.previous_outcomes("key-1", asked)) == {
+        "alice@example.com",
+        "bob@example.com",
+    }
+    clock.now = T0 + TTL
+    assert await store.previous_outcomes("key-1", asked) == {}
+
+
+async def test_dedup_unknown_becomes_delivered_but_not_back(store: Store, clock: Clock) -> None:
+    await store.update_recipient(rcpt("a@example.com", RecipientState.UNKNOWN), message_key="k")
+    clock.now = T0 + 10
+    await store.update_recipient(
+        rcpt("a@example.com", RecipientState.DELIVERED, queue_id="Q2"), message_key="k"
+    )
+    assert await store.previous_outcomes("k", ["a@example.com"]) == {
+        "a@example.com": RecipientState.DELIVERED
+    }
+    # A later duplicate send that times out does not make the pair "unknown" again.
+    clock.now = T0 + 20
+    await store.update_recipient(
+        rcpt("A@example.com", RecipientState.UNKNOWN, queue_id="Q3"), message_key="k"
+    )
+    assert await store.previous_outcomes("k", ["a@example.com"]) == {
+        "a@example.com": RecipientState.DELIVERED
+    }
+    # ... but the delivery is remembered from its own time, not the later attempt's.
+    clock.now = T0 + 10 + TTL
+    assert await store.previous_outcomes("k", ["a@example.com"]) == {}
+
+
+async def test_add_message_remembers_delivered_recipients(store: Store) -> None:
+    await store.add_message(
+        message(key="sha256:abc"),
+        [
+            rcpt("A@example.com", RecipientState.DELIVERED),
+            rcpt("b@example.com", RecipientState.RETRYING),
+        ],
+    )
+    outcomes = await store.previous_outcomes("sha256:abc", ["a@example.com", "b@example.com"])
+    assert outcomes == {"a@example.com": RecipientState.DELIVERED}
+
+
+# -- spool -----------------------------------------------------------------------------
+
+
+async def test_claim_due_respects_next_attempt_leases_and_counts_attempts(store: Store) -> None:
+    now = T0 + 100
+    await store.add_message(
+        message("Q1", content=SECRET),
+        [
+            rcpt("due@example.com", next_attempt=now - 1, attempts=1),
+            rcpt("later@example.com", next_attempt=now + 1),
+            rcpt("unknown@example.com", RecipientState.UNKNOWN, next_attempt=now),
+            rcpt("done@example.com", RecipientState.DELIVERED, next_attempt=now - 1),
+            rcpt("never@example.com", next_attempt=None),
+        ],
+    )
+    # Not spooled (direct mode): there is nothing a worker could send.
+    await store.add_message(
+        message("Q2"),
+        [
+            rcpt("direct@example.com", RecipientState.UNKNOWN, queue_id="Q2", next_attempt=0.0),
+            rcpt("direct2@example.com", queue_id="Q2", next_attempt=0.0),
+        ],
+    )
+
+    claimed = await store.claim_due(now=now, limit=10, lease=60)
+    assert [(m.queue_id, r.rcpt, r.attempts) for m, r in claimed] == [
+        ("Q1", "due@example.com", 2),
+        ("Q1", "unknown@example.com", 1),
+    ]
+    assert all(m.content == SECRET for m, _ in claimed)
+    # The attempt is counted in the database before it is made.
+    got = await store.get_message("Q1")
+    assert got is not None
+    assert {r.rcpt: r.attempts for r in got[1]}["due@example.com"] == 2
+
+    # Leased: nobody else gets them until the lease runs out; "later" is due by now.
+    claimed = await store.claim_due(now=now + 30, limit=10, lease=60)
+    assert [(r.rcpt, r.attempts) for _, r in claimed] == [("later@example.com", 1)]
+    assert await store.claim_due(now=now + 60, limit=10, lease=60) == []
+    claimed = await store.claim_due(now=now + 61, limit=10, lease=60)
+    assert [(r.rcpt, r.attempts) for _, r in claimed] == [
+        ("due@example.com", 3),
+        ("unknown@example.com", 2),
+    ]
+
+    # Writing the outcome releases the claim at once.
+    await store.update_recipient(
+        rcpt("due@example.com", attempts=3, next_attempt=now + 70), message_key="key-1"
+    )
+    claimed = await store.claim_due(now=now + 70, limit=10, lease=60)
+    assert [(r.rcpt, r.attempts) for _, r in claimed] == [("due@example.com", 4)]
+
+
+async def test_claim_due_limit_takes_the_most_overdue(store: Store) -> None:
+    await store.add_message(
+        message(content=SECRET),
+        [rcpt(f"r{i}@example.com", next_attempt=T0 - i) for i in range(5)],
+    )
+    claimed = await store.claim_due(now=T0, limit=2, lease=60)
+    assert [r.rcpt for _, r in claimed] == ["r4@example.com", "r3@example.com"]
+    assert await store.claim_due(now=T0, limit=0, lease=60) == []
+
+
+async def test_purge_expired(store: Store, clock: Clock) -> None:
+    old, recent = T0, T0 + 2 * TTL
+    # Old, all final: purged with its recipients.
+    await store.add_message(
+        message("final", content=SECRET, received_at=old),
+        [
+            rcpt("a@example.com", RecipientState.DELIVERED, queue_id="final", updated_at=old),
+            rcpt("b@example.com", RecipientState.DEAD, queue_id="final", updated_at=old),
+        ],
+    )
+    # Old but still spooled and retrying: kept.
+    await store.add_message(
+        message("spooled", content=SECRET, received_at=old),
+        [rcpt("c@example.com", queue_id="spooled", updated_at=old)],
+    )
+    # Old, never spooled, the client owned the retry: nothing will ever touch it, purged.
+    await store.add_message(
+        message("direct", received_at=old),
+        [rcpt("d@example.com", RecipientState.UNKNOWN, queue_id="direct", updated_at=old)],
+    )
+    # Old message whose last recipient became final recently: kept.
+    await store.add_message(
+        message("late", content=SECRET, received_at=old),
+        [rcpt("e@example.com", RecipientState.DEAD, queue_id="late", updated_at=recent)],
+    )
+    # A recent delivery: kept, dedup row too.
+    await store.add_message(
+        message("new", received_at=recent),
+        [rcpt("f@example.com", RecipientState.DELIVERED, queue_id="new", updated_at=recent)],
+    )
+    # Dedup rows written: a, d (old) and f (recent).
+
+    clock.now = recent + 1
+    removed = await store.purge_expired()
+    # 2 dedup rows + final (1 message, 2 recipients) + direct (1 message, 1 recipient)
+    assert removed == 7
+    assert await store.get_message("final") is None
+    assert await store.get_message("direct") is None
+    for kept in ("spooled", "late", "new"):
+        assert await store.get_message(kept) is not None
+    assert await store.previous_outcomes("key-1", ["f@example.com", "a@example.com"]) == {
+        "f@example.com": RecipientState.DELIVERED
+    }
+    assert await store.purge_expired() == 0
+    # An explicit `now` overrides the clock.
+    assert await store.purge_expired(now=recent + TTL + 1) == 5  # late, new and f's dedup row
+
+
+# -- group commit, failures, other processes ------------------------------------------
+
+
+async def test_group_commit_many_writers_one_transaction(store: Store, db_path: Path) -> None:
+    before = store.commits
+    writes = [
+        store.update_recipient(
+            rcpt(f"r{i}@example.com", RecipientState.DELIVERED, queue_id="G"),
+            message_key="group",
+        )
+        for i in range(200)
+    ]
+    assert await in_one_batch(store, *writes) == [None] * 200
+    assert store.commits == before + 2  # the test's own parked batch, then all 200 at once
+
+    # Durable and visible to another process' connection (the CLI, say).
+    other = await Store.open(db_path, dedup_ttl=TTL, clock=Clock())
+    try:
+        assert (await other.counts())["delivered"] == 200
+        outcomes = await other.previous_outcomes("group", [f"R{i}@example.com" for i in range(200)])
+        assert len(outcomes) == 200
+    finally:
+        await other.close()
+
+
+async def test_unbatched_concurrent_writes_all_land(store: Store) -> None:
+    writes = [
+        store.update_recipient(rcpt(f"r{i}@example.com"), message_key="k") for i in range(200)
+    ]
+    await asyncio.gather(*writes)
+    assert (await store.counts())["retrying"] == 200
+    assert 1 <= store.commits <= 201
+
+
+async def test_one_bad_write_fails_alone_in_its_batch(store: Store) -> None:
+    await store.add_message(message(), [])
+    duplicate, fine = await in_one_batch(
+        store,
+        store.add_message(message(), []),
+        store.update_recipient(rcpt("a@example.com"), message_key="k"),
+    )
+    assert isinstance(duplicate, StoreError)
+    assert fine is None
+    assert len(await store.list_recipients()) == 1
+
+
+async def test_failed_commit_fails_every_caller_and_reports_no_success(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    commit = store._commit
+    commits: list[int] = []
+
+    def commit_fails_after_the_parked_batch(conn: sqlite3.Connection) -> None:
+        commits.append(1)
+        if len(commits) == 1:
+            commit(conn)
+        else:
+            raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_commit", commit_fails_after_the_parked_batch)
+    writes = [store.update_recipient(rcpt(f"r{i}@example.com"), message_key="k") for i in range(3)]
+    results = await in_one_batch(store, *writes)
+    assert len(commits) == 2
+    assert all(isinstance(r, StoreError) and "disk I/O error" in str(r) for r in results)
+
+    monkeypatch.undo()
+    assert await store.list_recipients() == []  # rolled back
+    await store.update_recipient(rcpt("after@example.com"), message_key="k")
+    assert [r.rcpt for r in await store.list_recipients()] == ["after@example.com"]
+
+
+async def test_disk_full_fails_the_batch_then_recovers(store: Store, db_path: Path) -> None:
+    await store.add_message(message("Q0"), [rcpt("kept@example.com", queue_id="Q0")])
+    await limit_size_to_current(store)
+    big = SECRET + b"x" * 200_000
+
+    small, large = await in_one_batch(
+        store,
+        store.update_recipient(rcpt("small@example.com", queue_id="Q0"), message_key="k"),
+        store.add_message(message("Q1", content=big), [rcpt("a@example.com")]),
+    )
+    for error in (small, large):
+        assert isinstance(error, StoreError)
+        assert "full" in str(error)
+        assert str(db_path) in str(error)
+        assert "secret" not in str(error)
+    # Full is full: later writes fail too ...
+    with pytest.raises(StoreError, match="full"):
+        await store.add_message(message("Q1", content=big), [rcpt("a@example.com")])
+    # ... and reads still work.
+    got = await store.get_message("Q0")
+    assert got is not None
+    assert [r.rcpt for r in got[1]] == ["kept@example.com"]
+
+    await set_writer_pragma(store, "max_page_count = 1000000")  # space freed
+    await store.add_message(message("Q1", content=big), [rcpt("a@example.com")])
+    await store.update_recipient(rcpt("small@example.com", queue_id="Q0"), message_key="k")
+    got = await store.get_message("Q1")
+    assert got is not None
+    assert got[0].content == big
+    assert await store.check_writable() is True
+
+
+async def test_read_only_database_fails_writers_then_recovers(store: Store) -> None:
+    await set_writer_pragma(store, "query_only = ON")
+    results = await asyncio.gather(
+        store.add_message(message(), [rcpt("a@example.com")]),
+        store.update_recipient(rcpt("b@example.com"), message_key="k"),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, StoreError) and "readonly" in str(r) for r in results)
+    assert await store.check_writable() is False
+
+    await set_writer_pragma(store, "query_only = OFF")
+    assert await store.check_writable() is True
+    await store.add_message(message(), [rcpt("a@example.com")])
+    assert len(await store.list_recipients()) == 1
+
+
+async def test_two_stores_on_one_file_see_each_others_writes(
+    store: Store, db_path: Path, clock: Clock
+) -> None:
+    cli = await Store.open(db_path, dedup_ttl=TTL, clock=clock)
+    try:
+        await store.add_message(
+            message("Q1", content=SECRET), [rcpt("a@example.com", next_attempt=T0)]
+        )
+        claimed = await cli.claim_due(now=T0, limit=10, lease=60)
+        assert [r.rcpt for _, r in claimed] == ["a@example.com"]
+        # The daemon sees the CLI's claim: nothing left for it.
+        assert await store.claim_due(now=T0, limit=10, lease=60) == []
+        await cli.update_recipient(
+            rcpt("a@example.com", RecipientState.DEAD, attempts=1), message_key="key-1"
+        )
+        assert (await store.counts())["dead"] == 1
+    finally:
+        await cli.close()
