@@ -24,4 +24,4 @@ async def test_two_recipients_two_calls(bridge) -> None:
     assert f"{code} {text}".startswith(str(replies.OK))
     assert " id=" in text
     assert sorted(r["to"] for r in b.delivered()) == ["alice@example.org", "bob@example.org"]
-    assert b.delivered()[0]["data"] == {"subject": "Hello", "body": "Hi there"}
+    assert b.delivered()[0]["data"] == {"subject": "Hello", "body": "Hi there\n"}
