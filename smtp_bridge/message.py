@@ -242,7 +242,8 @@ def _parse(raw: bytes, *, headers_only: bool) -> ParsedMessage:
     senders: list[Address] = []
     to: list[Address] = []
     cc: list[Address] = []
-    given: dict[str, str] = {}
+    given: dict[str, str] = {}  # Message-ID and Date exactly as sent, bar whitespace
+    # raw_items(), not items(): one malformed header must not cost us all the others.
     for name, value in msg.raw_items():
         # The parser keeps 8-bit header bytes as surrogates; read them as UTF-8
         # (or Latin-1) before anything else sees them.
@@ -251,8 +252,9 @@ def _parse(raw: bytes, *, headers_only: bool) -> ParsedMessage:
         defects += failed
         headers.append((name, decoded))
         key = name.lower()
-        given.setdefault(key, _one_line(unfolded).strip())
-        if key in ("from", "to", "cc"):
+        if key in ("message-id", "date"):
+            given.setdefault(key, _one_line(unfolded).strip())
+        elif key in ("from", "to", "cc"):
             found, failed = _addresses(name, unfolded, decoded)
             defects += failed
             {"from": senders, "to": to, "cc": cc}[key].extend(found)

@@ -267,6 +267,7 @@ class BridgeSMTP(SMTP):
         data = bytearray()
         too_big = False
         at_line_start = True
+        last_reset = self.loop.time()
         while self.transport is not None:
             try:
                 chunk = await self._reader.readuntil(b"\r\n")
@@ -274,7 +275,10 @@ class BridgeSMTP(SMTP):
                 chunk = await self._reader.read(exc.consumed)
             except asyncio.IncompleteReadError:
                 return  # connection closed mid-DATA: nothing to answer
-            self._reset_timeout()
+            now = self.loop.time()
+            if now - last_reset > 1.0:  # a slow upload is not an idle client
+                self._reset_timeout()
+                last_reset = now
             complete = chunk.endswith(b"\r\n")
             if at_line_start and chunk == b".\r\n":
                 break
