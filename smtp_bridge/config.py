@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import types
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origi
 
 import yaml
 from pydantic import (
-    BaseModel,
     AfterValidator,
+    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
@@ -31,11 +32,11 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.json_schema import JsonDict
+from pydantic.config import JsonDict
 
 from .patterns import Pattern, compile_pattern
 from .replies import Reply, check_override
-from .templating import CompiledTemplate, compile_data, compile_template
+from .templating import CompiledTemplate, compile_template
 
 __all__ = [
     "AdminConfig",
@@ -164,7 +165,20 @@ def _to_template(value: Any) -> CompiledTemplate:
         value = str(value)
     if not isinstance(value, str):
         raise ValueError("expected a string (a Jinja2 template)")
-    return compile_template(value)
+    return _compile_quietly(value)
+
+
+def _compile_quietly(source: str) -> CompiledTemplate:
+    """``compile_template`` without Jinja's DeprecationWarning for escapes like ``'\\S'``.
+
+    Jinja decodes string literals with ``unicode-escape``, which keeps an unknown
+    escape as written (what a regex such as DESIGN 3's ``regex_search('https://\\S+')``
+    wants) but warns; where warnings are errors, Jinja reports that warning as a
+    syntax error, so the same file would pass or fail depending on -W flags.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return compile_template(source)
 
 
 def _to_reply(value: Any) -> Reply:
@@ -214,19 +228,17 @@ Network = Annotated[
 NetworkList = Annotated[list[Network], BeforeValidator(_as_list), _one_or_list(_NETWORK_SCHEMA)]
 
 
-def _check_listen(value: str) -> str:
+def _check_listen(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected host:port or [ipv6]:port, e.g. 127.0.0.1:2525")
     host, port = split_host_port(value)
     if not 0 <= port <= 65535:
         raise ValueError(f"port out of range in {value!r}")
     return value
 
 
-ListenAddress = Annotated[
-    str, BeforeValidator(lambda v: _check_listen(str(v))), WithJsonSchema(_LISTEN_SCHEMA)
-]
-ListenList = Annotated[
-    list[ListenAddress], BeforeValidator(_as_list), _one_or_list(_LISTEN_SCHEMA)
-]
+ListenAddress = Annotated[str, BeforeValidator(_check_listen), WithJsonSchema(_LISTEN_SCHEMA)]
+ListenList = Annotated[list[ListenAddress], BeforeValidator(_as_list), _one_or_list(_LISTEN_SCHEMA)]
 
 
 def split_host_port(value: str) -> tuple[str, int]:
@@ -316,6 +328,14 @@ def _check_readable(path: Path) -> Path:
 ReadableFile = Annotated[Path, AfterValidator(_check_readable)]
 
 
+def _empty_as_none(value: SecretStr | None) -> SecretStr | None:
+    # ``app_key: ${KEY:-}`` means "no key here", as if the line were absent.
+    return value if value is not None and value.get_secret_value() else None
+
+
+OptionalSecret = Annotated[SecretStr | None, AfterValidator(_empty_as_none)]
+
+
 class TlsConfig(_Model):
     cert: ReadableFile
     key: ReadableFile
@@ -327,7 +347,7 @@ class AuthUser(_Model):
     secret_fields = ("password_hash", "app_key")
 
     password_hash: SecretStr
-    app_key: SecretStr | None = None
+    app_key: OptionalSecret = None
 
 
 class AuthConfig(_Model):
@@ -367,7 +387,7 @@ class ApiConfig(_Model):
     secret_fields = ("app_key",)
 
     url: str = "https://www.aotsend.com/index/api/send_email"
-    app_key: SecretStr | None = None
+    app_key: OptionalSecret = None
     encoding: Literal["form", "json"] = "form"
     timeout: Duration = 10.0
     max_concurrency: int = Field(default=64, ge=1)
@@ -523,13 +543,15 @@ class Config(_Model):
         seen: set[str] = set()
         for i, route in enumerate(self.routes):
             if route.name in seen:
-                problems.append((("routes", i, "name"),
-                                 f"duplicate route name {route.name!r}: names must be unique"))  # fmt: skip
+                message = f"duplicate route name {route.name!r}: names must be unique"
+                problems.append((("routes", i, "name"), message))
             seen.add(route.name)
         if self.api.timeout >= self.smtp.timeout:
-            problems.append((("api", "timeout"),
-                             f"must be shorter than smtp.timeout ({_seconds(self.smtp.timeout)}), "
-                             "so the API answers before the SMTP client gives up"))  # fmt: skip
+            message = (
+                f"must be shorter than smtp.timeout ({_seconds(self.smtp.timeout)}), "
+                "so the API answers before the SMTP client gives up"
+            )
+            problems.append((("api", "timeout"), message))
         if problems:
             raise _Problems(problems)
         return self
@@ -565,18 +587,27 @@ class _Located:
     def _build(self, node: yaml.Node, loc: Loc, loader: yaml.SafeLoader) -> Any:
         self.lines.setdefault(loc, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
+            # Keys merged in with `<<: *anchor` come first and may be overridden.
+            own = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
             loader.flatten_mapping(node)
             result: dict[Any, Any] = {}
+            written: set[str] = set()
             for key_node, value_node in node.value:
-                key = loader.construct_object(key_node)
-                if not isinstance(key, str | int):
+                if not isinstance(key_node, yaml.ScalarNode):
                     self.problems.append((loc, "mapping keys must be strings"))
                     continue
-                key = str(key)
-                self.lines[(*loc, key)] = key_node.start_mark.line + 1
-                if key in result:
-                    self.problems.append(((*loc, key), "duplicate key"))
-                result[key] = self._build(value_node, (*loc, key), loader)
+                # The key as written: `on:` stays "on" (not True), `40007:` is "40007".
+                key = str(key_node.value)
+                sub = (*loc, key)
+                if id(key_node) in own:
+                    if key in written:
+                        self.problems.append((sub, "duplicate key"))
+                    written.add(key)
+                if key in result:  # a later value replaces a merged one: forget its lines
+                    for stale in [k for k in self.lines if k[: len(sub)] == sub]:
+                        del self.lines[stale]
+                self.lines[sub] = key_node.start_mark.line + 1
+                result[key] = self._build(value_node, sub, loader)
             return result
         if isinstance(node, yaml.SequenceNode):
             return [self._build(v, (*loc, i), loader) for i, v in enumerate(node.value)]
@@ -616,37 +647,109 @@ def _dotted(loc: Loc) -> str:
     return "".join(parts)
 
 
-def _pydantic_message(error: Mapping[str, Any], model_fields: Iterator[str] | None = None) -> str:
-    kind = error.get("type", "")
-    message = str(error.get("msg", "invalid value"))
-    message = message.removeprefix("Value error, ")
+#: pydantic error types -> what the operator should write instead.
+_EXPECTED = {
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "list_type": "expected a list",
+    "string_type": "expected a string",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+    "int_type": "expected a whole number",
+    "int_parsing": "expected a whole number",
+    "int_from_float": "expected a whole number",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "path_type": "expected a file path",
+    "missing": "required key is missing",
+    "string_too_short": "must not be empty",
+}
+
+
+def _pydantic_message(error: Mapping[str, Any]) -> str:
+    """pydantic's message without its jargon ("Input should be", "Value error,")."""
+    kind = str(error.get("type", ""))
+    if kind in _EXPECTED:
+        return _EXPECTED[kind]
+    ctx = error.get("ctx") or {}
     if kind == "extra_forbidden":
         return "unknown key"
-    if kind == "missing":
-        return "required key is missing"
+    if kind == "too_short":
+        count = ctx.get("min_length", 1)
+        return f"expected at least {count} item{'' if count == 1 else 's'}"
+    message = str(error.get("msg", "invalid value"))
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
     if kind == "literal_error":
-        return message.replace("Input should be", "expected")
-    return message
+        got = error.get("input")
+        return message.replace("Input should be", "expected") + f", got {got!r}"
+    return message.replace("Input should be", "must be")
+
+
+def _strip_annotation(annotation: Any) -> Any:
+    """``Annotated[X, ...]`` and ``X | None`` -> X (the model, when a union holds one)."""
+    while True:
+        origin = get_origin(annotation)
+        if origin is Annotated:
+            annotation = get_args(annotation)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in get_args(annotation) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            if len(args) == 1:
+                annotation = args[0]
+            elif len(models) == 1:
+                annotation = models[0]
+            else:
+                return annotation
+        else:
+            return annotation
 
 
 def _known_keys(loc: Loc) -> list[str]:
-    """Allowed keys at the mapping holding ``loc``'s last key, for 'unknown key' hints."""
-    model: Any = Config
+    """Allowed keys of the mapping holding ``loc``'s last key, for 'unknown key' hints."""
+    annotation: Any = Config
     for item in loc[:-1]:
-        if isinstance(item, int):
-            continue
-        field = getattr(model, "model_fields", {}).get(item)
-        if field is None:
+        annotation = _strip_annotation(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(str(item))
+            if field is None:
+                return []
+            annotation = field.annotation
+        elif get_origin(annotation) is list and isinstance(item, int):
+            annotation = get_args(annotation)[0]
+        elif get_origin(annotation) is dict and isinstance(item, str):
+            annotation = get_args(annotation)[1]
+        else:
             return []
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        for arg in list(candidates):
-            candidates.extend(getattr(arg, "__args__", ()))
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
-                     None)  # fmt: skip
-        if model is None:
-            return []
-    return sorted(getattr(model, "model_fields", {}))
+    annotation = _strip_annotation(annotation)
+    if not (isinstance(annotation, type) and issubclass(annotation, _Model)):
+        return []
+    files = [f"{name}_file" for name in annotation.secret_fields]
+    return sorted([*annotation.model_fields, *files])
+
+
+def _unknown_key_message(loc: Loc) -> str:
+    known = _known_keys(loc)
+    if not known:
+        return "unknown key"
+    close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown key{hint}; expected one of: {', '.join(known)}"
+
+
+def _validation_problems(exc: ValidationError) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    for error in exc.errors():
+        loc: Loc = tuple(error["loc"])
+        cause = (error.get("ctx") or {}).get("error")
+        if isinstance(cause, _Problems):
+            problems.extend(((*loc, *sub), msg) for sub, msg in cause.problems)
+        elif error.get("type") == "extra_forbidden":
+            problems.append((loc, _unknown_key_message(loc)))
+        else:
+            problems.append((loc, _pydantic_message(error)))
+    return problems
 
 
 def parse_config(text: str, *, filename: str = "<config>",
@@ -658,28 +761,28 @@ def parse_config(text: str, *, filename: str = "<config>",
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError([ConfigIssue(filename, line, "", f"YAML syntax error: {problem}")]) from None
-    issues = [ConfigIssue(filename, located.line_of(loc), _dotted(loc), msg)
-              for loc, msg in located.problems]  # fmt: skip
-    if not isinstance(located.data, dict):
-        issues.append(ConfigIssue(filename, 1, "", "the top level must be a mapping of sections"))
-        raise ConfigError(issues)
+        message = f"YAML syntax error: {problem}"
+        raise ConfigError([ConfigIssue(filename, line, "", message)]) from None
 
-    compiled_data, data_issues = _compile_route_data(located.data)
-    issues.extend(ConfigIssue(filename, located.line_of(loc), _dotted(loc), msg)
-                  for loc, msg in data_issues)  # fmt: skip
+    def issue(loc: Loc, message: str) -> ConfigIssue:
+        return ConfigIssue(filename, located.line_of(loc), _dotted(loc), message)
+
+    issues = [issue(loc, msg) for loc, msg in located.problems]
+    if not isinstance(located.data, dict):
+        issues.append(ConfigIssue(filename, 1, "", "the top level must be a mapping of sections "
+                                  "(smtp, api, delivery, admin, routes, replies)"))  # fmt: skip
+        raise ConfigError(issues)
+    # A value whose ${VAR} is unset is already reported; its knock-on errors are noise.
+    reported = {loc for loc, _ in located.problems}
+
+    compiled_data, data_problems = _compile_route_data(located.data)
+    issues.extend(issue(loc, msg) for loc, msg in data_problems)
     config: Config | None = None
     try:
         config = Config.model_validate(located.data)
     except ValidationError as exc:
-        for error in exc.errors():
-            loc = tuple(error["loc"])
-            message = _pydantic_message(error)
-            if message == "unknown key":
-                known = _known_keys(loc)
-                if known:
-                    message += f"; expected one of: {', '.join(known)}"
-            issues.append(ConfigIssue(filename, located.line_of(loc), _dotted(loc), message))
+        issues.extend(issue(loc, msg) for loc, msg in _validation_problems(exc)
+                      if not any(loc[: len(r)] == r for r in reported))  # fmt: skip
     if issues or config is None:
         issues.sort(key=lambda i: (i.line or 0, i.path))
         raise ConfigError(issues)
@@ -700,7 +803,7 @@ def _compile_route_data(raw: dict[str, Any]) -> tuple[dict[int, Any], list[tuple
             return [walk(v, (*loc, i)) for i, v in enumerate(value)]
         if isinstance(value, str):
             try:
-                return compile_data(value)
+                return _compile_quietly(value)
             except ValueError as exc:
                 problems.append((loc, str(exc)))
         return value
@@ -723,7 +826,8 @@ def load_config(path: Path | str, *, env: Mapping[str, str] | None = None) -> Co
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}")]) from None
+        issue = ConfigIssue(str(path), None, "", f"cannot read: {exc.strerror}")
+        raise ConfigError([issue]) from None
     except UnicodeDecodeError:
         raise ConfigError([ConfigIssue(str(path), None, "", "not UTF-8 text")]) from None
     return parse_config(text, filename=str(path), env=env)
