@@ -212,6 +212,18 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     return int(_run(send()))
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from .auth import hash_password, read_password_from
+
+    try:
+        password = read_password_from(sys.stdin, interactive=sys.stdin.isatty())
+    except ValueError as exc:
+        print(f"smtp-bridge: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(hash_password(password))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smtp-bridge",
                                      description="SMTP in, AOTsend template API calls out.")  # fmt: skip
@@ -263,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     send_test.add_argument("--template", default="test")
     send_test.add_argument("--data", help="template variables as a JSON object")
     send_test.set_defaults(func=cmd_send_test)
+
+    hash_pw = commands.add_parser("hash-password",
+                                  help="make a password_hash for smtp.auth.users")  # fmt: skip
+    hash_pw.set_defaults(func=cmd_hash_password)
     return parser
 
 
