@@ -86,6 +86,8 @@ def aggregate(outcomes: Sequence[RecipientOutcome]) -> Reply:
     transient = [o for o in outcomes if o.reply.is_transient]
     if transient:
         return transient[0].reply
+    if outcomes and all(o.state is RecipientState.DROPPED for o in outcomes):
+        return replies.DROPPED  # the truth: nothing was sent, and no retry is wanted
     delivered = [o for o in outcomes if o.reply.is_success]
     if delivered or not outcomes:
         return replies.OK

@@ -63,6 +63,10 @@ def _envelope_matches(match: MatchConfig, envelope: Envelope, groups: dict[str, 
         return False
     if not _any(match.mail_from, envelope.mail_from, groups):
         return False
+    # No AUTH, no user: not even '*' matches an unauthenticated client (as an
+    # absent header never matches).
+    if match.user is not None and not envelope.user:
+        return False
     if not _any(match.user, envelope.user, groups):
         return False
     if match.client is not None:

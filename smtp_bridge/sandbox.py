@@ -53,6 +53,10 @@ _LOCAL_RE = re.compile(r"[^\s\"(),.:;<>@\[\\\]]+(?:\.[^\s\"(),.:;<>@\[\\\]]+)*")
 _LABEL_RE = re.compile(r"(?!-)[^\W_](?:[\w-]{0,61}[^\W_])?(?<!-)")
 
 
+#: Request bodies the sandbox accepts, like a provider that takes large messages.
+MAX_REQUEST_BYTES = 64 * 1024 * 1024
+
+
 def _valid_address(value: str) -> bool:
     if value.count("@") != 1 or len(value) > 254:
         return False
@@ -225,7 +229,9 @@ class Sandbox:
             await self._received_cond.wait_for(lambda: self._received >= count)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        # As large as the bridge's biggest message may make a request body
+        # (aiohttp's default is 1 MiB; the bridge accepts 10 MiB by default).
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.router.add_post(SEND_PATH, self._handle_send)
         app.router.add_get("/_sent", self._handle_get_sent)
         app.router.add_delete("/_sent", self._handle_delete_sent)

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
 from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
 
@@ -188,7 +188,9 @@ class BridgeSMTP(SMTP):
     # ------------------------------------------------------------ lifecycle
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # No isinstance check: uvloop's transports (the daemon's loop) are not
+        # subclasses of asyncio.Transport, though they implement it.
+        transport = cast(asyncio.Transport, transport)
         if self.transport is None:  # a new connection, not a STARTTLS upgrade
             self.client_ip = peer_ip(transport.get_extra_info("peername"))
             if not self.tracker.admit(self, self.client_ip, self.runtime):
@@ -300,8 +302,12 @@ class BridgeSMTP(SMTP):
         self.envelope.content = bytes(data)
         self.envelope.original_content = self.envelope.content
         data.clear()
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            # The end of data consumes the transaction whatever its outcome, also
+            # when the hook raised (451 via handle_exception): RFC 5321 4.1.1.4.
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push(status)
 
 
@@ -333,7 +339,9 @@ class BridgeHandler:
         sender = "" if address == "<>" else address
         if sender and not is_valid_address(sender):
             return "553 5.1.7 Bad sender address syntax"
-        envelope.mail_from = sender
+        # aiosmtpd knows MAIL was given by a truthy mail_from (else RCPT answers
+        # 503): keep "<>" for the null sender (RFC 5321 4.5.5), read via _sender().
+        envelope.mail_from = sender or "<>"
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
@@ -348,7 +356,7 @@ class BridgeHandler:
             return str(replies.RCPT_BAD_SYNTAX)
         user = _user(session)
         decision = runtime.router.at_rcpt(
-            Envelope(envelope.mail_from or "", address, user, server.client_ip)
+            Envelope(_sender(envelope), address, user, server.client_ip)
         )
         if decision.verdict == "no_route":
             log_event(log, "rcpt_no_route", session=server.session_id, rcpt=address)
@@ -379,7 +387,7 @@ class BridgeHandler:
             parsed = parse_message(raw)
         user = _user(session)
         message = IncomingMessage(
-            queue_id=queue_id, raw=raw, parsed=parsed, mail_from=envelope.mail_from or "",
+            queue_id=queue_id, raw=raw, parsed=parsed, mail_from=_sender(envelope),
             rcpts=list(envelope.rcpt_tos), user=user,
             client=ClientInfo(str(server.client_ip or "")), app_key=_user_key(runtime, user),
         )  # fmt: skip
@@ -404,6 +412,12 @@ class BridgeHandler:
         # Never the class name or text of an exception in a reply.
         log.error("session error", exc_info=error)
         return str(replies.INTERNAL)
+
+
+def _sender(envelope: SmtpEnvelope) -> str:
+    """The envelope sender; '' for the null sender <>."""
+    mail_from = envelope.mail_from or ""
+    return "" if mail_from == "<>" else mail_from
 
 
 def _user(session: Session) -> str:

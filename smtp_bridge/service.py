@@ -150,8 +150,10 @@ class BridgeService:
         log_event(log, "stopped")
 
     async def run(self) -> None:
-        await self.startup()
+        # shutdown() also after a failed startup: it closes whatever startup
+        # had opened (sandbox, store, API client, listeners bound so far).
         try:
+            await self.startup()
             await self.serve()
         finally:
             await self.shutdown()
