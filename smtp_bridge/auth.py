@@ -144,8 +144,9 @@ def _derive(password: bytes, parsed: _Parsed) -> bytes:
     # OpenSSL counts 128*r*(n+p+2) bytes; the parameters are already capped,
     # maxmem is the second line of defence (and must exceed OpenSSL's 32 MiB default).
     maxmem = 128 * r * (n + p + 2) + 1024 * 1024
-    return hashlib.scrypt(password, salt=parsed.salt, n=n, r=r, p=p, maxmem=maxmem,
-                          dklen=len(parsed.key))  # fmt: skip
+    return hashlib.scrypt(
+        password, salt=parsed.salt, n=n, r=r, p=p, maxmem=maxmem, dklen=len(parsed.key)
+    )
 
 
 def _as_bytes(password: str | bytes) -> bytes:
@@ -326,10 +327,16 @@ class AuthThrottle:
     """
 
     def __init__(
-        self, *, free_failures: int = 3, base_delay: float = 0.5, max_delay: float = 5.0,
-        disconnect_after: int = 10, window: float = 15 * 60, max_tracked: int = 10_000,
+        self,
+        *,
+        free_failures: int = 3,
+        base_delay: float = 0.5,
+        max_delay: float = 5.0,
+        disconnect_after: int = 10,
+        window: float = 15 * 60,
+        max_tracked: int = 10_000,
         ipv6_prefix: int = 64,
-    ) -> None:  # fmt: skip
+    ) -> None:
         if disconnect_after < 1 or max_tracked < 1 or window <= 0:
             raise ValueError("disconnect_after, max_tracked and window must be positive")
         self.free_failures = free_failures
@@ -404,8 +411,11 @@ def _doublings(base: float, cap: float) -> int:
 
 
 def read_password_from(
-    stdin: TextIO, *, interactive: bool, prompt: Callable[[str], str] = getpass.getpass,
-) -> str:  # fmt: skip
+    stdin: TextIO,
+    *,
+    interactive: bool,
+    prompt: Callable[[str], str] = getpass.getpass,
+) -> str:
     """The password for ``smtp-bridge hash-password`` (DESIGN 6).
 
     Not a terminal: the first line of ``stdin`` (its line end removed, nothing

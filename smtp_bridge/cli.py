@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -67,8 +68,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_errors(exc)
         return EXIT_CONFIG
-    config_path = Path(args.config) if args.config else (
-        DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)  # fmt: skip
+    config_path = (
+        Path(args.config)
+        if args.config
+        else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+    )
     service = BridgeService(config, config_path=config_path, sandbox=args.sandbox)
     try:
         _run(service.run())
@@ -151,8 +155,15 @@ def cmd_route(args: argparse.Namespace) -> int:
     client = ClientInfo(args.client)
     status = EXIT_OK
     for rcpt in rcpts:
-        plan = plan_recipient(parsed, rcpt, config=config, router=router,
-                              mail_from=mail_from, user=args.user, client=client)  # fmt: skip
+        plan = plan_recipient(
+            parsed,
+            rcpt,
+            config=config,
+            router=router,
+            mail_from=mail_from,
+            user=args.user,
+            client=client,
+        )
         print(f"rcpt: {rcpt}")
         print(f"  route: {plan.route.name if plan.route else '(none)'}")
         if plan.request is not None:
@@ -174,11 +185,10 @@ def cmd_sandbox(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, args.log_level)
     host, port = split_host_port(args.listen)
     templates = [t for t in (args.templates or "").split(",") if t] or None
-    try:
-        _run(run_sandbox(host, port, app_key=args.app_key, templates=templates,
-                         latency=args.latency))  # fmt: skip
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(
+            run_sandbox(host, port, app_key=args.app_key, templates=templates, latency=args.latency)
+        )
     return EXIT_OK
 
 
@@ -201,12 +211,21 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 
     async def send() -> int:
         request = ApiRequest(template_id=args.template, to=args.to, data=data)
-        async with ApiClient(config.api.url, encoding=config.api.encoding,
-                             timeout=config.api.timeout) as client:  # fmt: skip
+        async with ApiClient(
+            config.api.url, encoding=config.api.encoding, timeout=config.api.timeout
+        ) as client:
             result = await client.send(request, config.app_key())
-        print(json.dumps({"result": result.kind.value, "code": result.code,
-                          "http_status": result.http_status, "message": result.message,
-                          "latency_ms": round(result.latency * 1000, 1)}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "result": result.kind.value,
+                    "code": result.code,
+                    "http_status": result.http_status,
+                    "message": result.message,
+                    "latency_ms": round(result.latency * 1000, 1),
+                }
+            )
+        )
         return EXIT_OK if result.delivered else EXIT_CONFIG
 
     return int(_run(send()))
@@ -225,8 +244,9 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smtp-bridge",
-                                     description="SMTP in, AOTsend template API calls out.")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="smtp-bridge", description="SMTP in, AOTsend template API calls out."
+    )
     parser.add_argument("--version", action="version", version=f"smtp-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -235,14 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_logging(p: argparse.ArgumentParser) -> None:
         p.add_argument("--log-format", choices=["json", "text"], default="json")
-        p.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])  # fmt: skip
+        p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     serve = commands.add_parser("serve", help="run the daemon in the foreground")
     with_config(serve)
     with_logging(serve)
-    serve.add_argument("--sandbox", action="store_true",
-                       help="start the embedded fake API and send to it")  # fmt: skip
+    serve.add_argument(
+        "--sandbox", action="store_true", help="start the embedded fake API and send to it"
+    )
     serve.set_defaults(func=cmd_serve)
 
     check = commands.add_parser("check-config", help="validate the config and print the routes")
@@ -276,8 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     send_test.add_argument("--data", help="template variables as a JSON object")
     send_test.set_defaults(func=cmd_send_test)
 
-    hash_pw = commands.add_parser("hash-password",
-                                  help="make a password_hash for smtp.auth.users")  # fmt: skip
+    hash_pw = commands.add_parser("hash-password", help="make a password_hash for smtp.auth.users")
     hash_pw.set_defaults(func=cmd_hash_password)
     return parser
 

@@ -99,8 +99,9 @@ class _Problems(ValueError):
     """
 
     def __init__(self, problems: list[tuple[Loc, str]]) -> None:
-        super().__init__("; ".join(f"{_dotted(loc)}: {msg}" if loc else msg
-                                   for loc, msg in problems))  # fmt: skip
+        super().__init__(
+            "; ".join(f"{_dotted(loc)}: {msg}" if loc else msg for loc, msg in problems)
+        )
         self.problems = problems
 
 
@@ -109,9 +110,22 @@ class _Problems(ValueError):
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
-               "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
-               "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3}  # fmt: skip
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "ki": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "mi": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "gi": 1024**3,
+}
 
 
 def parse_duration(value: Any) -> float:
@@ -187,10 +201,12 @@ def _to_reply(value: Any) -> Reply:
     return Reply.parse(str(value))
 
 
-_DURATION_SCHEMA = {"anyOf": [{"type": "number", "minimum": 0},
-                              {"type": "string", "pattern": _DURATION_RE.pattern}]}  # fmt: skip
-_SIZE_SCHEMA = {"anyOf": [{"type": "integer", "minimum": 1},
-                          {"type": "string", "pattern": _SIZE_RE.pattern}]}  # fmt: skip
+_DURATION_SCHEMA = {
+    "anyOf": [{"type": "number", "minimum": 0}, {"type": "string", "pattern": _DURATION_RE.pattern}]
+}
+_SIZE_SCHEMA = {
+    "anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": _SIZE_RE.pattern}]
+}
 
 Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
 Size = Annotated[int, BeforeValidator(parse_size), WithJsonSchema(_SIZE_SCHEMA)]
@@ -274,8 +290,9 @@ def _schema_extra(schema: JsonDict, model: type[Any]) -> None:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True,
-                              json_schema_extra=_schema_extra)  # fmt: skip
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, arbitrary_types_allowed=True, json_schema_extra=_schema_extra
+    )
     #: Secret fields that also accept ``<field>_file: PATH``.
     secret_fields: ClassVar[tuple[str, ...]] = ()
 
@@ -481,8 +498,12 @@ class RouteConfig(_Model):
     def _action_fields(self) -> RouteConfig:
         problems: list[tuple[Loc, str]] = []
         if self.action == "relay" and self.template_id is None:
-            problems.append((("template_id",), "required key is missing: a relay route "
-                             "(the default action) needs template_id"))  # fmt: skip
+            problems.append(
+                (
+                    ("template_id",),
+                    "required key is missing: a relay route (the default action) needs template_id",
+                )
+            )
         if self.reply is not None:
             if self.action != "reject":
                 problems.append((("reply",), "reply is only for action: reject"))
@@ -752,8 +773,9 @@ def _validation_problems(exc: ValidationError) -> list[tuple[Loc, str]]:
     return problems
 
 
-def parse_config(text: str, *, filename: str = "<config>",
-                 env: Mapping[str, str] | None = None) -> Config:  # fmt: skip
+def parse_config(
+    text: str, *, filename: str = "<config>", env: Mapping[str, str] | None = None
+) -> Config:
     """Validate config text; raises ConfigError listing every problem found."""
     try:
         located = _Located(text, os.environ if env is None else env)
@@ -769,8 +791,15 @@ def parse_config(text: str, *, filename: str = "<config>",
 
     issues = [issue(loc, msg) for loc, msg in located.problems]
     if not isinstance(located.data, dict):
-        issues.append(ConfigIssue(filename, 1, "", "the top level must be a mapping of sections "
-                                  "(smtp, api, delivery, admin, routes, replies)"))  # fmt: skip
+        issues.append(
+            ConfigIssue(
+                filename,
+                1,
+                "",
+                "the top level must be a mapping of sections "
+                "(smtp, api, delivery, admin, routes, replies)",
+            )
+        )
         raise ConfigError(issues)
     # A value whose ${VAR} is unset is already reported; its knock-on errors are noise.
     reported = {loc for loc, _ in located.problems}
@@ -781,13 +810,18 @@ def parse_config(text: str, *, filename: str = "<config>",
     try:
         config = Config.model_validate(located.data)
     except ValidationError as exc:
-        issues.extend(issue(loc, msg) for loc, msg in _validation_problems(exc)
-                      if not any(loc[: len(r)] == r for r in reported))  # fmt: skip
+        issues.extend(
+            issue(loc, msg)
+            for loc, msg in _validation_problems(exc)
+            if not any(loc[: len(r)] == r for r in reported)
+        )
     if issues or config is None:
         issues.sort(key=lambda i: (i.line or 0, i.path))
         raise ConfigError(issues)
-    routes = [route.model_copy(update={"data": compiled_data.get(i, {})})
-              for i, route in enumerate(config.routes)]  # fmt: skip
+    routes = [
+        route.model_copy(update={"data": compiled_data.get(i, {})})
+        for i, route in enumerate(config.routes)
+    ]
     return config.model_copy(update={"routes": routes})
 
 

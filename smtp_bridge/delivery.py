@@ -8,6 +8,7 @@ after a 4xx sends only what was not delivered (DESIGN 2).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import ipaddress
 import logging
@@ -135,43 +136,85 @@ def plan_recipient(
     envelope = Envelope(mail_from, rcpt, user, _ip(client.ip))
     found = router.match(envelope, parsed)
     if found is None:
-        return Plan(rcpt, outcome=RecipientOutcome(rcpt, RecipientState.FAILED,
-                                                   replies.NO_ROUTE_DATA))  # fmt: skip
+        return Plan(
+            rcpt, outcome=RecipientOutcome(rcpt, RecipientState.FAILED, replies.NO_ROUTE_DATA)
+        )
     route = found.route
     if route.action == "reject":
         reply = route.reply or replies.REJECTED
         state = RecipientState.FAILED if reply.is_permanent else RecipientState.RETRYING
         return Plan(rcpt, route, outcome=RecipientOutcome(rcpt, state, reply, route.name))
     if route.action == "drop":
-        return Plan(rcpt, route, outcome=RecipientOutcome(rcpt, RecipientState.DROPPED,
-                                                          replies.DROPPED, route.name))  # fmt: skip
+        return Plan(
+            rcpt,
+            route,
+            outcome=RecipientOutcome(rcpt, RecipientState.DROPPED, replies.DROPPED, route.name),
+        )
     if previous is RecipientState.DELIVERED:
         log_event(log, "duplicate_skipped", queue_id=queue_id, rcpt=rcpt, route=route.name)
-        return Plan(rcpt, route, outcome=RecipientOutcome(rcpt, RecipientState.DELIVERED,
-                                                          replies.OK, route.name))  # fmt: skip
+        return Plan(
+            rcpt,
+            route,
+            outcome=RecipientOutcome(rcpt, RecipientState.DELIVERED, replies.OK, route.name),
+        )
     if previous is RecipientState.UNKNOWN:
-        log_event(log, "possible_duplicate", level=logging.WARNING, queue_id=queue_id,
-                  rcpt=rcpt, route=route.name)  # fmt: skip
-    context = build_context(parsed, mail_from=mail_from, rcpt=rcpt, user=user, client=client,
-                            match=found.groups)  # fmt: skip
+        log_event(
+            log,
+            "possible_duplicate",
+            level=logging.WARNING,
+            queue_id=queue_id,
+            rcpt=rcpt,
+            route=route.name,
+        )
+    context = build_context(
+        parsed, mail_from=mail_from, rcpt=rcpt, user=user, client=client, match=found.groups
+    )
     try:
         overrides = header_overrides(parsed) if route.allow_header_overrides else None
         assert route.template_id is not None  # relay routes have one (config check)
         request = render_request(
-            template_id=route.template_id, to=route.to, alias=route.alias,
-            reply_to=route.reply_to, is_random=route.is_random, data=route.data,
-            context=context, overrides=overrides,
-        )  # fmt: skip
+            template_id=route.template_id,
+            to=route.to,
+            alias=route.alias,
+            reply_to=route.reply_to,
+            is_random=route.is_random,
+            data=route.data,
+            context=context,
+            overrides=overrides,
+        )
     except HeaderOverrideError as exc:
-        log_event(log, "bad_override_header", level=logging.WARNING, queue_id=queue_id,
-                  rcpt=rcpt, route=route.name, reason=str(exc))  # fmt: skip
-        return Plan(rcpt, route, outcome=RecipientOutcome(rcpt, RecipientState.FAILED,
-                                                          replies.DATA_FORMAT, route.name))  # fmt: skip
+        log_event(
+            log,
+            "bad_override_header",
+            level=logging.WARNING,
+            queue_id=queue_id,
+            rcpt=rcpt,
+            route=route.name,
+            reason=str(exc),
+        )
+        return Plan(
+            rcpt,
+            route,
+            outcome=RecipientOutcome(rcpt, RecipientState.FAILED, replies.DATA_FORMAT, route.name),
+        )
     except TemplateRenderError as exc:
-        log_event(log, "template_failed", level=logging.ERROR, queue_id=queue_id, rcpt=rcpt,
-                  route=route.name, field=exc.field, reason=exc.reason)  # fmt: skip
-        return Plan(rcpt, route, outcome=RecipientOutcome(rcpt, RecipientState.RETRYING,
-                                                          replies.TEMPLATE_FAILED, route.name))  # fmt: skip
+        log_event(
+            log,
+            "template_failed",
+            level=logging.ERROR,
+            queue_id=queue_id,
+            rcpt=rcpt,
+            route=route.name,
+            field=exc.field,
+            reason=exc.reason,
+        )
+        return Plan(
+            rcpt,
+            route,
+            outcome=RecipientOutcome(
+                rcpt, RecipientState.RETRYING, replies.TEMPLATE_FAILED, route.name
+            ),
+        )
     return Plan(rcpt, route, request=request)
 
 
@@ -181,8 +224,39 @@ class DirectDelivery:
     def __init__(self, api: ApiClient, store: Store) -> None:
         self.api = api
         self.store = store
+        # (message key, lower-cased rcpt) -> done when its delivery is recorded.
+        self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     async def deliver(
+        self, message: IncomingMessage, config: Config, router: Router
+    ) -> list[RecipientOutcome]:
+        """Deliver ``message``; each recipient once, however often it is listed or retried.
+
+        A recipient listed twice (in any letter case) gets one API call. A client
+        that gave up and retries while the first attempt's calls are still in
+        flight waits for their recorded outcome instead of sending again (DESIGN 2).
+        """
+        rcpts: list[str] = []
+        for rcpt in message.rcpts:
+            if all(rcpt.lower() != seen.lower() for seen in rcpts):
+                rcpts.append(rcpt)
+        if len(rcpts) != len(message.rcpts):
+            message = dataclasses.replace(message, rcpts=rcpts)
+        key = message_key(message.parsed, message.raw)
+        pairs = [(key, rcpt.lower()) for rcpt in message.rcpts]
+        while busy := {self._in_flight[p] for p in pairs if p in self._in_flight}:
+            await asyncio.wait(busy)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._in_flight.update(dict.fromkeys(pairs, done))
+        try:
+            return await self._deliver(message, config, router)
+        finally:
+            for pair in pairs:
+                if self._in_flight.get(pair) is done:
+                    del self._in_flight[pair]
+            done.set_result(None)
+
+    async def _deliver(
         self, message: IncomingMessage, config: Config, router: Router
     ) -> list[RecipientOutcome]:
         key = message_key(message.parsed, message.raw)
@@ -190,16 +264,24 @@ class DirectDelivery:
             previous = await self.store.previous_outcomes(key, message.rcpts)
         except StoreError:
             log_event(log, "store_error", level=logging.ERROR, queue_id=message.queue_id)
-            return [RecipientOutcome(r, RecipientState.RETRYING, replies.INTERNAL)
-                    for r in message.rcpts]  # fmt: skip
+            return [
+                RecipientOutcome(r, RecipientState.RETRYING, replies.INTERNAL)
+                for r in message.rcpts
+            ]
         plans = [
             plan_recipient(
-                message.parsed, rcpt, config=config, router=router,
-                mail_from=message.mail_from, user=message.user, client=message.client,
-                previous=previous.get(rcpt.lower()), queue_id=message.queue_id,
+                message.parsed,
+                rcpt,
+                config=config,
+                router=router,
+                mail_from=message.mail_from,
+                user=message.user,
+                client=message.client,
+                previous=previous.get(rcpt.lower()),
+                queue_id=message.queue_id,
             )
             for rcpt in message.rcpts
-        ]  # fmt: skip
+        ]
         now = time.time()
         record = MessageRecord(
             queue_id=message.queue_id,
@@ -217,14 +299,17 @@ class DirectDelivery:
         except StoreError:
             # No ledger, no dedup guarantee: keep the mail with the client.
             log_event(log, "store_error", level=logging.ERROR, queue_id=message.queue_id)
-            return [RecipientOutcome(p.rcpt, RecipientState.RETRYING, replies.INTERNAL)
-                    for p in plans]  # fmt: skip
+            return [
+                RecipientOutcome(p.rcpt, RecipientState.RETRYING, replies.INTERNAL) for p in plans
+            ]
         outcomes = await asyncio.gather(*(self._run(message, p, key, config) for p in plans))
         if any(o.reply.is_success for o in outcomes):
             # Permanent failures beside deliveries: the reply will be 250, so
             # these are dead letters the operator must see (DESIGN 2).
-            outcomes = [await self._bury(message, o, key) if o.state is RecipientState.FAILED else o
-                        for o in outcomes]  # fmt: skip
+            outcomes = [
+                await self._bury(message, o, key) if o.state is RecipientState.FAILED else o
+                for o in outcomes
+            ]
         return outcomes
 
     def _record(self, message: IncomingMessage, plan: Plan, now: float) -> RecipientRecord:
@@ -251,45 +336,87 @@ class DirectDelivery:
         attempts = 1
         if result.kind is ResultKind.API and result.code == 40006 and request.reply_to:
             # An optional header must not lose the mail: resend without it.
-            log_event(log, "reply_to_rejected", level=logging.WARNING, queue_id=message.queue_id,
-                      rcpt=plan.rcpt, route=plan.route.name)  # fmt: skip
+            log_event(
+                log,
+                "reply_to_rejected",
+                level=logging.WARNING,
+                queue_id=message.queue_id,
+                rcpt=plan.rcpt,
+                route=plan.route.name,
+            )
             result = await self.api.send(request.without_reply_to(), app_key)
             attempts = 2
         overrides = config.replies
         reply = replies.reply_for(result, overrides)
         state = _state_for(result, reply)
-        outcome = RecipientOutcome(plan.rcpt, state, reply, plan.route.name,
-                                   request.template_id, result.code)  # fmt: skip
+        outcome = RecipientOutcome(
+            plan.rcpt, state, reply, plan.route.name, request.template_id, result.code
+        )
         log_event(
-            log, "api_call", level=logging.INFO if reply.is_success else logging.WARNING,
-            queue_id=message.queue_id, rcpt=plan.rcpt, route=plan.route.name,
-            template=request.template_id, result=result.kind.value, api_code=result.code,
-            http_status=result.http_status, latency_ms=round(result.latency * 1000, 1),
-            state=state.value, reply=str(reply),
-        )  # fmt: skip
+            log,
+            "api_call",
+            level=logging.INFO if reply.is_success else logging.WARNING,
+            queue_id=message.queue_id,
+            rcpt=plan.rcpt,
+            route=plan.route.name,
+            template=request.template_id,
+            result=result.kind.value,
+            api_code=result.code,
+            http_status=result.http_status,
+            latency_ms=round(result.latency * 1000, 1),
+            state=state.value,
+            reply=str(reply),
+        )
         record = RecipientRecord(
-            queue_id=message.queue_id, rcpt=plan.rcpt, state=state, route=plan.route.name,
-            template_id=request.template_id, api_code=result.code, reply=str(reply),
-            attempts=attempts, updated_at=time.time(), error=result.message[:200],
-        )  # fmt: skip
+            queue_id=message.queue_id,
+            rcpt=plan.rcpt,
+            state=state,
+            route=plan.route.name,
+            template_id=request.template_id,
+            api_code=result.code,
+            reply=str(reply),
+            attempts=attempts,
+            updated_at=time.time(),
+            error=result.message[:200],
+        )
         try:
             await self.store.update_recipient(record, message_key=key)
         except StoreError:
-            log_event(log, "store_error", level=logging.ERROR, queue_id=message.queue_id,
-                      rcpt=plan.rcpt)  # fmt: skip
+            log_event(
+                log, "store_error", level=logging.ERROR, queue_id=message.queue_id, rcpt=plan.rcpt
+            )
         return outcome
 
-    async def _bury(self, message: IncomingMessage, outcome: RecipientOutcome,
-                    key: str) -> RecipientOutcome:  # fmt: skip
-        dead = RecipientOutcome(outcome.rcpt, RecipientState.DEAD, outcome.reply, outcome.route,
-                                outcome.template_id, outcome.api_code)  # fmt: skip
-        log_event(log, "dead_letter", level=logging.WARNING, queue_id=message.queue_id,
-                  rcpt=outcome.rcpt, route=outcome.route, reply=str(outcome.reply))  # fmt: skip
+    async def _bury(
+        self, message: IncomingMessage, outcome: RecipientOutcome, key: str
+    ) -> RecipientOutcome:
+        dead = RecipientOutcome(
+            outcome.rcpt,
+            RecipientState.DEAD,
+            outcome.reply,
+            outcome.route,
+            outcome.template_id,
+            outcome.api_code,
+        )
+        log_event(
+            log,
+            "dead_letter",
+            level=logging.WARNING,
+            queue_id=message.queue_id,
+            rcpt=outcome.rcpt,
+            route=outcome.route,
+            reply=str(outcome.reply),
+        )
         record = RecipientRecord(
-            queue_id=message.queue_id, rcpt=outcome.rcpt, state=RecipientState.DEAD,
-            route=outcome.route, template_id=outcome.template_id, api_code=outcome.api_code,
-            reply=str(outcome.reply), updated_at=time.time(),
-        )  # fmt: skip
+            queue_id=message.queue_id,
+            rcpt=outcome.rcpt,
+            state=RecipientState.DEAD,
+            route=outcome.route,
+            template_id=outcome.template_id,
+            api_code=outcome.api_code,
+            reply=str(outcome.reply),
+            updated_at=time.time(),
+        )
         try:
             await self.store.update_recipient(record, message_key=key)
         except StoreError:

@@ -23,7 +23,9 @@ _REDACT = frozenset({"app_key", "password", "password_hash", "secret", "authoriz
 _FIELDS_ATTR = "bridge_fields"
 
 
-def log_event(logger: logging.Logger, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
+def log_event(
+    logger: logging.Logger, event: str, *, level: int = logging.INFO, **fields: Any
+) -> None:
     """Log ``event`` with structured ``fields`` (one line, whatever the format)."""
     if logger.isEnabledFor(level):
         logger.log(level, event, extra={_FIELDS_ATTR: fields})
@@ -78,4 +80,5 @@ def configure_logging(fmt: Literal["json", "text"] = "json", level: str = "info"
     root.setLevel(logging.WARNING)
     LOGGER.setLevel(level.upper())
     # aiosmtpd logs peers and raw lines at INFO/DEBUG; our own events cover it.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # Its AUTH path also warns about its own deprecated login_data on every login.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)

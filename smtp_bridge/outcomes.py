@@ -30,7 +30,7 @@ class ApiRequest:
         return ApiRequest(self.template_id, self.to, self.data, self.alias, None, self.is_random)
 
 
-class ResultKind(str, enum.Enum):
+class ResultKind(enum.StrEnum):
     """How far one API attempt got; decides the reply together with the code."""
 
     #: The API answered JSON ``{code, message}``; see :attr:`ApiResult.code`.
@@ -61,7 +61,7 @@ class ApiResult:
         return self.kind is ResultKind.API and self.code == 200
 
 
-class RecipientState(str, enum.Enum):
+class RecipientState(enum.StrEnum):
     """Recorded state of one (message, recipient) pair (DESIGN 2)."""
 
     DELIVERED = "delivered"

@@ -46,6 +46,9 @@ __all__ = [
     "BARE_LF",
     "SERVICE_UNAVAILABLE_SHUTDOWN",
     "TOO_MANY_CONNECTIONS",
+    "AUTH_NOT_AVAILABLE",
+    "AUTH_NEEDS_TLS",
+    "AUTH_TOO_MANY_FAILURES",
     # the table and its helpers
     "reply_for",
     "override_key",
@@ -182,6 +185,10 @@ AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 BARE_LF = Reply(550, "5.5.2", "Bare LF line ends are not accepted, use CRLF")
 SERVICE_UNAVAILABLE_SHUTDOWN = Reply(421, "4.3.2", "Service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+AUTH_NOT_AVAILABLE = Reply(502, "5.5.1", "Authentication not available")
+#: RFC 4954 section 6: AUTH over plaintext when the bridge requires TLS first.
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_TOO_MANY_FAILURES = Reply(421, "4.7.0", "Too many failed authentication attempts")
 
 
 # --- the table ---------------------------------------------------------------------

@@ -19,9 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import SMTP, Envelope as SmtpEnvelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from . import replies
+from .auth import Authenticator, AuthThrottle, Credentials
 from .config import Config
 from .delivery import DirectDelivery, IncomingMessage, RecipientOutcome, aggregate
 from .logs import log_event
@@ -46,10 +48,19 @@ class Runtime:
 
     config: Config
     router: Router
+    authenticator: Authenticator
 
     @classmethod
     def build(cls, config: Config) -> Runtime:
-        return cls(config, Router(config.routes))
+        credentials = Credentials.from_config(config.smtp.auth.users)
+        return cls(config, Router(config.routes), Authenticator(credentials))
+
+    def auth_offered(self, ip: IPAddress | None, tls: bool) -> bool:
+        """AUTH is offered when users exist, and over TLS unless the network is trusted."""
+        auth = self.config.smtp.auth
+        if not auth.users:
+            return False
+        return tls or not auth.require_tls or self.is_trusted(ip)
 
     def is_trusted(self, ip: IPAddress | None) -> bool:
         if ip is None:
@@ -115,11 +126,26 @@ class ConnectionTracker:
 # operators read those, so add one by reply code. 220 and 354 take none, and
 # neither do EHLO/HELO lines (RFC 2034 section 3).
 _ENHANCED_DEFAULTS = {
-    221: "2.0.0", 250: "2.0.0", 251: "2.1.5", 252: "2.5.0", 421: "4.7.0", 451: "4.3.0",
-    500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4", 530: "5.7.0",
-    535: "5.7.8", 538: "5.7.11", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3", 554: "5.3.0",
+    221: "2.0.0",
+    250: "2.0.0",
+    251: "2.1.5",
+    252: "2.5.0",
+    421: "4.7.0",
+    451: "4.3.0",
+    500: "5.5.2",
+    501: "5.5.4",
+    502: "5.5.1",
+    503: "5.5.1",
+    504: "5.5.4",
+    530: "5.7.0",
+    535: "5.7.8",
+    538: "5.7.11",
+    550: "5.0.0",
+    552: "5.3.4",
+    553: "5.1.3",
+    554: "5.3.0",
     555: "5.5.4",
-}  # fmt: skip
+}
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
 _REWRITES = {
     "552 Error: message size exceeds fixed maximum message size": str(replies.TOO_LARGE),
@@ -162,6 +188,10 @@ class BridgeSMTP(SMTP):
             timeout=smtp.timeout,
             # Reset floods: each command has a budget per session.
             command_call_limit={"NOOP": 50, "RSET": 50, "VRFY": 10, "HELP": 10, "*": 200},
+            # TLS-before-AUTH is decided per client (trusted networks are
+            # exempt), in smtp_AUTH below, not by aiosmtpd's global switch.
+            auth_require_tls=False,
+            authenticator=_authenticate,
             **kwargs,
         )
         self.runtime = runtime
@@ -194,8 +224,13 @@ class BridgeSMTP(SMTP):
         if self.transport is None:  # a new connection, not a STARTTLS upgrade
             self.client_ip = peer_ip(transport.get_extra_info("peername"))
             if not self.tracker.admit(self, self.client_ip, self.runtime):
-                log_event(log, "connection_refused", level=logging.WARNING,
-                          client=str(self.client_ip), reason="too many connections")  # fmt: skip
+                log_event(
+                    log,
+                    "connection_refused",
+                    level=logging.WARNING,
+                    client=str(self.client_ip),
+                    reason="too many connections",
+                )
                 transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())
                 transport.close()
                 return
@@ -237,6 +272,38 @@ class BridgeSMTP(SMTP):
             await super().smtp_HELO(hostname)
         finally:
             self._raw_replies = False
+
+    # ------------------------------------------------------------ AUTH
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        if self.session is None or not self.session.extended_smtp or self.session.authenticated:
+            await super().smtp_AUTH(arg)  # aiosmtpd's own sequencing replies
+            return
+        runtime = self.runtime
+        if not runtime.config.smtp.auth.users:
+            await self.push(str(replies.AUTH_NOT_AVAILABLE))
+            return
+        if not runtime.auth_offered(self.client_ip, self._tls_protocol is not None):
+            await self.push(str(replies.AUTH_NEEDS_TLS))
+            return
+        throttle: AuthThrottle = self.event_handler.throttle
+        ip, now = self.client_ip, time.monotonic()
+        if ip is not None and throttle.should_disconnect(ip, now):
+            log_event(
+                log,
+                "auth_locked_out",
+                level=logging.WARNING,
+                session=self.session_id,
+                client=str(ip),
+            )
+            await self.push(str(replies.AUTH_TOO_MANY_FAILURES))
+            if self.transport is not None:
+                self.transport.close()
+            return
+        delay = throttle.delay_for(ip, now) if ip is not None else 0.0
+        if delay:
+            await asyncio.sleep(delay)  # a tarpit for password guessing, by design
+        await super().smtp_AUTH(arg)
 
     # ------------------------------------------------------------ DATA
 
@@ -314,27 +381,47 @@ class BridgeSMTP(SMTP):
 class BridgeHandler:
     """aiosmtpd handler hooks: policy at MAIL and RCPT, delivery at DATA."""
 
-    def __init__(self, delivery: DirectDelivery,
-                 track: Callable[[asyncio.Task[list[RecipientOutcome]]], None]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        delivery: DirectDelivery,
+        track: Callable[[asyncio.Task[list[RecipientOutcome]]], None],
+    ) -> None:
         self.delivery = delivery
         self._track = track
+        self.throttle = AuthThrottle()
 
     async def handle_EHLO(
-        self, server: BridgeSMTP, session: Session, envelope: SmtpEnvelope, hostname: str,
+        self,
+        server: BridgeSMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        hostname: str,
         responses: list[str],
-    ) -> list[str]:  # fmt: skip
+    ) -> list[str]:
         session.host_name = hostname
+        lines = responses[:-1]
+        if not server.runtime.auth_offered(server.client_ip, server._tls_protocol is not None):
+            lines = [line for line in lines if not line.startswith("250-AUTH")]
         # RFC 2034: advertise before the final line.
-        return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
+        return [*lines, "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_MAIL(
-        self, server: BridgeSMTP, session: Session, envelope: SmtpEnvelope, address: str,
+        self,
+        server: BridgeSMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
         mail_options: list[str],
-    ) -> str:  # fmt: skip
+    ) -> str:
         runtime = server.runtime
         if not session.authenticated and not runtime.is_trusted(server.client_ip):
-            log_event(log, "relay_denied", level=logging.WARNING, session=server.session_id,
-                      client=str(server.client_ip))  # fmt: skip
+            log_event(
+                log,
+                "relay_denied",
+                level=logging.WARNING,
+                session=server.session_id,
+                client=str(server.client_ip),
+            )
             return str(replies.AUTH_REQUIRED)
         sender = "" if address == "<>" else address
         if sender and not is_valid_address(sender):
@@ -346,9 +433,13 @@ class BridgeHandler:
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
-        self, server: BridgeSMTP, session: Session, envelope: SmtpEnvelope, address: str,
+        self,
+        server: BridgeSMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
         rcpt_options: list[str],
-    ) -> str:  # fmt: skip
+    ) -> str:
         runtime = server.runtime
         if len(envelope.rcpt_tos) >= runtime.config.smtp.max_recipients:
             return str(replies.TOO_MANY_RECIPIENTS)
@@ -363,22 +454,34 @@ class BridgeHandler:
             return str(replies.RCPT_NO_ROUTE)
         if decision.verdict == "reject":
             assert decision.route is not None
-            log_event(log, "rcpt_rejected", session=server.session_id, rcpt=address,
-                      route=decision.route.name)  # fmt: skip
+            log_event(
+                log,
+                "rcpt_rejected",
+                session=server.session_id,
+                rcpt=address,
+                route=decision.route.name,
+            )
             return str(decision.route.reply or replies.REJECTED)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
-    async def handle_DATA(self, server: BridgeSMTP, session: Session, envelope: SmtpEnvelope) -> str:
+    async def handle_DATA(
+        self, server: BridgeSMTP, session: Session, envelope: SmtpEnvelope
+    ) -> str:
         queue_id = new_queue_id()
         started = time.perf_counter()
         runtime = server.runtime
         raw: bytes = envelope.original_content or b""
         if has_bare_line_end(raw):
             if runtime.config.smtp.bare_lf == "reject":
-                log_event(log, "bare_lf_rejected", level=logging.WARNING, queue_id=queue_id,
-                          session=server.session_id)  # fmt: skip
+                log_event(
+                    log,
+                    "bare_lf_rejected",
+                    level=logging.WARNING,
+                    queue_id=queue_id,
+                    session=server.session_id,
+                )
                 return replies.BARE_LF.with_id(queue_id)
             raw = normalize_line_ends(raw)
         if len(raw) > PARSE_IN_THREAD_BYTES:
@@ -387,10 +490,15 @@ class BridgeHandler:
             parsed = parse_message(raw)
         user = _user(session)
         message = IncomingMessage(
-            queue_id=queue_id, raw=raw, parsed=parsed, mail_from=_sender(envelope),
-            rcpts=list(envelope.rcpt_tos), user=user,
-            client=ClientInfo(str(server.client_ip or "")), app_key=_user_key(runtime, user),
-        )  # fmt: skip
+            queue_id=queue_id,
+            raw=raw,
+            parsed=parsed,
+            mail_from=_sender(envelope),
+            rcpts=list(envelope.rcpt_tos),
+            user=user,
+            client=ClientInfo(str(server.client_ip or "")),
+            app_key=_user_key(runtime, user),
+        )
         # The delivery runs in its own task: aiosmtpd cancels the handler when
         # the client disconnects, and calls already sent must finish and be
         # recorded, or a retry would send them twice (DESIGN 2).
@@ -401,11 +509,18 @@ class BridgeHandler:
         outcomes = await asyncio.shield(task)
         reply = aggregate(outcomes)
         log_event(
-            log, "message", queue_id=queue_id, session=server.session_id,
-            client=message.client.ip, mail_from=message.mail_from, rcpts=len(message.rcpts),
-            size=len(raw), subject=parsed.subject[:100], reply=str(reply),
+            log,
+            "message",
+            queue_id=queue_id,
+            session=server.session_id,
+            client=message.client.ip,
+            mail_from=message.mail_from,
+            rcpts=len(message.rcpts),
+            size=len(raw),
+            subject=parsed.subject[:100],
+            reply=str(reply),
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
-        )  # fmt: skip
+        )
         return reply.with_id(queue_id)
 
     async def handle_exception(self, error: Exception) -> str:
@@ -420,15 +535,48 @@ def _sender(envelope: SmtpEnvelope) -> str:
     return "" if mail_from == "<>" else mail_from
 
 
+def _authenticate(
+    smtp: SMTP, session: Session, envelope: SmtpEnvelope, mechanism: str, data: Any
+) -> AuthResult:
+    """aiosmtpd's authenticator: check PLAIN/LOGIN credentials (never logged)."""
+    server = cast(BridgeSMTP, smtp)
+    if not isinstance(data, LoginPassword):
+        return AuthResult(success=False, handled=False)
+    user = data.login.decode("utf-8", "replace")
+    ip = server.client_ip
+    throttle: AuthThrottle = server.event_handler.throttle
+    if server.runtime.authenticator.check(data.login, data.password):
+        if ip is not None:
+            throttle.success(ip)
+        log_event(
+            log,
+            "auth_ok",
+            session=server.session_id,
+            client=str(ip),
+            user=user,
+            mechanism=mechanism,
+        )
+        return AuthResult(success=True, auth_data=user)
+    if ip is not None:
+        throttle.failure(ip, time.monotonic())
+    log_event(
+        log,
+        "auth_failed",
+        level=logging.WARNING,
+        session=server.session_id,
+        client=str(ip),
+        user=user[:64],
+        mechanism=mechanism,
+    )
+    return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
+
+
 def _user(session: Session) -> str:
     if not session.authenticated:
         return ""
-    data = session.auth_data
-    return str(getattr(data, "login", None) or data or "")
+    return str(session.auth_data or "")
 
 
 def _user_key(runtime: Runtime, user: str) -> str:
-    account = runtime.config.smtp.auth.users.get(user) if user else None
-    if account is not None and account.app_key is not None:
-        return account.app_key.get_secret_value()
-    return ""
+    """The user's own API key, or '' to use the global one."""
+    return (runtime.authenticator.credentials.app_key(user) or "") if user else ""

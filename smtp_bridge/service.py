@@ -51,8 +51,9 @@ def sd_notify(state: str) -> None:
 class BridgeService:
     """Owns the listeners, the API client, the store and the sandbox if any."""
 
-    def __init__(self, config: Config, *, config_path: Path | None = None,
-                 sandbox: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self, config: Config, *, config_path: Path | None = None, sandbox: bool = False
+    ) -> None:
         self.config_path = config_path
         self.use_sandbox = sandbox
         self.sandbox: Sandbox | None = None
@@ -64,6 +65,7 @@ class BridgeService:
         self._stop = asyncio.Event()
         self._api: ApiClient | None = None
         self._store: Store | None = None
+        self.handler: BridgeHandler | None = None
 
     # ------------------------------------------------------------ phases
 
@@ -80,10 +82,13 @@ class BridgeService:
             self._store = await Store.open(state_path, dedup_ttl=config.delivery.dedup_ttl)
         except StoreError as exc:
             raise StartupError(f"state store: {exc}") from None
-        self._api = ApiClient(config.api.url, encoding=config.api.encoding,
-                              timeout=config.api.timeout,
-                              max_concurrency=config.api.max_concurrency)  # fmt: skip
-        handler = BridgeHandler(DirectDelivery(self._api, self._store), self._track)
+        self._api = ApiClient(
+            config.api.url,
+            encoding=config.api.encoding,
+            timeout=config.api.timeout,
+            max_concurrency=config.api.max_concurrency,
+        )
+        handler = self.handler = BridgeHandler(DirectDelivery(self._api, self._store), self._track)
         loop = asyncio.get_running_loop()
 
         def factory() -> BridgeSMTP:
@@ -94,8 +99,9 @@ class BridgeService:
         for listen in config.smtp.listen:
             host, port = split_host_port(listen)
             try:
-                server = await loop.create_server(factory, host or None, port,
-                                                  reuse_address=True, start_serving=True)  # fmt: skip
+                server = await loop.create_server(
+                    factory, host or None, port, reuse_address=True, start_serving=True
+                )
             except OSError as exc:
                 raise StartupError(f"cannot listen on {listen}: {exc.strerror}") from None
             self._servers.append(server)
@@ -132,8 +138,9 @@ class BridgeService:
         try:
             await asyncio.wait_for(self.tracker.wait_empty(), grace)
         except TimeoutError:
-            log_event(log, "shutdown_grace_expired", level=logging.WARNING,
-                      sessions=self.tracker.total)  # fmt: skip
+            log_event(
+                log, "shutdown_grace_expired", level=logging.WARNING, sessions=self.tracker.total
+            )
             for session in list(self.tracker.sessions):
                 session.abort()
         # API calls already sent finish and are recorded (bounded by api.timeout).
@@ -168,8 +175,9 @@ class BridgeService:
                 raise ConfigError([])
             config = load_config(self.config_path)
         except ConfigError as exc:
-            log_event(log, "reload_refused", level=logging.ERROR,
-                      errors=[str(i) for i in exc.issues])  # fmt: skip
+            log_event(
+                log, "reload_refused", level=logging.ERROR, errors=[str(i) for i in exc.issues]
+            )
         else:
             self.runtime = Runtime.build(self._with_sandbox(config))
             log_event(log, "reloaded", routes=len(config.routes))

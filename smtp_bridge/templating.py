@@ -248,5 +248,3 @@ def render_request(
         reply_to=reply_value or None,
         is_random=is_random,
     )
-
-

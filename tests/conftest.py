@@ -42,12 +42,16 @@ def make_config(tmp_path: Path, api_url: str, body: str = DEFAULT_ROUTES, **env:
     import yaml
 
     base: dict[str, Any] = {
-        "smtp": {"listen": ["127.0.0.1:0"], "hostname": "bridge.test", "timeout": "30s",
-                 "shutdown_timeout": "5s"},
+        "smtp": {
+            "listen": ["127.0.0.1:0"],
+            "hostname": "bridge.test",
+            "timeout": "30s",
+            "shutdown_timeout": "5s",
+        },
         "api": {"url": api_url, "app_key": TEST_KEY, "timeout": "5s"},
         "delivery": {"state_dir": str(tmp_path / "state")},
         "admin": {"listen": None},
-    }  # fmt: skip
+    }
     extra = yaml.safe_load(textwrap.dedent(body)) or {}
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -86,7 +90,9 @@ class RunningBridge:
 
     def delivered(self, to: str | None = None) -> list[dict[str, Any]]:
         """Requests the sandbox answered with 200, newest first."""
-        return [r for r in self.sandbox.sent() if r["code"] == 200 and (to is None or r["to"] == to)]
+        return [
+            r for r in self.sandbox.sent() if r["code"] == 200 and (to is None or r["to"] == to)
+        ]
 
 
 @pytest.fixture
@@ -103,8 +109,9 @@ def bridge(tmp_path: Path, sandbox: Sandbox) -> BridgeFactory:
     """``async with bridge(yaml_text) as b:`` runs a bridge against ``sandbox``."""
 
     @asynccontextmanager
-    async def run(body: str = DEFAULT_ROUTES, *, api_url: str | None = None,
-                  **env: str) -> AsyncIterator[RunningBridge]:  # fmt: skip
+    async def run(
+        body: str = DEFAULT_ROUTES, *, api_url: str | None = None, **env: str
+    ) -> AsyncIterator[RunningBridge]:
         config = make_config(tmp_path, api_url or sandbox.url, body, **env)
         service = BridgeService(config)
         await service.startup()

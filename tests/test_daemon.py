@@ -493,7 +493,7 @@ async def test_swaks(tmp_path: Path) -> None:
         out, _ = await asyncio.wait_for(proc.communicate(), WAIT)
         transcript = out.decode(errors="replace")
         assert proc.returncode == 0, transcript
-        assert re.search(r"<~\s+250 2\.0\.0 Ok id=", transcript), transcript
+        assert re.search(r"<-\s+250 2\.0\.0 Ok id=", transcript), transcript
         assert await daemon.terminate() == 0
     finally:
         await daemon.close()
