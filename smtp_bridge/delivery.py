@@ -91,7 +91,8 @@ def aggregate(outcomes: Sequence[RecipientOutcome]) -> Reply:
         return replies.DROPPED  # the truth: nothing was sent, and no retry is wanted
     delivered = [o for o in outcomes if o.reply.is_success]
     if delivered or not outcomes:
-        return replies.OK
+        # The reply of a call the API accepted, so a `replies: {"200": ...}` override shows.
+        return next((o.reply for o in delivered if o.api_code == 200), replies.OK)
     return outcomes[0].reply
 
 

@@ -202,6 +202,7 @@ class BridgeSMTP(SMTP):
         self._raw_replies = False
         self._in_data = False
         self._closing = False
+        self.queue_id = ""  # of the message being received
 
     def close_when_idle(self) -> None:
         """Shutdown: end the session now if idle, else right after its DATA reply."""
@@ -362,15 +363,29 @@ class BridgeSMTP(SMTP):
                     data += chunk
         if self.transport is None:
             return
+        # Every reply to DATA carries the queue id (DESIGN 5), refusals too.
+        self.queue_id = new_queue_id()
         if too_big:
             self._set_post_data_state()  # type: ignore[no-untyped-call]
-            await self.push(str(replies.TOO_LARGE))
+            log_event(
+                log,
+                "too_large",
+                level=logging.WARNING,
+                queue_id=self.queue_id,
+                session=self.session_id,
+                limit=limit,
+            )
+            await self.push(replies.TOO_LARGE.with_id(self.queue_id))
             return
         self.envelope.content = bytes(data)
         self.envelope.original_content = self.envelope.content
         data.clear()
         try:
             status = await self._call_handler_hook("DATA")
+        except Exception:
+            # Never the exception's class or text in a reply; the log has it.
+            log.exception("internal error", extra={"bridge_fields": {"queue_id": self.queue_id}})
+            status = replies.INTERNAL.with_id(self.queue_id)
         finally:
             # The end of data consumes the transaction whatever its outcome, also
             # when the hook raised (451 via handle_exception): RFC 5321 4.1.1.4.
@@ -469,7 +484,7 @@ class BridgeHandler:
     async def handle_DATA(
         self, server: BridgeSMTP, session: Session, envelope: SmtpEnvelope
     ) -> str:
-        queue_id = new_queue_id()
+        queue_id = server.queue_id
         started = time.perf_counter()
         runtime = server.runtime
         raw: bytes = envelope.original_content or b""
