@@ -21,6 +21,7 @@ from .api import ApiClient
 from .config import Config, RouteConfig
 from .logs import log_event
 from .message import ParsedMessage, content_hash
+from .metrics import Metrics
 from .outcomes import ApiRequest, ApiResult, RecipientState, ResultKind
 from .replies import Reply
 from .rules import Envelope, Router
@@ -222,9 +223,10 @@ def plan_recipient(
 class DirectDelivery:
     """Delivers while the client waits; the client owns retries (DESIGN 2)."""
 
-    def __init__(self, api: ApiClient, store: Store) -> None:
+    def __init__(self, api: ApiClient, store: Store, metrics: Metrics | None = None) -> None:
         self.api = api
         self.store = store
+        self.metrics = metrics or Metrics()
         # (message key, lower-cased rcpt) -> done when its delivery is recorded.
         self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
 
@@ -311,6 +313,10 @@ class DirectDelivery:
                 await self._bury(message, o, key) if o.state is RecipientState.FAILED else o
                 for o in outcomes
             ]
+        for outcome in outcomes:
+            self.metrics.messages.labels(
+                route=outcome.route or "-", outcome=outcome.state.value
+            ).inc()
         return outcomes
 
     def _record(self, message: IncomingMessage, plan: Plan, now: float) -> RecipientRecord:
@@ -334,6 +340,7 @@ class DirectDelivery:
         request = plan.request
         app_key = message.app_key or config.app_key()
         result = await self.api.send(request, app_key)
+        self.metrics.observe_api(result)
         attempts = 1
         if result.kind is ResultKind.API and result.code == 40006 and request.reply_to:
             # An optional header must not lose the mail: resend without it.
@@ -346,6 +353,7 @@ class DirectDelivery:
                 route=plan.route.name,
             )
             result = await self.api.send(request.without_reply_to(), app_key)
+            self.metrics.observe_api(result)
             attempts = 2
         overrides = config.replies
         reply = replies.reply_for(result, overrides)

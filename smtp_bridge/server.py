@@ -234,8 +234,11 @@ class BridgeSMTP(SMTP):
                 )
                 transport.write(f"{replies.TOO_MANY_CONNECTIONS}\r\n".encode())
                 transport.close()
+                self.event_handler.metrics.sessions.labels(result="refused").inc()
                 return
             self._admitted = True
+            self.event_handler.metrics.sessions.labels(result="accepted").inc()
+            self.event_handler.metrics.sessions_open.inc()
             log_event(log, "connect", session=self.session_id, client=str(self.client_ip))
         super().connection_made(transport)
 
@@ -243,6 +246,7 @@ class BridgeSMTP(SMTP):
         if not self._admitted:
             return
         self.tracker.release(self, self.client_ip)
+        self.event_handler.metrics.sessions_open.dec()
         log_event(log, "disconnect", session=self.session_id, client=str(self.client_ip))
         super().connection_lost(error)
 
@@ -404,6 +408,7 @@ class BridgeHandler:
         self.delivery = delivery
         self._track = track
         self.throttle = AuthThrottle()
+        self.metrics = delivery.metrics
 
     async def handle_EHLO(
         self,
@@ -536,6 +541,7 @@ class BridgeHandler:
             reply=str(reply),
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
+        self.metrics.replies.labels(code=str(reply.code)).inc()
         return reply.with_id(queue_id)
 
     async def handle_exception(self, error: Exception) -> str:

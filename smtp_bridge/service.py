@@ -19,6 +19,7 @@ from .api import ApiClient
 from .config import Config, ConfigError, load_config, split_host_port
 from .delivery import DirectDelivery, RecipientOutcome
 from .logs import log_event
+from .metrics import Metrics
 from .sandbox import Sandbox
 from .server import BridgeHandler, BridgeSMTP, ConnectionTracker, Runtime
 from .store import Store, StoreError
@@ -66,6 +67,7 @@ class BridgeService:
         self._api: ApiClient | None = None
         self._store: Store | None = None
         self.handler: BridgeHandler | None = None
+        self.metrics = Metrics()
 
     # ------------------------------------------------------------ phases
 
@@ -88,7 +90,8 @@ class BridgeService:
             timeout=config.api.timeout,
             max_concurrency=config.api.max_concurrency,
         )
-        handler = self.handler = BridgeHandler(DirectDelivery(self._api, self._store), self._track)
+        delivery = DirectDelivery(self._api, self._store, self.metrics)
+        handler = self.handler = BridgeHandler(delivery, self._track)
         loop = asyncio.get_running_loop()
 
         def factory() -> BridgeSMTP:

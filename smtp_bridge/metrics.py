@@ -1,0 +1,89 @@
+"""Prometheus metrics, one registry per service (``smtp_bridge_*``).
+
+A registry per :class:`Metrics` instance, not the global one, so several
+bridges in one process (tests, ``--workers``) never share counters.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from .outcomes import ApiResult, ResultKind
+
+__all__ = ["Metrics", "api_code_label"]
+
+# The *_created series double every counter's output and nobody graphs them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+def api_code_label(result: ApiResult) -> str:
+    """A bounded label for one API outcome: '200', '40005', 'http_429', 'never_sent'..."""
+    if result.kind is ResultKind.API and result.code is not None:
+        return str(result.code) if 0 <= result.code < 10**6 else "other"
+    if result.kind is ResultKind.HTTP and result.http_status is not None:
+        return f"http_{result.http_status}"
+    return result.kind.value
+
+
+class Metrics:
+    """Every metric the bridge exports; attributes are prometheus-client objects."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.sessions = Counter(
+            "smtp_bridge_sessions", "SMTP connections by result", ["result"], registry=r
+        )
+        self.sessions_open = Gauge(
+            "smtp_bridge_sessions_open", "SMTP connections open now", registry=r
+        )
+        self.messages = Counter(
+            "smtp_bridge_messages",
+            "Recipients of received messages by route and outcome",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.replies = Counter(
+            "smtp_bridge_data_replies", "Replies to DATA by reply class", ["code"], registry=r
+        )
+        self.api_calls = Counter(
+            "smtp_bridge_api_calls", "AOTsend API calls by answer code", ["code"], registry=r
+        )
+        self.api_latency = Histogram(
+            "smtp_bridge_api_latency_seconds",
+            "AOTsend API call latency",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "smtp_bridge_queue_depth", "Recipients waiting in the spool", registry=r
+        )
+        self.queue_oldest_age = Gauge(
+            "smtp_bridge_queue_oldest_age_seconds",
+            "Age of the oldest spooled recipient",
+            registry=r,
+        )
+        self.dead_letters = Gauge(
+            "smtp_bridge_dead_letters", "Recipients given up on (dead letters)", registry=r
+        )
+        self.breaker_open = Gauge(
+            "smtp_bridge_breaker_open", "1 while the API circuit breaker is open", registry=r
+        )
+        self.config_reloads = Counter(
+            "smtp_bridge_config_reloads", "Config reloads by result", ["result"], registry=r
+        )
+
+    def observe_api(self, result: ApiResult) -> None:
+        self.api_calls.labels(code=api_code_label(result)).inc()
+        self.api_latency.observe(result.latency)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)
