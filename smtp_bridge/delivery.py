@@ -1,8 +1,21 @@
-"""Direct-mode delivery: one message's recipients -> API calls -> one reply.
+"""Delivery of one message in the three modes of DESIGN 2, and the gate every API call passes.
+
+``direct``: the recipients' API calls run while the client waits, and the reply
+says what happened. ``queue``: the message is committed to the spool before the
+``250`` and a worker (:mod:`smtp_bridge.worker`) sends it. ``hybrid``: as
+direct, but recipients with a transient or unknown outcome are committed to the
+spool, and the client gets ``250``.
 
 Policy lives here, IO behind the ApiClient and Store seams. The per-recipient
 outcome is recorded in the store before the reply is chosen, so a client retry
-after a 4xx sends only what was not delivered (DESIGN 2).
+after a 4xx sends only what was not delivered. :class:`Delivery.deliver`
+returns one outcome per recipient, each with its own reply (LMTP answers
+those); :func:`aggregate` makes the one SMTP reply of a message.
+
+Every API call, a session's or a worker's, goes through :class:`ApiGate`: the
+circuit breaker of its API key (:mod:`smtp_bridge.breaker`), the process-wide
+rate limit (:mod:`smtp_bridge.ratelimit`), the 40006 resend, metrics and the
+reply table.
 """
 
 from __future__ import annotations
@@ -11,21 +24,27 @@ import asyncio
 import dataclasses
 import hashlib
 import ipaddress
+import json
 import logging
+import random
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import replies
 from .api import ApiClient
-from .config import Config, RouteConfig
+from .breaker import Breakers, BreakerState, Transition
+from .config import ApiConfig, Config, RouteConfig
 from .logs import log_event
 from .message import ParsedMessage, content_hash
-from .metrics import Metrics
+from .metrics import Metrics, api_code_label
 from .outcomes import ApiRequest, ApiResult, RecipientState, ResultKind
+from .ratelimit import RateLimiter
 from .replies import Reply
 from .rules import Envelope, Router
-from .store import MessageRecord, RecipientRecord, Store, StoreError
+from .store import MessageRecord, Notice, RecipientRecord, Store, StoreError
 from .templating import (
     ClientInfo,
     HeaderOverrideError,
@@ -36,16 +55,32 @@ from .templating import (
 )
 
 __all__ = [
+    "ApiGate",
+    "Attempt",
+    "Delivery",
     "DirectDelivery",
     "IncomingMessage",
+    "NOTICE_MODE",
+    "NOTICE_ROUTE",
     "Plan",
     "RecipientOutcome",
     "aggregate",
+    "failure_notice",
+    "log_api_call",
     "message_key",
+    "next_delay",
     "plan_recipient",
+    "state_for",
 ]
 
 log = logging.getLogger("smtp_bridge.delivery")
+
+#: ``messages.mode`` of a spooled failure notice; its content is the API request.
+NOTICE_MODE = "notice"
+#: The route name failure notices are logged and counted under.
+NOTICE_ROUTE = "failure-notice"
+#: Jitter: each retry delay is the ``delivery.backoff`` step times a factor in this range.
+JITTER = (0.8, 1.2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +99,20 @@ class IncomingMessage:
 
 @dataclass(frozen=True, slots=True)
 class RecipientOutcome:
+    """What became of one recipient, and the reply that tells it (LMTP sends each)."""
+
     rcpt: str
     state: RecipientState
     reply: Reply
     route: str = ""
     template_id: str = ""
     api_code: int | None = None
+    #: API calls made for it (2 after a 40006 resend); what the record's ``attempts`` counts.
+    attempts: int = 0
+    #: The API's Retry-After, when it gave one.
+    retry_after: float | None = None
+    #: Committed to the spool: a worker will deliver it (queue and hybrid modes).
+    spooled: bool = False
 
 
 def message_key(parsed: ParsedMessage, raw: bytes) -> str:
@@ -84,7 +127,13 @@ def message_key(parsed: ParsedMessage, raw: bytes) -> str:
 
 
 def aggregate(outcomes: Sequence[RecipientOutcome]) -> Reply:
-    """One SMTP reply for a multi-recipient message (DESIGN 2, direct mode)."""
+    """One SMTP reply for a multi-recipient message (DESIGN 2), in every mode.
+
+    Any transient failure left with the client -> that 4xx. Otherwise anything
+    delivered or spooled -> 250 (hybrid and queue modes spool their transient
+    failures, so those count as accepted). Only permanent failures -> the first
+    one's 5xx.
+    """
     transient = [o for o in outcomes if o.reply.is_transient]
     if transient:
         return transient[0].reply
@@ -93,11 +142,15 @@ def aggregate(outcomes: Sequence[RecipientOutcome]) -> Reply:
     delivered = [o for o in outcomes if o.reply.is_success]
     if delivered or not outcomes:
         # The reply of a call the API accepted, so a `replies: {"200": ...}` override shows.
-        return next((o.reply for o in delivered if o.api_code == 200), replies.OK)
+        accepted = next((o.reply for o in delivered if o.api_code == 200), None)
+        if accepted is not None:
+            return accepted
+        return replies.QUEUED if any(o.spooled for o in delivered) else replies.OK
     return outcomes[0].reply
 
 
-def _state_for(result: ApiResult, reply: Reply) -> RecipientState:
+def state_for(result: ApiResult, reply: Reply) -> RecipientState:
+    """The recorded state of a recipient after one API result and its reply."""
     if reply.is_success:
         return RecipientState.DELIVERED
     if result.kind is ResultKind.UNKNOWN:
@@ -105,6 +158,29 @@ def _state_for(result: ApiResult, reply: Reply) -> RecipientState:
     if reply.is_permanent:
         return RecipientState.FAILED
     return RecipientState.RETRYING
+
+
+def next_delay(
+    attempts: int,
+    backoff: Sequence[float],
+    *,
+    retry_after: float | None = None,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Seconds before the next try after ``attempts`` failed ones (DESIGN 2).
+
+    The ``attempts``-th step of ``delivery.backoff`` (the last one repeats), times
+    a jitter factor so retries of many recipients spread out; never sooner than the
+    API's Retry-After.
+    """
+    if not backoff:
+        raise ValueError("backoff must not be empty")
+    step = backoff[min(max(attempts, 1), len(backoff)) - 1]
+    low, high = JITTER
+    delay = step * (low + (high - low) * rand())
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay
 
 
 @dataclass(slots=True)
@@ -115,6 +191,22 @@ class Plan:
     route: RouteConfig | None = None
     request: ApiRequest | None = None
     outcome: RecipientOutcome | None = None  # decided without an API call
+
+    @property
+    def spoolable(self) -> bool:
+        """A worker could deliver it later: an API request, or a template to retry.
+
+        Refusals by policy (reject routes, whatever their reply), drops, and
+        recipients already delivered are decided for good.
+        """
+        if self.request is not None:
+            return True
+        return (
+            self.outcome is not None
+            and self.route is not None
+            and self.route.action == "relay"
+            and self.outcome.state is RecipientState.RETRYING
+        )
 
 
 def plan_recipient(
@@ -131,8 +223,8 @@ def plan_recipient(
 ) -> Plan:
     """Decide one recipient without IO: an API request to send, or an outcome.
 
-    Shared by the daemon and ``smtp-bridge route`` so the dry run shows
-    exactly what the daemon would send.
+    Shared by the daemon, the queue workers and ``smtp-bridge route`` so the
+    dry run shows exactly what the daemon would send.
     """
     client = client or ClientInfo("")
     envelope = Envelope(mail_from, rcpt, user, _ip(client.ip))
@@ -220,24 +312,233 @@ def plan_recipient(
     return Plan(rcpt, route, request=request)
 
 
-class DirectDelivery:
-    """Delivers while the client waits; the client owns retries (DESIGN 2)."""
+# --- the gate every API call passes ------------------------------------------------------
 
-    def __init__(self, api: ApiClient, store: Store, metrics: Metrics | None = None) -> None:
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One recipient's call through the gate: the API's result and its reply.
+
+    ``result`` None: the breaker held the call back and ``reply`` is the one
+    that opened it; nothing was sent.
+    """
+
+    result: ApiResult | None
+    reply: Reply
+    calls: int = 0
+
+
+class ApiGate:
+    """The breaker per API key, the rate limit, the 40006 resend and the reply table.
+
+    ``clock`` (monotonic seconds) drives the breakers; tests may replace it.
+    ``api`` may be swapped (a reload builds a new client).
+    """
+
+    def __init__(
+        self,
+        api: ApiClient,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.api = api
-        self.store = store
         self.metrics = metrics or Metrics()
+        self.clock = clock
+        self.breakers = Breakers()
+        self.limiter = RateLimiter()
+        #: Called when a breaker closes (the queue workers resume at once).
+        self.on_closed: list[Callable[[], None]] = []
+        self._settings: ApiConfig | None = None
+
+    def configure(self, settings: ApiConfig) -> None:
+        """Take ``api.breaker_*`` and ``api.rate_limit`` (cheap when unchanged)."""
+        if settings is self._settings:
+            return
+        self._settings = settings
+        self.breakers.configure(
+            failures=settings.breaker_failures, interval=settings.breaker_interval
+        )
+        self.limiter.set_rate(settings.rate_limit)
+
+    def blocked(self, app_key: str) -> Reply | None:
+        """The reply the breaker of ``app_key`` gives instead of a call now, or None."""
+        return self.breakers.get(app_key).blocked(self.clock())
+
+    def retry_in(self, app_key: str) -> float:
+        """Seconds until the breaker of ``app_key`` lets a call (the probe) through."""
+        return self.breakers.get(app_key).retry_in(self.clock())
+
+    def closed(self, app_key: str) -> bool:
+        return self.breakers.get(app_key).state is BreakerState.CLOSED
+
+    def is_open(self) -> bool:
+        """True while the breaker of any API key is open or probing."""
+        return self.breakers.any_open()
+
+    async def call(
+        self,
+        request: ApiRequest,
+        app_key: str,
+        overrides: dict[str, Reply] | None = None,
+        **log_fields: Any,
+    ) -> Attempt:
+        """One recipient's API call, unless the breaker holds it back."""
+        breaker = self.breakers.get(app_key)
+        ticket = breaker.admit(self.clock())
+        if ticket is None:
+            return Attempt(None, breaker.reply or replies.NEVER_SENT)
+        try:
+            await self.limiter.acquire()
+            result = await self.api.send(request, app_key)
+            self.metrics.observe_api(result)
+            calls = 1
+            if result.kind is ResultKind.API and result.code == 40006 and request.reply_to:
+                # An optional header must not lose the mail: resend without it (DESIGN 5).
+                log_event(log, "reply_to_rejected", level=logging.WARNING, **log_fields)
+                await self.limiter.acquire()
+                result = await self.api.send(request.without_reply_to(), app_key)
+                self.metrics.observe_api(result)
+                calls = 2
+        except BaseException:
+            breaker.release(ticket)
+            raise
+        reply = replies.reply_for(result, overrides)
+        transition = breaker.record(ticket, result, reply, self.clock())
+        if transition is Transition.OPENED:
+            log_event(
+                log,
+                "breaker_opened",
+                level=logging.ERROR,
+                cause=api_code_label(result),
+                reply=str(reply),
+                retry_in=round(breaker.retry_in(self.clock()), 3),
+            )
+        elif transition is Transition.CLOSED:
+            log_event(log, "breaker_closed")
+            for callback in self.on_closed:
+                callback()
+        self.metrics.breaker_open.set(1 if self.is_open() else 0)
+        return Attempt(result, reply, calls)
+
+
+# --- failure notices ---------------------------------------------------------------------
+
+
+def failure_notice(
+    *,
+    config: Config,
+    queue_id: str,
+    mail_from: str,
+    rcpt: str,
+    subject: str,
+    reason: str,
+    user: str = "",
+    client: str = "",
+    now: float | None = None,
+) -> Notice | None:
+    """The failure notice to the envelope sender, as a message to spool (DESIGN 2).
+
+    None when ``delivery.bounce_template_id`` is unset or the sender is null (a
+    notice is never sent for ``<>``, so notices never beget notices). The notice is
+    spooled in the transaction that makes the recipient dead, and a worker sends
+    it with retries like any spooled mail; its content is the API request.
+    """
+    template_id = config.delivery.bounce_template_id
+    if not template_id or not mail_from:
+        return None
+    now = time.time() if now is None else now
+    notice_id = _new_queue_id()
+    data = {"recipient": rcpt, "subject": subject, "reason": reason}
+    content = json.dumps(
+        {"template_id": template_id, "data": data, "origin": queue_id}, ensure_ascii=False
+    ).encode()
+    message = MessageRecord(
+        queue_id=notice_id,
+        message_key=f"notice:{queue_id}:{rcpt.lower()}",
+        mail_from="",
+        client=client,
+        user=user,
+        subject=f"Failure notice: {subject}"[:200],
+        size=len(content),
+        received_at=now,
+        mode=NOTICE_MODE,
+        content=content,
+    )
+    record = RecipientRecord(
+        queue_id=notice_id,
+        rcpt=mail_from,
+        state=RecipientState.RETRYING,
+        route=NOTICE_ROUTE,
+        template_id=template_id,
+        next_attempt=now,
+        updated_at=now,
+        spooled_at=now,
+    )
+    return message, [record]
+
+
+def _new_queue_id() -> str:
+    # The shape of server.new_queue_id: time-ordered, unguessable.
+    return f"{int(time.time() * 1000):011X}{secrets.token_hex(3).upper()}"
+
+
+# --- delivery of one received message -------------------------------------------------------
+
+
+class Delivery:
+    """Delivers a received message in the mode fixed at startup (DESIGN 2)."""
+
+    def __init__(
+        self,
+        api: ApiClient | ApiGate,
+        store: Store,
+        metrics: Metrics | None = None,
+        *,
+        mode: str = "direct",
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.gate = api if isinstance(api, ApiGate) else ApiGate(api, metrics=metrics)
+        self.store = store
+        self.metrics = metrics or self.gate.metrics
+        self.mode = mode
+        self.rand = rand
+        #: Called after a commit that put work in the spool (wakes the workers).
+        self.on_spooled: Callable[[], None] | None = None
         # (message key, lower-cased rcpt) -> done when its delivery is recorded.
         self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
 
+    @property
+    def api(self) -> ApiClient:
+        return self.gate.api
+
+    @api.setter
+    def api(self, client: ApiClient) -> None:
+        self.gate.api = client  # a reload's new client, for sessions and workers alike
+
+    def blocked(self, config: Config, app_key: str) -> Reply | None:
+        """MAIL FROM in direct mode: the open breaker's 4xx for this key, or None."""
+        self.gate.configure(config.api)
+        if self.mode != "direct":
+            return None  # hybrid spools and queue always spools: the mail is taken
+        return self.gate.blocked(app_key or config.app_key())
+
     async def deliver(
-        self, message: IncomingMessage, config: Config, router: Router
+        self,
+        message: IncomingMessage,
+        config: Config,
+        router: Router,
+        *,
+        per_recipient: bool = False,
     ) -> list[RecipientOutcome]:
         """Deliver ``message``; each recipient once, however often it is listed or retried.
 
         A recipient listed twice (in any letter case) gets one API call. A client
         that gave up and retries while the first attempt's calls are still in
         flight waits for their recorded outcome instead of sending again (DESIGN 2).
+
+        ``per_recipient``: each recipient gets its own reply (LMTP), so permanent
+        failures beside deliveries are told to the client, not dead-lettered.
         """
         rcpts: list[str] = []
         for rcpt in message.rcpts:
@@ -252,7 +553,7 @@ class DirectDelivery:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight.update(dict.fromkeys(pairs, done))
         try:
-            return await self._deliver(message, config, router)
+            return await self._deliver(message, config, router, key, per_recipient)
         finally:
             for pair in pairs:
                 if self._in_flight.get(pair) is done:
@@ -260,17 +561,18 @@ class DirectDelivery:
             done.set_result(None)
 
     async def _deliver(
-        self, message: IncomingMessage, config: Config, router: Router
+        self,
+        message: IncomingMessage,
+        config: Config,
+        router: Router,
+        key: str,
+        per_recipient: bool,
     ) -> list[RecipientOutcome]:
-        key = message_key(message.parsed, message.raw)
+        self.gate.configure(config.api)
         try:
             previous = await self.store.previous_outcomes(key, message.rcpts)
         except StoreError:
-            log_event(log, "store_error", level=logging.ERROR, queue_id=message.queue_id)
-            return [
-                RecipientOutcome(r, RecipientState.RETRYING, replies.INTERNAL)
-                for r in message.rcpts
-            ]
+            return self._store_failed(message, message.rcpts)
         plans = [
             plan_recipient(
                 message.parsed,
@@ -285,8 +587,53 @@ class DirectDelivery:
             )
             for rcpt in message.rcpts
         ]
+        app_key = message.app_key or config.app_key()
         now = time.time()
-        record = MessageRecord(
+        spool_all = self.mode == "queue" or (
+            self.mode == "hybrid" and self.gate.blocked(app_key) is not None
+        )
+        if spool_all:
+            # Queue mode, or hybrid while the breaker is open: no call now, the
+            # whole message goes to the spool before the 250 (DESIGN 2 and 5).
+            outcomes = await self._spool_all(message, plans, key, now)
+            if outcomes is None:
+                return self._store_failed(message, [p.rcpt for p in plans])
+        else:
+            record = self._message_record(message, key, now, content=None)
+            try:
+                await self.store.add_message(record, [self._record(message, p, now) for p in plans])
+            except StoreError:
+                # No ledger, no dedup guarantee: keep the mail with the client.
+                return self._store_failed(message, [p.rcpt for p in plans])
+            outcomes = list(
+                await asyncio.gather(*(self._run(message, p, key, config, app_key) for p in plans))
+            )
+            if self.mode == "hybrid":
+                outcomes = await self._spool_transient(message, plans, outcomes, key, config)
+        if not per_recipient and any(o.reply.is_success for o in outcomes):
+            # Permanent failures beside deliveries: the reply will be 250, so
+            # these are dead letters the operator must see (DESIGN 2).
+            outcomes = [
+                await self._bury(message, o, key, config) if o.state is RecipientState.FAILED else o
+                for o in outcomes
+            ]
+        for outcome in outcomes:
+            self.metrics.messages.labels(
+                route=outcome.route or "-", outcome=outcome.state.value
+            ).inc()
+        return outcomes
+
+    def _store_failed(
+        self, message: IncomingMessage, rcpts: Sequence[str]
+    ) -> list[RecipientOutcome]:
+        # Never a 250 without its commit: 451 4.3.0, the client keeps the mail.
+        log_event(log, "store_error", level=logging.ERROR, queue_id=message.queue_id)
+        return [RecipientOutcome(r, RecipientState.RETRYING, replies.INTERNAL) for r in rcpts]
+
+    def _message_record(
+        self, message: IncomingMessage, key: str, now: float, *, content: bytes | None
+    ) -> MessageRecord:
+        return MessageRecord(
             queue_id=message.queue_id,
             message_key=key,
             mail_from=message.mail_from,
@@ -295,29 +642,9 @@ class DirectDelivery:
             subject=message.parsed.subject[:200],
             size=len(message.raw),
             received_at=now,
-            mode="direct",
+            mode=self.mode,
+            content=content,
         )
-        try:
-            await self.store.add_message(record, [self._record(message, p, now) for p in plans])
-        except StoreError:
-            # No ledger, no dedup guarantee: keep the mail with the client.
-            log_event(log, "store_error", level=logging.ERROR, queue_id=message.queue_id)
-            return [
-                RecipientOutcome(p.rcpt, RecipientState.RETRYING, replies.INTERNAL) for p in plans
-            ]
-        outcomes = await asyncio.gather(*(self._run(message, p, key, config) for p in plans))
-        if any(o.reply.is_success for o in outcomes):
-            # Permanent failures beside deliveries: the reply will be 250, so
-            # these are dead letters the operator must see (DESIGN 2).
-            outcomes = [
-                await self._bury(message, o, key) if o.state is RecipientState.FAILED else o
-                for o in outcomes
-            ]
-        for outcome in outcomes:
-            self.metrics.messages.labels(
-                route=outcome.route or "-", outcome=outcome.state.value
-            ).inc()
-        return outcomes
 
     def _record(self, message: IncomingMessage, plan: Plan, now: float) -> RecipientRecord:
         outcome = plan.outcome
@@ -331,62 +658,164 @@ class DirectDelivery:
             updated_at=now,
         )
 
+    async def _spool_all(
+        self, message: IncomingMessage, plans: Sequence[Plan], key: str, now: float
+    ) -> list[RecipientOutcome] | None:
+        """Commit the message and its deliverable recipients to the spool; None on failure."""
+        records: list[RecipientRecord] = []
+        outcomes: list[RecipientOutcome] = []
+        for plan in plans:
+            if plan.spoolable:
+                route = plan.route.name if plan.route else ""
+                template_id = plan.request.template_id if plan.request else ""
+                records.append(
+                    RecipientRecord(
+                        queue_id=message.queue_id,
+                        rcpt=plan.rcpt,
+                        state=RecipientState.RETRYING,
+                        route=route,
+                        template_id=template_id,
+                        reply=str(replies.QUEUED),
+                        next_attempt=now,
+                        updated_at=now,
+                        spooled_at=now,
+                    )
+                )
+                outcomes.append(
+                    RecipientOutcome(
+                        plan.rcpt,
+                        RecipientState.RETRYING,
+                        replies.QUEUED,
+                        route,
+                        template_id,
+                        spooled=True,
+                    )
+                )
+            else:
+                assert plan.outcome is not None
+                records.append(self._record(message, plan, now))
+                outcomes.append(plan.outcome)
+        spooled = any(o.spooled for o in outcomes)
+        record = self._message_record(message, key, now, content=message.raw if spooled else None)
+        try:
+            await self.store.add_message(record, records)
+        except StoreError:
+            return None
+        if spooled:
+            log_event(
+                log,
+                "spooled",
+                queue_id=message.queue_id,
+                rcpts=sum(o.spooled for o in outcomes),
+                size=len(message.raw),
+            )
+            self._wake()
+        return outcomes
+
+    async def _spool_transient(
+        self,
+        message: IncomingMessage,
+        plans: Sequence[Plan],
+        outcomes: list[RecipientOutcome],
+        key: str,
+        config: Config,
+    ) -> list[RecipientOutcome]:
+        """Hybrid: transient and unknown outcomes go to the spool; 4xx if that fails."""
+        now = time.time()
+        backoff = config.delivery.backoff
+        records: list[RecipientRecord] = []
+        for plan, outcome in zip(plans, outcomes, strict=True):
+            if not (outcome.reply.is_transient and plan.spoolable):
+                continue
+            if outcome.attempts:
+                delay = next_delay(
+                    outcome.attempts, backoff, retry_after=outcome.retry_after, rand=self.rand
+                )
+            else:
+                delay = 0.0  # never sent (breaker, template): the worker decides when
+            records.append(
+                RecipientRecord(
+                    queue_id=message.queue_id,
+                    rcpt=outcome.rcpt,
+                    state=outcome.state,
+                    route=outcome.route,
+                    template_id=outcome.template_id,
+                    api_code=outcome.api_code,
+                    reply=str(outcome.reply),
+                    attempts=outcome.attempts,
+                    next_attempt=now + delay,
+                    updated_at=now,
+                    spooled_at=now,
+                )
+            )
+        if not records:
+            return outcomes
+        try:
+            await self.store.spool(
+                message.queue_id, message.raw, records, message_key=key, mode=self.mode
+            )
+        except StoreError:
+            log_event(log, "store_error", level=logging.ERROR, queue_id=message.queue_id)
+            return outcomes  # their 4xx stands: the client keeps the mail
+        spooled = {r.rcpt for r in records}
+        log_event(log, "spooled", queue_id=message.queue_id, rcpts=len(spooled))
+        self._wake()
+        return [
+            dataclasses.replace(o, reply=replies.QUEUED, spooled=True) if o.rcpt in spooled else o
+            for o in outcomes
+        ]
+
+    def _wake(self) -> None:
+        if self.on_spooled is not None:
+            self.on_spooled()
+
     async def _run(
-        self, message: IncomingMessage, plan: Plan, key: str, config: Config
+        self, message: IncomingMessage, plan: Plan, key: str, config: Config, app_key: str
     ) -> RecipientOutcome:
         if plan.outcome is not None:
             return plan.outcome
         assert plan.request is not None and plan.route is not None
         request = plan.request
-        app_key = message.app_key or config.app_key()
-        result = await self.api.send(request, app_key)
-        self.metrics.observe_api(result)
-        attempts = 1
-        if result.kind is ResultKind.API and result.code == 40006 and request.reply_to:
-            # An optional header must not lose the mail: resend without it.
+        fields = {"queue_id": message.queue_id, "rcpt": plan.rcpt, "route": plan.route.name}
+        attempt = await self.gate.call(request, app_key, config.replies, **fields)
+        result = attempt.result
+        if result is None:
             log_event(
-                log,
-                "reply_to_rejected",
-                level=logging.WARNING,
-                queue_id=message.queue_id,
-                rcpt=plan.rcpt,
-                route=plan.route.name,
+                log, "breaker_held", level=logging.WARNING, reply=str(attempt.reply), **fields
             )
-            result = await self.api.send(request.without_reply_to(), app_key)
-            self.metrics.observe_api(result)
-            attempts = 2
-        overrides = config.replies
-        reply = replies.reply_for(result, overrides)
-        state = _state_for(result, reply)
-        outcome = RecipientOutcome(
-            plan.rcpt, state, reply, plan.route.name, request.template_id, result.code
-        )
-        log_event(
-            log,
-            "api_call",
-            level=logging.INFO if reply.is_success else logging.WARNING,
-            queue_id=message.queue_id,
-            rcpt=plan.rcpt,
-            route=plan.route.name,
-            template=request.template_id,
-            result=result.kind.value,
-            api_code=result.code,
-            http_status=result.http_status,
-            latency_ms=round(result.latency * 1000, 1),
-            state=state.value,
-            reply=str(reply),
-        )
+            outcome = RecipientOutcome(
+                plan.rcpt,
+                RecipientState.RETRYING,
+                attempt.reply,
+                plan.route.name,
+                request.template_id,
+            )
+            error = "not sent: circuit breaker open"
+        else:
+            state = state_for(result, attempt.reply)
+            outcome = RecipientOutcome(
+                plan.rcpt,
+                state,
+                attempt.reply,
+                plan.route.name,
+                request.template_id,
+                result.code,
+                attempts=attempt.calls,
+                retry_after=result.retry_after,
+            )
+            log_api_call(message.queue_id, plan.rcpt, plan.route.name, request, result, outcome)
+            error = result.message[:200]
         record = RecipientRecord(
             queue_id=message.queue_id,
             rcpt=plan.rcpt,
-            state=state,
+            state=outcome.state,
             route=plan.route.name,
             template_id=request.template_id,
-            api_code=result.code,
-            reply=str(reply),
-            attempts=attempts,
+            api_code=outcome.api_code,
+            reply=str(outcome.reply),
+            attempts=outcome.attempts,
             updated_at=time.time(),
-            error=result.message[:200],
+            error=error,
         )
         try:
             await self.store.update_recipient(record, message_key=key)
@@ -397,16 +826,9 @@ class DirectDelivery:
         return outcome
 
     async def _bury(
-        self, message: IncomingMessage, outcome: RecipientOutcome, key: str
+        self, message: IncomingMessage, outcome: RecipientOutcome, key: str, config: Config
     ) -> RecipientOutcome:
-        dead = RecipientOutcome(
-            outcome.rcpt,
-            RecipientState.DEAD,
-            outcome.reply,
-            outcome.route,
-            outcome.template_id,
-            outcome.api_code,
-        )
+        dead = dataclasses.replace(outcome, state=RecipientState.DEAD)
         log_event(
             log,
             "dead_letter",
@@ -414,6 +836,8 @@ class DirectDelivery:
             queue_id=message.queue_id,
             rcpt=outcome.rcpt,
             route=outcome.route,
+            template=outcome.template_id,
+            api_code=outcome.api_code,
             reply=str(outcome.reply),
         )
         record = RecipientRecord(
@@ -424,13 +848,66 @@ class DirectDelivery:
             template_id=outcome.template_id,
             api_code=outcome.api_code,
             reply=str(outcome.reply),
+            attempts=outcome.attempts,
             updated_at=time.time(),
         )
+        notice = failure_notice(
+            config=config,
+            queue_id=message.queue_id,
+            mail_from=message.mail_from,
+            rcpt=outcome.rcpt,
+            subject=message.parsed.subject,
+            reason=str(outcome.reply),
+            user=message.user,
+            client=message.client.ip,
+        )
         try:
-            await self.store.update_recipient(record, message_key=key)
+            await self.store.update_recipient(record, message_key=key, notice=notice)
         except StoreError:
             log_event(log, "store_error", level=logging.ERROR, queue_id=message.queue_id)
+        else:
+            if notice is not None:
+                log_event(
+                    log,
+                    "notice_spooled",
+                    queue_id=notice[0].queue_id,
+                    origin=message.queue_id,
+                    rcpt=outcome.rcpt,
+                )
+                self._wake()
         return dead
+
+
+#: The name the direct-mode deliverer had; the class now serves every mode.
+DirectDelivery = Delivery
+
+
+def log_api_call(
+    queue_id: str,
+    rcpt: str,
+    route: str,
+    request: ApiRequest,
+    result: ApiResult,
+    outcome: RecipientOutcome,
+    **extra: Any,
+) -> None:
+    """The one ``api_call`` line per recipient attempt, sessions' and workers' alike."""
+    log_event(
+        log,
+        "api_call",
+        level=logging.INFO if outcome.reply.is_success else logging.WARNING,
+        queue_id=queue_id,
+        rcpt=rcpt,
+        route=route,
+        template=request.template_id,
+        result=result.kind.value,
+        api_code=result.code,
+        http_status=result.http_status,
+        latency_ms=round(result.latency * 1000, 1),
+        state=outcome.state.value,
+        reply=str(outcome.reply),
+        **extra,
+    )
 
 
 def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

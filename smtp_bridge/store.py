@@ -19,24 +19,28 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
+import os
 import queue
+import re
+import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NamedTuple, TypeVar
 
 from .outcomes import RecipientState
 
-__all__ = ["MessageRecord", "RecipientRecord", "Store", "StoreError"]
+__all__ = ["MessageRecord", "Notice", "RecipientRecord", "SpoolStats", "Store", "StoreError"]
 
 _T = TypeVar("_T")
 
 #: ``PRAGMA user_version`` of the schema this module writes; ``_MIGRATIONS[i]``
 #: takes a database from version ``i`` to ``i + 1``.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 #: How long a statement waits for another process (the CLI) to release the lock.
 BUSY_TIMEOUT_MS: Final = 5000
 #: Upper bound on the operations committed together, to bound one batch's latency.
@@ -97,6 +101,13 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # Small key/value table; also the target of the /readyz write probe.
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
     ),
+    (
+        # When the recipient entered the spool (or `queue retry` put it back):
+        # delivery.max_age counts from here.
+        "ALTER TABLE recipients ADD COLUMN spooled_at REAL NULL",
+        # The claimer token of the process holding the claim (take_ownership).
+        "ALTER TABLE recipients ADD COLUMN claimed_by TEXT NULL",
+    ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -105,7 +116,14 @@ _MESSAGE_COLUMNS: Final = (
 )
 _RECIPIENT_COLUMNS: Final = (
     "queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt, "
-    "updated_at, error"
+    "updated_at, error, spooled_at"
+)
+#: Final states after which a message's content is no longer needed. DEAD is not
+#: one: a dead letter keeps its content so `smtp-bridge queue retry` can resend it.
+_CONTENT_DONE_STATES: Final = (
+    RecipientState.DELIVERED.value,
+    RecipientState.DROPPED.value,
+    RecipientState.FAILED.value,
 )
 
 
@@ -154,6 +172,19 @@ class RecipientRecord:
     next_attempt: float | None = None
     updated_at: float = 0.0
     error: str = ""
+    #: When it entered the spool (None: never spooled; kept as is when updating).
+    spooled_at: float | None = None
+
+
+class SpoolStats(NamedTuple):
+    """Recipients waiting in the spool, and when the oldest of them was spooled."""
+
+    depth: int
+    oldest: float | None
+
+
+#: A message and its recipients to spool along with another write (a failure notice).
+Notice = tuple[MessageRecord, Sequence[RecipientRecord]]
 
 
 @dataclass(slots=True)
@@ -191,6 +222,9 @@ class Store:
             max_workers=1, thread_name_prefix="smtp-bridge-store-reader"
         )
         self._rconn: sqlite3.Connection | None = None
+        #: This process's claimer token and its locked file (:meth:`take_ownership`).
+        self._owner: str | None = None
+        self._owner_fd: int | None = None
         self._closed = False
         #: Transactions committed by the writer (group commit: fewer than writes).
         self.commits = 0
@@ -257,6 +291,13 @@ class Store:
             await loop.run_in_executor(self._reader, self._rconn.close)
             self._rconn = None
         self._reader.shutdown(wait=True)
+        if self._owner_fd is not None:
+            # A clean stop: every claim is settled, the token is not needed any more.
+            owners = self._path.with_name(self._path.name + ".owners")
+            with contextlib.suppress(OSError):
+                (owners / str(self._owner)).unlink()
+            os.close(self._owner_fd)  # releases the flock
+            self._owner_fd = None
 
     @property
     def path(self) -> Path:
@@ -311,44 +352,75 @@ class Store:
                 raise ValueError(
                     f"recipient queue_id {record.queue_id!r} is not {message.queue_id!r}"
                 )
-        rows = [self._stamped(record) for record in recipients]
 
         def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    message.queue_id,
-                    message.message_key,
-                    message.mail_from,
-                    message.client,
-                    message.user,
-                    message.subject,
-                    message.size,
-                    message.received_at,
-                    message.mode,
-                    message.content,
-                ),
-            )
-            for record in rows:
-                self._put_recipient(conn, record, message.message_key)
+            self._insert_message(conn, message, recipients)
 
         await self._write("add message", write)
 
-    async def update_recipient(self, record: RecipientRecord, *, message_key: str) -> None:
+    async def update_recipient(
+        self, record: RecipientRecord, *, message_key: str, notice: Notice | None = None
+    ) -> None:
         """Set one recipient row (inserting it if missing) and release its claim.
 
         When the state is DELIVERED or UNKNOWN the dedup row for ``(message_key,
         rcpt)`` is written in the same transaction; a remembered DELIVERED is never
         downgraded to UNKNOWN within ``dedup_ttl``. ``attempts`` never goes down: the
         larger of the stored and the given count is kept, because the counter is
-        written before each attempt (:meth:`claim_due`).
+        written before each attempt (:meth:`claim_due`). ``spooled_at`` None keeps
+        the stored value.
+
+        ``notice`` (a failure notice to the sender) is spooled in the same
+        transaction, so a dead letter never goes without its notice. Once every
+        recipient of a spooled message is delivered, dropped or failed, its content
+        is dropped: nothing will send it again.
         """
         row = self._stamped(record)
 
         def write(conn: sqlite3.Connection) -> None:
             self._put_recipient(conn, row, message_key)
+            if RecipientState(row.state).value in _CONTENT_DONE_STATES:
+                marks = ", ".join("?" * len(_CONTENT_DONE_STATES))
+                conn.execute(
+                    "UPDATE messages SET content = NULL WHERE queue_id = ?"
+                    " AND content IS NOT NULL AND NOT EXISTS ("
+                    "  SELECT 1 FROM recipients WHERE queue_id = messages.queue_id"
+                    f"  AND state NOT IN ({marks}))",
+                    (row.queue_id, *_CONTENT_DONE_STATES),
+                )
+            if notice is not None:
+                self._insert_message(conn, notice[0], notice[1])
 
         await self._write("update recipient", write)
+
+    async def spool(
+        self,
+        queue_id: str,
+        content: bytes,
+        recipients: Sequence[RecipientRecord],
+        *,
+        message_key: str,
+        mode: str,
+    ) -> None:
+        """Put recipients of a message recorded without content into the spool.
+
+        Hybrid mode: the content and the recipients' ``next_attempt`` are committed
+        in one transaction, before the ``250``. A message that does not exist is a
+        StoreError.
+        """
+        rows = [self._stamped(record) for record in recipients]
+
+        def write(conn: sqlite3.Connection) -> None:
+            cursor = conn.execute(
+                "UPDATE messages SET content = ?, mode = ? WHERE queue_id = ?",
+                (content, mode, queue_id),
+            )
+            if cursor.rowcount != 1:
+                raise sqlite3.IntegrityError(f"no message {queue_id}")
+            for record in rows:
+                self._put_recipient(conn, record, message_key)
+
+        await self._write("spool", write)
 
     async def get_message(
         self, queue_id: str
@@ -396,11 +468,15 @@ class Store:
         """Forget what is older than ``dedup_ttl``; return the number of rows removed.
 
         Removes dedup rows, and messages (with their recipients) received and last
-        updated before the window whose recipients are all final — or that were never
-        spooled (no content), since nothing will ever work on those again.
+        updated before the window whose recipients are all delivered, dropped or
+        failed — or that have no content (never spooled, or done with), since nothing
+        will ever work on those again. Dead letters with content stay until
+        ``queue retry`` or ``queue purge``.
         """
         cutoff = (self._clock() if now is None else now) - self._dedup_ttl
-        final = sorted(state.value for state in FINAL_STATES)
+        # DEAD is not among them: a dead letter with its content is kept until the
+        # operator retries or purges it (`smtp-bridge queue`).
+        final = list(_CONTENT_DONE_STATES)
         marks = ", ".join("?" * len(final))
 
         def write(conn: sqlite3.Connection) -> int:
@@ -454,9 +530,9 @@ class Store:
                 (*_CLAIMABLE_STATES, now, now, limit),
             ).fetchall()
             conn.executemany(
-                "UPDATE recipients SET claimed_until = ?, attempts = attempts + 1"
-                " WHERE queue_id = ? AND rcpt = ?",
-                [(now + lease, queue_id, rcpt) for queue_id, rcpt in keys],
+                "UPDATE recipients SET claimed_until = ?, claimed_by = ?,"
+                " attempts = attempts + 1 WHERE queue_id = ? AND rcpt = ?",
+                [(now + lease, self._owner, queue_id, rcpt) for queue_id, rcpt in keys],
             )
             messages: dict[str, MessageRecord] = {}
             claimed: list[tuple[MessageRecord, RecipientRecord]] = []
@@ -474,6 +550,224 @@ class Store:
             return claimed
 
         return await self._write("claim due recipients", write)
+
+    async def release_claim(self, queue_id: str, rcpt: str, *, next_attempt: float) -> None:
+        """Hand a claimed recipient back unattempted (the breaker said no, or shutdown).
+
+        The attempt counted by :meth:`claim_due` is taken back.
+        """
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE recipients SET claimed_until = NULL, claimed_by = NULL, next_attempt = ?,"
+                " attempts = max(attempts - 1, 0) WHERE queue_id = ? AND rcpt = ?",
+                (next_attempt, queue_id, rcpt),
+            )
+
+        await self._write("release claim", write)
+
+    async def take_ownership(self) -> int:
+        """Become one of the spool's claimers; release the claims of claimers that died.
+
+        Every daemon process that claims (:meth:`claim_due`) first registers here: a
+        file under ``<database>.owners/`` named by a random token, ``flock``-ed
+        until :meth:`close`. Its claims carry the token. The kernel drops a dead
+        process's lock (``kill -9`` included), so a token whose file is missing or
+        can be locked belongs to a process that stopped mid-attempt: its recipients
+        become UNKNOWN (the call may have gone out) and due at once, instead of
+        waiting for their leases. Claims of live processes (``serve --workers``)
+        are left alone. Returns how many recipients were released.
+        """
+        owners = self._path.with_name(self._path.name + ".owners")
+        if self._owner is None:
+            try:
+                self._owner, self._owner_fd = await asyncio.to_thread(_register_owner, owners)
+            except OSError as exc:
+                raise StoreError(
+                    f"state store {self._path}: cannot register in {owners}: {exc.strerror or exc}",
+                    path=self._path,
+                ) from exc
+
+        def claimers(conn: sqlite3.Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT DISTINCT claimed_by FROM recipients"
+                " WHERE claimed_until IS NOT NULL AND claimed_by IS NOT NULL"
+            )
+            return [token for (token,) in rows]
+
+        tokens = await self._read("find claimers", claimers)
+        dead = await asyncio.to_thread(_dead_owners, owners, tokens, self._owner)
+        if not dead:
+            return 0
+        now = self._clock()
+        marks = ", ".join("?" * len(dead))
+
+        def write(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE recipients SET claimed_until = NULL, claimed_by = NULL, state = ?,"
+                " error = ?, next_attempt = min(COALESCE(next_attempt, ?), ?), updated_at = ?"
+                f" WHERE claimed_until IS NOT NULL AND claimed_by IN ({marks})"
+                " AND state IN (?, ?)",
+                (
+                    RecipientState.UNKNOWN.value,
+                    "interrupted: the process stopped during this attempt",
+                    now,
+                    now,
+                    now,
+                    *dead,
+                    *_CLAIMABLE_STATES,
+                ),
+            ).rowcount
+
+        return await self._write("recover claims", write)
+
+    async def next_due(self) -> float | None:
+        """When the next spooled recipient becomes claimable, or None if none waits."""
+
+        def read(conn: sqlite3.Connection) -> float | None:
+            (when,) = conn.execute(
+                "SELECT MIN(max(r.next_attempt, COALESCE(r.claimed_until, r.next_attempt)))"
+                " FROM recipients AS r JOIN messages AS m ON m.queue_id = r.queue_id"
+                " WHERE r.state IN (?, ?) AND r.next_attempt IS NOT NULL"
+                " AND m.content IS NOT NULL",
+                _CLAIMABLE_STATES,
+            ).fetchone()
+            return None if when is None else float(when)
+
+        return await self._read("find next due", read)
+
+    async def spool_stats(self) -> SpoolStats:
+        """Recipients waiting in the spool and the oldest one's ``spooled_at``.
+
+        Dead letters are ``counts()["dead"]``.
+        """
+
+        def read(conn: sqlite3.Connection) -> SpoolStats:
+            depth, oldest = conn.execute(
+                "SELECT COUNT(*), MIN(COALESCE(r.spooled_at, m.received_at))"
+                " FROM recipients AS r JOIN messages AS m ON m.queue_id = r.queue_id"
+                " WHERE r.state IN (?, ?) AND r.next_attempt IS NOT NULL"
+                " AND m.content IS NOT NULL",
+                _CLAIMABLE_STATES,
+            ).fetchone()
+            return SpoolStats(depth, None if oldest is None else float(oldest))
+
+        return await self._read("read spool stats", read)
+
+    async def dead_letters(self) -> int:
+        """How many recipients are dead letters (the ``dead_letters`` gauge)."""
+
+        def read(conn: sqlite3.Connection) -> int:
+            (count,) = conn.execute(
+                "SELECT COUNT(*) FROM recipients WHERE state = ?", (RecipientState.DEAD.value,)
+            ).fetchone()
+            return int(count)
+
+        return await self._read("count dead letters", read)
+
+    async def list_queue(
+        self, *, dead: bool = False, limit: int = 1000
+    ) -> list[tuple[MessageRecord, RecipientRecord]]:
+        """Spooled recipients waiting for delivery (or dead letters), oldest first.
+
+        The message records come without content; ``content`` is ``b""`` when the
+        message still has it (a dead letter that can be retried), else None.
+        """
+        if dead:
+            where = "r.state = ?"
+            params: list[object] = [RecipientState.DEAD.value]
+        else:
+            where = "r.state IN (?, ?) AND r.next_attempt IS NOT NULL AND m.content IS NOT NULL"
+            params = list(_CLAIMABLE_STATES)
+        # The content itself stays on disk: only whether there is any.
+        names = [c.strip() for c in _MESSAGE_COLUMNS.split(",")]
+        columns = ", ".join([*(f"m.{c}" for c in names[:-1]), "m.content IS NOT NULL"])
+        recipient_columns = ", ".join(f"r.{c.strip()}" for c in _RECIPIENT_COLUMNS.split(","))
+        sql = (
+            f"SELECT {columns}, {recipient_columns}"
+            " FROM recipients AS r JOIN messages AS m ON m.queue_id = r.queue_id"
+            f" WHERE {where} ORDER BY m.received_at, r.queue_id, r.rcpt LIMIT ?"
+        )
+        params.append(limit)
+        width = len(_MESSAGE_COLUMNS.split(","))
+
+        def read(conn: sqlite3.Connection) -> list[tuple[MessageRecord, RecipientRecord]]:
+            found = []
+            for row in conn.execute(sql, params):
+                head = (*row[: width - 1], b"" if row[width - 1] else None)
+                found.append((_message(head), _recipient(row[width:])))
+            return found
+
+        return await self._read("list queue", read)
+
+    async def retry(self, queue_id: str | None = None) -> tuple[int, int]:
+        """``queue retry``: dead letters (of ``queue_id``, or all) back into the spool.
+
+        Recipients of ``queue_id`` that are waiting become due now as well. A dead
+        letter whose content was never spooled (direct mode) cannot be resent.
+        Returns (recipients put back or hurried, dead letters that cannot be resent).
+        """
+        now = self._clock()
+        scope = "" if queue_id is None else " AND r.queue_id = ?"
+        scope_params: tuple[object, ...] = () if queue_id is None else (queue_id,)
+
+        def write(conn: sqlite3.Connection) -> tuple[int, int]:
+            spooled = " AND EXISTS (SELECT 1 FROM messages AS m WHERE m.queue_id = r.queue_id"
+            spooled += " AND m.content IS NOT NULL)"
+            revived = conn.execute(
+                "UPDATE recipients AS r SET state = ?, next_attempt = ?, spooled_at = ?,"
+                " claimed_until = NULL, claimed_by = NULL, error = '', updated_at = ?"
+                f" WHERE r.state = ?{scope}{spooled}",
+                (
+                    RecipientState.RETRYING.value,
+                    now,
+                    now,
+                    now,
+                    RecipientState.DEAD.value,
+                    *scope_params,
+                ),
+            ).rowcount
+            hurried = 0
+            if queue_id is not None:
+                hurried = conn.execute(
+                    "UPDATE recipients AS r SET next_attempt = ?"
+                    f" WHERE r.state IN (?, ?) AND r.next_attempt > ?{scope}{spooled}",
+                    (now, *_CLAIMABLE_STATES, now, *scope_params),
+                ).rowcount
+            (stuck,) = conn.execute(
+                f"SELECT COUNT(*) FROM recipients AS r WHERE r.state = ?{scope}",
+                (RecipientState.DEAD.value, *scope_params),
+            ).fetchone()
+            return revived + hurried, stuck
+
+        return await self._write("retry", write)
+
+    async def purge(self, queue_id: str | None = None, *, dead: bool = False) -> int:
+        """``queue purge``: delete message ``queue_id``, or (``dead``) every dead letter.
+
+        Returns the number of recipient rows deleted. Messages left without
+        recipients are deleted with them; the dedup memory is kept.
+        """
+        if (queue_id is None) == (not dead):
+            raise ValueError("give a queue id or dead=True")
+
+        def write(conn: sqlite3.Connection) -> int:
+            if queue_id is not None:
+                removed = conn.execute(
+                    "DELETE FROM recipients WHERE queue_id = ?", (queue_id,)
+                ).rowcount
+                conn.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
+                return removed
+            removed = conn.execute(
+                "DELETE FROM recipients WHERE state = ?", (RecipientState.DEAD.value,)
+            ).rowcount
+            conn.execute(
+                "DELETE FROM messages WHERE NOT EXISTS"
+                " (SELECT 1 FROM recipients AS r WHERE r.queue_id = messages.queue_id)"
+            )
+            return removed
+
+        return await self._write("purge", write)
 
     async def counts(self) -> dict[str, int]:
         """Recipients per state (every state present, zero when none)."""
@@ -732,6 +1026,35 @@ class Store:
 
     # -- row helpers ---------------------------------------------------------------------
 
+    def _insert_message(
+        self,
+        conn: sqlite3.Connection,
+        message: MessageRecord,
+        recipients: Sequence[RecipientRecord],
+    ) -> None:
+        for record in recipients:
+            if record.queue_id != message.queue_id:
+                raise ValueError(
+                    f"recipient queue_id {record.queue_id!r} is not {message.queue_id!r}"
+                )
+        conn.execute(
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                message.queue_id,
+                message.message_key,
+                message.mail_from,
+                message.client,
+                message.user,
+                message.subject,
+                message.size,
+                message.received_at,
+                message.mode,
+                message.content,
+            ),
+        )
+        for record in recipients:
+            self._put_recipient(conn, self._stamped(record), message.message_key)
+
     def _stamped(self, record: RecipientRecord) -> RecipientRecord:
         if record.updated_at:
             return record
@@ -743,13 +1066,14 @@ class Store:
         state = RecipientState(record.state)
         conn.execute(
             f"INSERT INTO recipients ({_RECIPIENT_COLUMNS}, claimed_until)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
             " ON CONFLICT (queue_id, rcpt) DO UPDATE SET"
             " state = excluded.state, route = excluded.route,"
             " template_id = excluded.template_id, api_code = excluded.api_code,"
             " reply = excluded.reply, attempts = max(attempts, excluded.attempts),"
             " next_attempt = excluded.next_attempt, updated_at = excluded.updated_at,"
-            " error = excluded.error, claimed_until = NULL",
+            " error = excluded.error, claimed_until = NULL, claimed_by = NULL,"
+            " spooled_at = COALESCE(excluded.spooled_at, spooled_at)",
             (
                 record.queue_id,
                 record.rcpt,
@@ -762,6 +1086,7 @@ class Store:
                 record.next_attempt,
                 record.updated_at,
                 record.error,
+                record.spooled_at,
             ),
         )
         if state in _DEDUP_STATES:
@@ -786,6 +1111,59 @@ class Store:
                     self._dedup_ttl,
                 ),
             )
+
+
+_TOKEN_RE: Final = re.compile(r"[0-9a-f]{16}")
+
+
+def _register_owner(owners: Path) -> tuple[str, int]:
+    """A new claimer token with its file locked; the file appears under its name locked.
+
+    Locked before it is renamed into place, so another process never mistakes a
+    claimer that is just starting for a dead one.
+    """
+    owners.mkdir(mode=0o700, exist_ok=True)
+    token = secrets.token_hex(8)
+    temporary = owners / f".{token}.new"
+    fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(temporary, owners / token)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    return token, fd
+
+
+def _dead_owners(owners: Path, tokens: Iterable[str], mine: str | None) -> list[str]:
+    """Of ``tokens`` (and the files left in ``owners``), those whose process is gone."""
+    with contextlib.suppress(OSError):
+        tokens = {*tokens, *(p.name for p in owners.iterdir())}
+    dead: list[str] = []
+    for token in sorted(set(tokens)):
+        if token == mine or not _TOKEN_RE.fullmatch(token):
+            continue
+        path = owners / token
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            dead.append(token)  # its process stopped cleanly, or another recovery ran
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # locked: that process is alive
+        else:
+            dead.append(token)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        finally:
+            os.close(fd)
+    return dead
 
 
 class _BatchLost(Exception):
@@ -840,7 +1218,7 @@ def _message(row: tuple[Any, ...]) -> MessageRecord:
 
 def _recipient(row: tuple[Any, ...]) -> RecipientRecord:
     (queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt) = row[:9]
-    updated_at, error = row[9:]
+    updated_at, error, spooled_at = row[9:]
     return RecipientRecord(
         queue_id=queue_id,
         rcpt=rcpt,
@@ -853,4 +1231,5 @@ def _recipient(row: tuple[Any, ...]) -> RecipientRecord:
         next_attempt=next_attempt,
         updated_at=updated_at,
         error=error,
+        spooled_at=spooled_at,
     )

@@ -141,7 +141,14 @@ async def limit_size_to_current(store: Store) -> None:
 
 
 def test_exports() -> None:
-    assert set(store_module.__all__) == {"MessageRecord", "RecipientRecord", "Store", "StoreError"}
+    assert set(store_module.__all__) == {
+        "MessageRecord",
+        "Notice",
+        "RecipientRecord",
+        "SpoolStats",
+        "Store",
+        "StoreError",
+    }
 
 
 # -- open / close ----------------------------------------------------------------------
@@ -153,7 +160,7 @@ async def test_open_creates_directory_wal_and_schema_version(db_path: Path) -> N
     assert db_path.is_file()
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("PRAGMA user_version").fetchone() == (1,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (store_module.SCHEMA_VERSION,)
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
     assert {"messages", "recipients", "dedup", "recipients_due"} <= tables
 
@@ -510,8 +517,13 @@ async def test_purge_expired(store: Store, clock: Clock) -> None:
         message("final", content=SECRET, received_at=old),
         [
             rcpt("a@example.com", RecipientState.DELIVERED, queue_id="final", updated_at=old),
-            rcpt("b@example.com", RecipientState.DEAD, queue_id="final", updated_at=old),
+            rcpt("b@example.com", RecipientState.FAILED, queue_id="final", updated_at=old),
         ],
+    )
+    # Old dead letter with its content: kept for `queue retry` until purged by hand.
+    await store.add_message(
+        message("deadletter", content=SECRET, received_at=old),
+        [rcpt("g@example.com", RecipientState.DEAD, queue_id="deadletter", updated_at=old)],
     )
     # Old but still spooled and retrying: kept.
     await store.add_message(
@@ -526,7 +538,7 @@ async def test_purge_expired(store: Store, clock: Clock) -> None:
     # Old message whose last recipient became final recently: kept.
     await store.add_message(
         message("late", content=SECRET, received_at=old),
-        [rcpt("e@example.com", RecipientState.DEAD, queue_id="late", updated_at=recent)],
+        [rcpt("e@example.com", RecipientState.FAILED, queue_id="late", updated_at=recent)],
     )
     # A recent delivery: kept, dedup row too.
     await store.add_message(
@@ -541,7 +553,7 @@ async def test_purge_expired(store: Store, clock: Clock) -> None:
     assert removed == 7
     assert await store.get_message("final") is None
     assert await store.get_message("direct") is None
-    for kept in ("spooled", "late", "new"):
+    for kept in ("spooled", "late", "new", "deadletter"):
         assert await store.get_message(kept) is not None
     assert await store.previous_outcomes("key-1", ["f@example.com", "a@example.com"]) == {
         "f@example.com": RecipientState.DELIVERED
@@ -549,6 +561,7 @@ async def test_purge_expired(store: Store, clock: Clock) -> None:
     assert await store.purge_expired() == 0
     # An explicit `now` overrides the clock.
     assert await store.purge_expired(now=recent + TTL + 1) == 5  # late, new and f's dedup row
+    assert await store.get_message("deadletter") is not None
 
 
 # -- group commit, failures, other processes ------------------------------------------
@@ -688,3 +701,136 @@ async def test_two_stores_on_one_file_see_each_others_writes(
         assert (await store.counts())["dead"] == 1
     finally:
         await cli.close()
+
+
+# -- the spool of queue and hybrid modes ------------------------------------------------
+
+
+async def test_spool_puts_content_and_recipients_in_one_transaction(store: Store) -> None:
+    await store.add_message(message("Q1"), [rcpt("a@example.com"), rcpt("b@example.com")])
+    assert await store.next_due() is None
+    await store.spool(
+        "Q1",
+        SECRET,
+        [rcpt("a@example.com", attempts=1, next_attempt=T0 + 30, spooled_at=T0)],
+        message_key="key-1",
+        mode="hybrid",
+    )
+    got = await store.get_message("Q1")
+    assert got is not None
+    assert (got[0].content, got[0].mode) == (SECRET, "hybrid")
+    assert await store.next_due() == T0 + 30
+    assert await store.spool_stats() == (1, T0)
+    with pytest.raises(StoreError):
+        await store.spool("nope", SECRET, [], message_key="k", mode="hybrid")
+
+
+async def test_release_claim_takes_the_attempt_back(store: Store) -> None:
+    await store.add_message(
+        message(content=SECRET), [rcpt("a@example.com", next_attempt=T0, spooled_at=T0)]
+    )
+    [(_, claimed)] = await store.claim_due(now=T0, limit=5, lease=60)
+    assert claimed.attempts == 1
+    assert await store.next_due() == T0 + 60  # the lease
+    await store.release_claim("Q1", "a@example.com", next_attempt=T0 + 5)
+    [(_, again)] = await store.claim_due(now=T0 + 5, limit=5, lease=60)
+    assert again.attempts == 1
+
+
+async def test_content_is_dropped_when_done_but_kept_for_dead_letters(store: Store) -> None:
+    for queue_id in ("done", "dead"):
+        await store.add_message(
+            message(queue_id, content=SECRET),
+            [rcpt(r, queue_id=queue_id, next_attempt=T0) for r in ("a@x.org", "b@x.org")],
+        )
+    delivered = rcpt("a@x.org", RecipientState.DELIVERED, queue_id="done")
+    await store.update_recipient(delivered, message_key="key-1")
+    got = await store.get_message("done")
+    assert got is not None and got[0].content == SECRET  # b is still waiting
+    failed = rcpt("b@x.org", RecipientState.FAILED, queue_id="done")
+    await store.update_recipient(failed, message_key="key-1")
+    got = await store.get_message("done")
+    assert got is not None and got[0].content is None
+    for r, state in (("a@x.org", RecipientState.DELIVERED), ("b@x.org", RecipientState.DEAD)):
+        await store.update_recipient(rcpt(r, state, queue_id="dead"), message_key="key-1")
+    got = await store.get_message("dead")
+    assert got is not None and got[0].content == SECRET  # `queue retry` may resend it
+
+
+async def test_dead_letter_and_its_notice_commit_together(store: Store) -> None:
+    await store.add_message(message(content=SECRET), [rcpt("a@x.org", next_attempt=T0)])
+    notice = (
+        message("N1", key="notice:Q1:a@x.org", content=b"{}"),
+        [rcpt("app@example.com", queue_id="N1", next_attempt=T0)],
+    )
+    await store.update_recipient(
+        rcpt("a@x.org", RecipientState.DEAD), message_key="key-1", notice=notice
+    )
+    assert await store.get_message("N1") is not None
+    # A notice that cannot be written takes the dead letter with it: both or neither.
+    await store.add_message(message("Q2", content=SECRET), [rcpt("b@x.org", queue_id="Q2")])
+    with pytest.raises(StoreError):
+        await store.update_recipient(
+            rcpt("b@x.org", RecipientState.DEAD, queue_id="Q2"), message_key="k", notice=notice
+        )
+    got = await store.get_message("Q2")
+    assert got is not None and got[1][0].state is RecipientState.RETRYING
+
+
+async def test_list_retry_and_purge_for_the_queue_command(store: Store, clock: Clock) -> None:
+    await store.add_message(
+        message("Q1", content=SECRET),
+        [
+            rcpt("wait@x.org", next_attempt=T0 + 600, spooled_at=T0),
+            rcpt("dead@x.org", RecipientState.DEAD, spooled_at=T0),
+        ],
+    )
+    await store.add_message(
+        message("Q2"), [rcpt("direct@x.org", RecipientState.DEAD, queue_id="Q2")]
+    )
+    waiting = await store.list_queue()
+    assert [(m.queue_id, r.rcpt, m.content) for m, r in waiting] == [("Q1", "wait@x.org", b"")]
+    dead = await store.list_queue(dead=True)
+    assert sorted((r.rcpt, m.content is not None) for m, r in dead) == [
+        ("dead@x.org", True),
+        ("direct@x.org", False),  # direct mode: nothing to resend
+    ]
+    clock.now = T0 + 10
+    assert await store.retry("Q1") == (2, 0)  # revived one, hurried the other
+    got = await store.get_message("Q1")
+    assert got is not None
+    assert {r.rcpt: (r.state, r.next_attempt, r.spooled_at) for r in got[1]} == {
+        "dead@x.org": (RecipientState.RETRYING, T0 + 10, T0 + 10),
+        "wait@x.org": (RecipientState.RETRYING, T0 + 10, T0),
+    }
+    assert await store.retry() == (0, 1)  # --all-dead: only the unretryable one is left
+    assert await store.purge(dead=True) == 1
+    assert await store.get_message("Q2") is None
+    assert await store.purge("Q1") == 2
+    assert await store.get_message("Q1") is None
+    with pytest.raises(ValueError):
+        await store.purge()
+
+
+async def test_take_ownership_releases_only_dead_claimers(db_path: Path, clock: Clock) -> None:
+    first = await Store.open(db_path, clock=clock)
+    second = await Store.open(db_path, clock=clock)
+    try:
+        assert await first.take_ownership() == 0
+        await first.add_message(
+            message(content=SECRET), [rcpt("a@x.org", next_attempt=T0, spooled_at=T0)]
+        )
+        await first.claim_due(now=T0, limit=1, lease=1e9)
+        assert await second.take_ownership() == 0  # first is alive: its claim stands
+        assert await second.claim_due(now=T0 + 1, limit=1, lease=60) == []
+        await first.close()
+        third = await Store.open(db_path, clock=clock)
+        try:
+            assert await third.take_ownership() == 1
+            [(_, record)] = await third.claim_due(now=T0 + 1, limit=1, lease=60)
+            assert (record.state, record.attempts) == (RecipientState.UNKNOWN, 2)
+        finally:
+            await third.close()
+    finally:
+        await first.close()
+        await second.close()
