@@ -276,6 +276,10 @@ class ApiClient:
         self._encoding = encoding
         self._timeout = timeout
         self._semaphore = asyncio.Semaphore(max_concurrency)
+        self.settings = (url, encoding, timeout, max_concurrency)
+        # Calls in flight, so a client replaced on reload closes only once idle.
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
         self._traced = transport is None
         if transport is None:
             transport = self._default_transport(max_concurrency)
@@ -324,6 +328,21 @@ class ApiClient:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    @property
+    def in_flight(self) -> int:
+        """Calls started and not yet finished."""
+        return self._in_flight
+
+    async def aclose_when_idle(self) -> None:
+        """Close once the calls in flight have finished (a client replaced on reload).
+
+        Each call is bounded by ``timeout``, so this waits at most that long.
+        """
+        while self._in_flight:
+            self._idle = self._idle or asyncio.Event()
+            await self._idle.wait()
+        await self.aclose()
+
     def _body(self, request: ApiRequest, app_key: str) -> dict[str, Any]:
         return request_fields(request, app_key, self._encoding)
 
@@ -334,6 +353,16 @@ class ApiClient:
         JSON-serialisable (nothing is sent).
         """
         body = self._body(request, app_key)
+        self._in_flight += 1
+        try:
+            return await self._send(body, app_key)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight and self._idle is not None:
+                self._idle.set()
+                self._idle = None
+
+    async def _send(self, body: dict[str, Any], app_key: str) -> ApiResult:
         started = time.perf_counter()
         progress = _Progress(traced=self._traced)
         token = _PROGRESS.set(progress)

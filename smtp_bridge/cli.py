@@ -73,6 +73,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.config
         else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
     )
+    if args.workers > 1 or os.environ.get("SMTP_BRIDGE_WORKER"):
+        from .workers import serve_workers
+
+        return serve_workers(args, config, config_path, _run)
     service = BridgeService(config, config_path=config_path, sandbox=args.sandbox)
     try:
         _run(service.run())
@@ -80,6 +84,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"smtp-bridge: cannot start: {exc}", file=sys.stderr)
         return EXIT_STARTUP
     return EXIT_OK
+
+
+def _positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value!r}")
+    return int(value)
 
 
 def _run(coro: Any) -> Any:
@@ -231,6 +241,179 @@ def cmd_send_test(args: argparse.Namespace) -> int:
     return int(_run(send()))
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    """``queue list|show|retry|purge``: the spool of a config's state store.
+
+    Safe while the daemon runs: a second connection to the same SQLite file
+    (WAL), whose writes wait for the daemon's (busy timeout). The daemon sees a
+    retried recipient within a second.
+    """
+    from .service import STATE_FILE
+    from .store import Store, StoreError
+
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        _print_errors(exc)
+        return EXIT_CONFIG
+    path = config.delivery.state_dir / STATE_FILE
+    if not path.exists():
+        print(f"smtp-bridge: no state store at {path} (has the daemon run?)", file=sys.stderr)
+        return EXIT_CONFIG
+
+    async def run() -> int:
+        store = await Store.open(path, dedup_ttl=config.delivery.dedup_ttl)
+        try:
+            result: int = await _QUEUE_ACTIONS[args.action](store, args)
+            return result
+        finally:
+            await store.close()
+
+    try:
+        return int(_run(run()))
+    except StoreError as exc:
+        print(f"smtp-bridge: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _recipient_json(record: Any) -> dict[str, Any]:
+    return {
+        "rcpt": record.rcpt,
+        "state": str(record.state),
+        "route": record.route,
+        "template_id": record.template_id,
+        "attempts": record.attempts,
+        "next_attempt": _when(record.next_attempt) if record.next_attempt else None,
+        "updated_at": _when(record.updated_at),
+        "api_code": record.api_code,
+        "reply": record.reply,
+        "error": record.error,
+    }
+
+
+async def _queue_list(store: Any, args: argparse.Namespace) -> int:
+    rows = await store.list_queue(dead=args.dead, limit=args.limit)
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "queue_id": m.queue_id,
+                        "mail_from": m.mail_from,
+                        "subject": m.subject,
+                        "received_at": _when(m.received_at),
+                        "retryable": m.content is not None,
+                        **_recipient_json(r),
+                    }
+                    for m, r in rows
+                ],
+                indent=2,
+            )
+        )
+        return EXIT_OK
+    if not rows:
+        print("No dead letters." if args.dead else "The spool is empty.")
+        return EXIT_OK
+    when = "DIED" if args.dead else "NEXT TRY"
+    print(f"{'QUEUE ID':<17} {'STATE':<9} {'TRIES':>5}  {when:<20} {'RECIPIENT':<30} LAST REPLY")
+    for message, record in rows:
+        moment = record.updated_at if args.dead else record.next_attempt
+        reply = record.reply or record.error or "-"
+        if args.dead and message.content is None:
+            reply += "  (not retryable: content not kept)"
+        print(
+            f"{message.queue_id:<17} {record.state:<9} {record.attempts:>5}  {_when(moment):<20}"
+            f" {record.rcpt:<30} {reply}"
+        )
+    messages = len({m.queue_id for m, _ in rows})
+    what = "dead letters" if args.dead else "recipients in the spool"
+    print(f"{len(rows)} {what} ({messages} messages)")
+    return EXIT_OK
+
+
+async def _queue_show(store: Any, args: argparse.Namespace) -> int:
+    found = await store.get_message(args.queue_id)
+    if found is None:
+        print(f"smtp-bridge: no message {args.queue_id}", file=sys.stderr)
+        return EXIT_CONFIG
+    message, recipients = found
+    if args.json:
+        doc = {
+            "queue_id": message.queue_id,
+            "received_at": _when(message.received_at),
+            "mode": message.mode,
+            "mail_from": message.mail_from,
+            "client": message.client,
+            "user": message.user,
+            "subject": message.subject,
+            "size": message.size,
+            "content_kept": message.content is not None,
+            "recipients": [_recipient_json(r) for r in recipients],
+        }
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    print(f"queue id:  {message.queue_id}")
+    print(f"received:  {_when(message.received_at)}")
+    print(f"mode:      {message.mode}")
+    print(f"from:      <{message.mail_from}>")
+    print(f"client:    {message.client or '-'}")
+    print(f"user:      {message.user or '-'}")
+    print(f"subject:   {message.subject}")
+    print(f"size:      {message.size} bytes")
+    print(f"content:   {'kept (spooled)' if message.content is not None else 'not kept'}")
+    print("recipients:")
+    for r in recipients:
+        print(f"  {r.rcpt}: {r.state}, {r.attempts} attempts, route {r.route or '-'}")
+        if r.next_attempt is not None and r.state in ("retrying", "unknown"):
+            print(f"    next try: {_when(r.next_attempt)}")
+        if r.reply:
+            print(f"    reply:    {r.reply}")
+        if r.error:
+            print(f"    detail:   {r.error}")
+    return EXIT_OK
+
+
+async def _queue_retry(store: Any, args: argparse.Namespace) -> int:
+    if args.queue_id is not None and await store.get_message(args.queue_id) is None:
+        print(f"smtp-bridge: no message {args.queue_id}", file=sys.stderr)
+        return EXIT_CONFIG
+    queued, stuck = await store.retry(args.queue_id)
+    where = args.queue_id or "dead letters"
+    print(f"{where}: {queued} recipients due for delivery now")
+    if stuck:
+        print(f"{stuck} dead letters cannot be retried: their content was not kept (direct mode)")
+    return EXIT_OK
+
+
+async def _queue_purge(store: Any, args: argparse.Namespace) -> int:
+    if args.queue_id is not None:
+        if await store.get_message(args.queue_id) is None:
+            print(f"smtp-bridge: no message {args.queue_id}", file=sys.stderr)
+            return EXIT_CONFIG
+        removed = await store.purge(args.queue_id)
+        print(f"{args.queue_id}: purged ({removed} recipients)")
+        return EXIT_OK
+    removed = await store.purge(dead=True)
+    print(f"purged {removed} dead letters")
+    return EXIT_OK
+
+
+_QUEUE_ACTIONS = {
+    "list": _queue_list,
+    "show": _queue_show,
+    "retry": _queue_retry,
+    "purge": _queue_purge,
+}
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from .auth import hash_password, read_password_from
 
@@ -262,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     with_logging(serve)
     serve.add_argument(
         "--sandbox", action="store_true", help="start the embedded fake API and send to it"
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="N worker processes sharing the listen ports (SO_REUSEPORT); default 1",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -298,6 +488,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     hash_pw = commands.add_parser("hash-password", help="make a password_hash for smtp.auth.users")
     hash_pw.set_defaults(func=cmd_hash_password)
+
+    queue = commands.add_parser("queue", help="list, show, retry or purge spooled mail")
+    with_config(queue)
+    actions = queue.add_subparsers(dest="action", required=True)
+    q_list = actions.add_parser("list", help="recipients waiting in the spool (or dead letters)")
+    q_list.add_argument("--dead", action="store_true", help="list dead letters instead")
+    q_list.add_argument("--limit", type=int, default=1000, help="at most this many (1000)")
+    q_list.add_argument("--json", action="store_true", help="JSON instead of a table")
+    q_show = actions.add_parser("show", help="one message and its recipients")
+    q_show.add_argument("queue_id")
+    q_show.add_argument("--json", action="store_true", help="JSON instead of text")
+    q_retry = actions.add_parser("retry", help="send dead letters (or a waiting message) now")
+    which = q_retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("queue_id", nargs="?", help="the message's queue id")
+    which.add_argument("--all-dead", action="store_true", help="every dead letter")
+    q_purge = actions.add_parser("purge", help="delete a message, or every dead letter")
+    which = q_purge.add_mutually_exclusive_group(required=True)
+    which.add_argument("queue_id", nargs="?", help="the message's queue id")
+    which.add_argument("--dead", action="store_true", help="every dead letter")
+    queue.set_defaults(func=cmd_queue)
     return parser
 
 

@@ -37,6 +37,7 @@ from pydantic.config import JsonDict
 from .patterns import Pattern, compile_pattern
 from .replies import Reply, check_override
 from .templating import CompiledTemplate, compile_template
+from .tls import TlsError, server_context
 
 __all__ = [
     "AdminConfig",
@@ -359,6 +360,16 @@ class TlsConfig(_Model):
     starttls: bool = True
     implicit_listen: ListenList = Field(default_factory=list)
 
+    @model_validator(mode="after")
+    def _loadable(self) -> TlsConfig:
+        # Load the pair now, so check-config and a SIGHUP reload refuse a key
+        # that does not match its certificate instead of failing every handshake.
+        try:
+            server_context(self.cert, self.key)
+        except TlsError as exc:
+            raise _Problems([(("cert",), str(exc))]) from None
+        return self
+
 
 class AuthUser(_Model):
     secret_fields = ("password_hash", "app_key")
@@ -384,11 +395,15 @@ class SmtpConfig(_Model):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     trusted_networks: NetworkList = Field(default_factory=_default_trusted)
     proxy_protocol: bool = False
+    # Load balancers allowed to send the PROXY header; required with proxy_protocol.
+    proxy_from: NetworkList = Field(default_factory=list)
     max_message_size: Size = 10 * 1024 * 1024
     max_recipients: int = Field(default=50, ge=1)
     max_connections: int = Field(default=1000, ge=1)
     max_connections_per_ip: int = Field(default=20, ge=1)
     timeout: Duration = 60.0
+    # Wall-clock cap per session (slow-drip clients), 0 = none.
+    max_session_time: Duration = 600.0
     shutdown_timeout: Duration = 30.0
     bare_lf: Literal["normalize", "reject"] = "normalize"
 
@@ -398,6 +413,21 @@ class SmtpConfig(_Model):
         if not re.fullmatch(r"[A-Za-z0-9.\-]{1,253}", value):
             raise ValueError("expected a host name (letters, digits, dots, hyphens)")
         return value
+
+    @model_validator(mode="after")
+    def _smtp_checks(self) -> SmtpConfig:
+        problems: list[tuple[Loc, str]] = []
+        if self.proxy_protocol and not self.proxy_from:
+            message = (
+                "required with proxy_protocol: true; list the load balancers' networks "
+                "(CIDR), e.g. [10.0.0.0/24]: the PROXY header is accepted only from them"
+            )
+            problems.append((("proxy_from",), message))
+        if self.timeout <= 0:
+            problems.append((("timeout",), "must be longer than 0s"))
+        if problems:
+            raise _Problems(problems)
+        return self
 
 
 class ApiConfig(_Model):

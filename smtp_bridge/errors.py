@@ -10,6 +10,9 @@ Each lives beside the code that raises it; this module gathers them so callers
     |                                       read-only, locked); the reply is 451 4.3.0
     +-- StartupError         service.py     the daemon cannot start (port in use,
     |                                       store unopenable): exit code 2
+    +-- ValueError
+    |   +-- TlsError         tls.py         smtp.tls's certificate and key cannot be
+    |                                       loaded (also a config error, at smtp.tls.cert)
     +-- TemplateRenderError  templating.py  a route's template failed for one
     |                                       recipient: 451 4.3.5, logged with route
     +-- HeaderOverrideError  templating.py  a malformed opt-in X-Template-* header:
@@ -25,6 +28,7 @@ from .config import ConfigError
 from .service import StartupError
 from .store import StoreError
 from .templating import HeaderOverrideError, TemplateRenderError
+from .tls import TlsError
 
 __all__ = [
     "ConfigError",
@@ -32,4 +36,5 @@ __all__ = [
     "StartupError",
     "StoreError",
     "TemplateRenderError",
+    "TlsError",
 ]

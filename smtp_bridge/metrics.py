@@ -15,6 +15,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from . import __version__
 from .outcomes import ApiResult, ResultKind
 
 __all__ = ["Metrics", "api_code_label"]
@@ -79,6 +80,22 @@ class Metrics:
         self.config_reloads = Counter(
             "smtp_bridge_config_reloads", "Config reloads by result", ["result"], registry=r
         )
+        self.config_last_reload_ok = Gauge(
+            "smtp_bridge_config_last_reload_successful",
+            "1 when the last config reload (SIGHUP) was taken, 0 when refused",
+            registry=r,
+        )
+        self.config_last_reload_ok.set(1)
+        self.rcpt_rejected = Counter(
+            "smtp_bridge_rcpt_rejected",
+            "Recipients refused at RCPT TO, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.info = Gauge(
+            "smtp_bridge_build_info", "Always 1; the version as a label", ["version"], registry=r
+        )
+        self.info.labels(version=__version__).set(1)
 
     def observe_api(self, result: ApiResult) -> None:
         self.api_calls.labels(code=api_code_label(result)).inc()

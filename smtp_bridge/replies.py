@@ -22,6 +22,7 @@ __all__ = [
     # DATA outcomes (DESIGN 5)
     "OK",
     "DROPPED",
+    "QUEUED",
     "CONFIG_ERROR",
     "HTTP_CONFIG_ERROR",
     "INTERNAL",
@@ -49,6 +50,11 @@ __all__ = [
     "AUTH_NOT_AVAILABLE",
     "AUTH_NEEDS_TLS",
     "AUTH_TOO_MANY_FAILURES",
+    "IDLE_TIMEOUT",
+    "SESSION_TIME_LIMIT",
+    "TLS_ALREADY_ACTIVE",
+    "TLS_NOT_AVAILABLE",
+    "MALFORMED_ADDRESS",
     # the table and its helpers
     "reply_for",
     "override_key",
@@ -139,6 +145,8 @@ class Reply:
 OK = Reply(250, "2.0.0", "Ok")
 #: A route with ``action: drop`` accepts and discards (the client must not retry).
 DROPPED = Reply(250, "2.0.0", "Ok, discarded by policy")
+#: queue and hybrid modes: committed to the spool (fsync'd), a worker delivers it.
+QUEUED = Reply(250, "2.0.0", "Ok, queued for delivery")
 #: 40001/40002/40003: the bridge's key or template is wrong; never 535, which is
 #: about the client's own login.
 CONFIG_ERROR = Reply(
@@ -189,6 +197,15 @@ AUTH_NOT_AVAILABLE = Reply(502, "5.5.1", "Authentication not available")
 #: RFC 4954 section 6: AUTH over plaintext when the bridge requires TLS first.
 AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 AUTH_TOO_MANY_FAILURES = Reply(421, "4.7.0", "Too many failed authentication attempts")
+#: ``smtp.timeout`` passed without a command (RFC 5321 4.5.3.2.7: the server
+#: should close with 421 rather than hang up silently).
+IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout exceeded, closing connection")
+#: ``smtp.max_session_time`` reached: the wall-clock cap of one session.
+SESSION_TIME_LIMIT = Reply(421, "4.4.2", "Session time limit reached, closing connection")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+TLS_NOT_AVAILABLE = Reply(502, "5.5.1", "STARTTLS not available")
+#: aiosmtpd's answer to an unparsable path or a local part over 64 octets.
+MALFORMED_ADDRESS = Reply(553, "5.1.3", "Malformed address")
 
 
 # --- the table ---------------------------------------------------------------------

@@ -3,13 +3,15 @@
 ``POST /index/api/send_email`` answers the codes of DESIGN 1 with the
 handbook's messages. Everything it receives is kept (``GET /_sent``, newest
 first; the key only as a fingerprint) so a user sees what would have been
-sent. ``POST /_script`` queues faults (an API code, an HTTP status, a reset
-connection, a hang) for tests and for operators trying failure paths.
+sent; ``GET /_wait?received=N`` answers once N requests have come. ``POST
+/_script`` queues faults (an API code, an HTTP status, a reset connection, a
+hang) for tests and for operators trying failure paths.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -234,6 +236,7 @@ class Sandbox:
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.router.add_post(SEND_PATH, self._handle_send)
         app.router.add_get("/_sent", self._handle_get_sent)
+        app.router.add_get("/_wait", self._handle_wait)
         app.router.add_delete("/_sent", self._handle_delete_sent)
         app.router.add_post("/_script", self._handle_post_script)
         app.router.add_delete("/_script", self._handle_delete_script)
@@ -420,6 +423,23 @@ class Sandbox:
             folded = to.casefold()
             records = [r for r in records if r["to"].casefold() == folded]
         return web.json_response(records)
+
+    async def _handle_wait(self, request: web.Request) -> web.Response:
+        """``GET /_wait?received=N&timeout=S``: answer once N requests in all have
+        reached send_email (or after S seconds, default 10); the body has the count.
+
+        :meth:`wait_sent` over HTTP, for tests that run the sandbox as a process.
+        """
+        try:
+            count = int(request.query.get("received", "1"))
+            timeout = float(request.query.get("timeout", "10"))
+        except ValueError:
+            return web.json_response({"error": "received and timeout must be numbers"}, status=400)
+        if not 0 <= timeout <= 300:
+            return web.json_response({"error": "timeout must be 0 to 300 seconds"}, status=400)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wait_sent(count), timeout)
+        return web.json_response({"received": self._received})
 
     async def _handle_delete_sent(self, request: web.Request) -> web.Response:
         count = len(self._sent)

@@ -1,36 +1,58 @@
 """The daemon's lifecycle: startup -> serve -> shutdown, signals, reload, sd_notify.
 
-One event loop carries the SMTP listeners, the API client and the store (no
-threaded Controller), so a session, its API calls and its ledger writes never
-cross threads except into the store's own writer thread.
+One event loop carries the SMTP listeners, the admin endpoint, the API client
+and the store (no threaded Controller), so a session, its API calls and its
+ledger writes never cross threads except into the store's own writer thread.
+
+systemd (sd_notify(3)): READY=1 once every listener is up, STATUS= lines,
+WATCHDOG=1 from the event loop when ``$WATCHDOG_USEC`` asks for it (a stuck
+loop stops pinging and gets restarted), RELOADING=1 around a SIGHUP reload and
+STOPPING=1 on SIGTERM. Listening sockets may come from socket activation
+(``$LISTEN_FDS``, sd_listen_fds(3)) instead of ``smtp.listen``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import socket
+import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, Literal
 
+from .admin import AdminServer, format_address
 from .api import ApiClient
 from .config import Config, ConfigError, load_config, split_host_port
-from .delivery import DirectDelivery, RecipientOutcome
-from .logs import log_event
+from .delivery import Delivery, RecipientOutcome
+from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .sandbox import Sandbox
-from .server import BridgeHandler, BridgeSMTP, ConnectionTracker, Runtime
+from .server import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
 from .store import Store, StoreError
+from .tls import TlsError
+from .worker import QueueWorker
 
-__all__ = ["BridgeService", "StartupError", "sd_notify", "SANDBOX_APP_KEY"]
+__all__ = [
+    "BridgeService",
+    "StartupError",
+    "listen_fds",
+    "sd_notify",
+    "watchdog_interval",
+    "SANDBOX_APP_KEY",
+]
 
 log = logging.getLogger("smtp_bridge.service")
 
 #: The key ``serve --sandbox`` uses when the config has none.
 SANDBOX_APP_KEY = "sandbox-key"
 STATE_FILE = "state.sqlite3"
+#: Listener keys of ``smtp.tls.implicit_listen`` entries (plain ones: the entry).
+IMPLICIT_TLS_KEY = "tls:"
 
 
 class StartupError(Exception):
@@ -49,8 +71,82 @@ def sd_notify(state: str) -> None:
         sock.sendall(state.encode())
 
 
+def _monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds: what RELOADING=1 must carry (systemd >= 253)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between WATCHDOG=1 pings (half of ``$WATCHDOG_USEC``), or None when
+    systemd's watchdog is off or meant for another process (``$WATCHDOG_PID``)."""
+    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        return None
+    return value / 2 / 1_000_000 if value > 0 else None
+
+
+#: sd_listen_fds(3): passed sockets start at this descriptor.
+SD_LISTEN_FDS_START = 3
+#: ``FileDescriptorName=`` of a passed socket meant for the admin endpoint.
+ADMIN_FD_NAME = "admin"
+
+
+def listen_fds() -> list[tuple[str, socket.socket]]:
+    """Sockets passed by systemd socket activation, as (FileDescriptorName, socket).
+
+    Empty unless ``$LISTEN_PID`` is this process. The variables are removed
+    from the environment, so nothing started later takes the sockets for its own.
+    """
+    pid = os.environ.pop("LISTEN_PID", "")
+    count = os.environ.pop("LISTEN_FDS", "")
+    names = os.environ.pop("LISTEN_FDNAMES", "")
+    if pid != str(os.getpid()) or not count.isdigit():
+        return []
+    labels = names.split(":") if names else []
+    passed: list[tuple[str, socket.socket]] = []
+    for i in range(int(count)):
+        fd = SD_LISTEN_FDS_START + i
+        os.set_inheritable(fd, False)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise StartupError(f"socket activation: descriptor {fd}: {exc.strerror}") from None
+        if sock.type != socket.SOCK_STREAM:
+            raise StartupError(f"socket activation: descriptor {fd} is not a stream socket")
+        passed.append((labels[i] if i < len(labels) else "", sock))
+    return passed
+
+
+def _config_secrets(config: Config) -> list[str]:
+    """Every secret value in ``config``: scrubbed from log lines if one ever slips in."""
+    found = [config.app_key()]
+    for user in config.smtp.auth.users.values():
+        found.append(user.password_hash.get_secret_value())
+        if user.app_key is not None:
+            found.append(user.app_key.get_secret_value())
+    return [s for s in found if s]
+
+
+#: Settings read once at startup; a reload that changes them logs that a
+#: restart is needed (the rest takes effect for new sessions).
+_RESTART_KEYS = (
+    ("delivery", "mode"),
+    ("delivery", "state_dir"),
+    ("delivery", "store"),
+    ("delivery", "dedup_ttl"),
+)
+
+
 class BridgeService:
     """Owns the listeners, the API client, the store and the sandbox if any."""
+
+    #: ``serve --workers`` (workers.py): every worker binds the same addresses
+    #: with SO_REUSEPORT and the kernel spreads connections across them.
+    reuse_port = False
 
     def __init__(
         self, config: Config, *, config_path: Path | None = None, sandbox: bool = False
@@ -60,19 +156,38 @@ class BridgeService:
         self.sandbox: Sandbox | None = None
         self.runtime = Runtime.build(self._with_sandbox(config))
         self.tracker = ConnectionTracker()
+        #: Bound SMTP addresses, in listener order (tests read the first).
         self.addresses: list[tuple[str, int]] = []
-        self._servers: list[asyncio.Server] = []
+        #: SMTP listeners by the ``listen`` entry that made them (socket
+        #: activation: by bound address); a reload diffs these keys.
+        self._listeners: dict[str, asyncio.Server] = {}
+        #: Listeners a reload closed: sessions they accepted may still run.
+        self._retired: list[asyncio.Server] = []
+        self._activated = False
         self._deliveries: set[asyncio.Task[list[RecipientOutcome]]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
+        self._stopping = False
+        self._reload_lock = asyncio.Lock()
         self._api: ApiClient | None = None
+        self._worker: QueueWorker | None = None
         self._store: Store | None = None
+        self._admin: AdminServer | None = None
+        self._admin_activated = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self._signals_installed = False
+        self._secrets: list[str] = []
+        self._ready = False
+        self._reload_pending = False
         self.handler: BridgeHandler | None = None
         self.metrics = Metrics()
 
     # ------------------------------------------------------------ phases
 
     async def startup(self) -> None:
+        self._start_watchdog()
         config = self.runtime.config
+        self._secrets = register_secrets(_config_secrets(config))
         if self.use_sandbox:
             self.sandbox = Sandbox()
             url = await self.sandbox.start("127.0.0.1", 0)
@@ -82,62 +197,108 @@ class BridgeService:
         state_path = config.delivery.state_dir / STATE_FILE
         try:
             self._store = await Store.open(state_path, dedup_ttl=config.delivery.dedup_ttl)
+            # The spool is ours: claims left by a process that died are due again.
+            recovered = await self._store.take_ownership()
         except StoreError as exc:
             raise StartupError(f"state store: {exc}") from None
-        self._api = ApiClient(
-            config.api.url,
-            encoding=config.api.encoding,
-            timeout=config.api.timeout,
-            max_concurrency=config.api.max_concurrency,
+        if recovered:
+            log_event(log, "spool_recovered", level=logging.WARNING, recipients=recovered)
+        self._api = _api_client(config)
+        delivery = self._delivery = Delivery(
+            self._api, self._store, self.metrics, mode=config.delivery.mode
         )
-        delivery = DirectDelivery(self._api, self._store, self.metrics)
+        # Workers run in every mode: mail spooled before a change of mode still goes out.
+        worker = self._worker = QueueWorker(delivery, lambda: self.runtime)
+        delivery.on_spooled = worker.wake
+        worker.start()
         handler = self.handler = BridgeHandler(delivery, self._track)
         loop = asyncio.get_running_loop()
 
-        def factory() -> BridgeSMTP:
+        def factory(implicit_tls: bool = False) -> BridgeSMTP:
             # Each connection takes the runtime current when it arrives, so a
-            # reload applies to new sessions and in-flight ones keep theirs.
-            return BridgeSMTP(handler, self.runtime, self.tracker, loop=loop)
+            # reload applies to new sessions (protocol, TLS certificate, limits)
+            # and in-flight ones keep theirs.
+            runtime = self.runtime
+            protocol = BridgeLMTP if runtime.config.smtp.protocol == "lmtp" else BridgeSMTP
+            return protocol(handler, runtime, self.tracker, implicit_tls=implicit_tls, loop=loop)
 
-        for listen in config.smtp.listen:
-            host, port = split_host_port(listen)
+        self._factory = factory
+        admin_sock: socket.socket | None = None
+        passed = listen_fds()
+        if passed:
+            # The socket unit owns the addresses; smtp.listen is not used.
+            self._activated = True
+            for name, sock in passed:
+                if name == ADMIN_FD_NAME:
+                    admin_sock = sock
+                    continue
+                server = await loop.create_server(factory, sock=sock, start_serving=True)
+                self._add_listener(format_address(sock.getsockname()), server, activated=True)
+        else:
+            for listen, implicit_tls in self._listen_plan(config).items():
+                try:
+                    server = await self._create_server(listen, implicit_tls)
+                except OSError as exc:
+                    raise StartupError(f"cannot listen on {listen}: {_reason(exc)}") from None
+                self._add_listener(listen, server)
+        if admin_sock is not None:
+            self._admin_activated = True
+            self._admin = await self._start_admin(None, sock=admin_sock)
+        elif config.admin.listen is not None:
             try:
-                server = await loop.create_server(
-                    factory, host or None, port, reuse_address=True, start_serving=True
-                )
+                self._admin = await self._start_admin(config.admin.listen)
             except OSError as exc:
-                raise StartupError(f"cannot listen on {listen}: {exc.strerror}") from None
-            self._servers.append(server)
-            for sock in server.sockets:
-                address = sock.getsockname()
-                self.addresses.append((address[0], address[1]))
-                log_event(log, "listening", address=f"{address[0]}:{address[1]}")
-        sd_notify("READY=1\nSTATUS=accepting mail")
+                raise StartupError(
+                    f"cannot listen on {config.admin.listen} (admin.listen): {_reason(exc)}"
+                ) from None
+        self._ready = True
+        sd_notify(f"READY=1\nSTATUS={self._status()}")
+        if self._reload_pending:  # SIGHUP during startup: the file may have changed
+            self._spawn(self.reload())
 
     async def serve(self) -> None:
         """Run until SIGTERM/SIGINT; SIGHUP reloads the config."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        installed = self._install_signal_handlers()
         try:
             await self._stop.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            if installed:
+                self._remove_signal_handlers()
+
+    def _install_signal_handlers(self) -> bool:
+        """SIGTERM/SIGINT stop, SIGHUP reloads; False if they were installed already."""
+        if self._signals_installed:
+            return False
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        self._signals_installed = True
+        return True
+
+    def _remove_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        self._signals_installed = False
 
     def stop(self) -> None:
         self._stop.set()
 
     async def shutdown(self) -> None:
         """Stop accepting, let sessions finish within the grace period, then close."""
-        sd_notify("STOPPING=1")
+        sd_notify("STOPPING=1\nSTATUS=stopping: finishing sessions in progress")
         log_event(log, "stopping", sessions=self.tracker.total, deliveries=len(self._deliveries))
-        for server in self._servers:
+        async with self._reload_lock:  # a reload in progress finishes first
+            self._stopping = True
+        servers = [*self._listeners.values(), *self._retired]
+        for server in servers:
             server.close()
         for session in list(self.tracker.sessions):
             session.close_when_idle()
         grace = self.runtime.config.smtp.shutdown_timeout
+        # Workers claim nothing more; calls in flight finish within the grace period.
+        worker_stopped = self._stop_worker(grace)
         try:
             await asyncio.wait_for(self.tracker.wait_empty(), grace)
         except TimeoutError:
@@ -149,44 +310,283 @@ class BridgeService:
         # API calls already sent finish and are recorded (bounded by api.timeout).
         if self._deliveries:
             await asyncio.wait(list(self._deliveries))
-        for server in self._servers:
+        await worker_stopped
+        for server in servers:
             await server.wait_closed()
+        if self._tasks:  # API clients replaced by a reload, closing once idle
+            await asyncio.wait(list(self._tasks))
+        if self._admin is not None:
+            await self._admin.stop()
         if self._api is not None:
             await self._api.aclose()
         if self._store is not None:
             await self._store.close()
         if self.sandbox is not None:
             await self.sandbox.stop()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
         log_event(log, "stopped")
+        unregister_secrets(self._secrets)
+        self._secrets = []
 
     async def run(self) -> None:
-        # shutdown() also after a failed startup: it closes whatever startup
-        # had opened (sandbox, store, API client, listeners bound so far).
+        # The handlers go in before startup: systemd may send SIGHUP the moment
+        # READY=1 arrives, and SIGHUP's default action would end the process.
+        self._install_signal_handlers()
         try:
-            await self.startup()
-            await self.serve()
+            # shutdown() also after a failed startup: it closes whatever startup
+            # had opened (sandbox, store, API client, listeners bound so far).
+            try:
+                await self.startup()
+                await self.serve()
+            finally:
+                await self.shutdown()
         finally:
-            await self.shutdown()
+            self._remove_signal_handlers()
 
     # ------------------------------------------------------------ reload
 
-    def reload(self) -> None:
-        """SIGHUP: validate the new config in full; keep the old one if it is bad."""
-        sd_notify("RELOADING=1")
+    def _on_sighup(self) -> None:
+        if not self._ready:
+            self._reload_pending = True  # reloaded once startup is done
+            return
+        self._spawn(self.reload())
+
+    async def reload(self) -> bool:
+        """SIGHUP: take the config file again if it is valid in full; True if taken.
+
+        A bad config (or a new listen address that cannot be bound) is refused
+        with its errors logged, and the running one is kept untouched. A good
+        one applies to sessions that start after it; sessions in progress finish
+        on the config they started with.
+        """
+        async with self._reload_lock:
+            if self._stopping:
+                return False
+            sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}\nSTATUS=reloading config")
+            ok = False
+            try:
+                ok = await self._reload()
+            finally:
+                self.metrics.config_reloads.labels(result="ok" if ok else "refused").inc()
+                self.metrics.config_last_reload_ok.set(1 if ok else 0)
+                sd_notify(f"READY=1\nSTATUS={self._status()}")
+            return ok
+
+    async def _reload(self) -> bool:
+        if self.config_path is None:
+            return self._refuse(["no config file to reload: started with the built-in config"])
         try:
-            if self.config_path is None:
-                raise ConfigError([])
-            config = load_config(self.config_path)
+            config = self._with_sandbox(load_config(self.config_path))
         except ConfigError as exc:
+            return self._refuse([str(i) for i in exc.issues])
+        try:
+            runtime = Runtime.build(config)
+        except TlsError as exc:  # the files changed since load_config read them
+            return self._refuse([f"smtp.tls: {exc}"])
+        old = self.runtime.config
+
+        # Bind what is new before changing anything: a port that cannot be
+        # bound refuses the reload as a whole.
+        plan = {} if self._activated else self._listen_plan(config)
+        added = {a: c for a, c in plan.items() if a not in self._listeners}
+        removed = [] if self._activated else [a for a in self._listeners if a not in plan]
+        opened: dict[str, asyncio.Server] = {}
+        new_admin: AdminServer | None = None
+        admin_changed = not self._admin_activated and config.admin.listen != old.admin.listen
+        try:
+            for listen, implicit_tls in added.items():
+                opened[listen] = await self._create_server(listen, implicit_tls)
+            if admin_changed and config.admin.listen is not None:
+                new_admin = await self._start_admin(config.admin.listen)
+        except OSError as exc:
+            for server in opened.values():
+                server.close()
+            failed = next((a for a in added if a not in opened), config.admin.listen)
+            return self._refuse([f"cannot listen on {failed}: {_reason(exc)}"])
+
+        # Commit: from here on nothing can fail the reload.
+        self.runtime = runtime
+        previous_secrets, self._secrets = self._secrets, register_secrets(_config_secrets(config))
+        unregister_secrets(previous_secrets)
+        for listen, server in opened.items():
+            self._add_listener(listen, server)
+        for listen in removed:
+            self._close_listener(listen)
+        if admin_changed:
+            old_admin, self._admin = self._admin, new_admin
+            if old_admin is not None:
+                await old_admin.stop()
+                log_event(log, "admin_closed", address=old_admin.address)
+        api_rebuilt = self._api is not None and self._api.settings != _api_settings(config)
+        if api_rebuilt and self._api is not None:
+            previous, self._api = self._api, _api_client(config)
+            self._delivery.api = self._api
+            # Calls already on the old client finish there (each bounded by api.timeout).
+            self._spawn(previous.aclose_when_idle())
+        restart = [
+            ".".join(key)
+            for key in _RESTART_KEYS
+            if getattr(getattr(config, key[0]), key[1]) != getattr(getattr(old, key[0]), key[1])
+        ]
+        if restart:
             log_event(
-                log, "reload_refused", level=logging.ERROR, errors=[str(i) for i in exc.issues]
+                log,
+                "reload_needs_restart",
+                level=logging.WARNING,
+                keys=restart,
+                detail="these settings keep their old values until a restart",
             )
-        else:
-            self.runtime = Runtime.build(self._with_sandbox(config))
-            log_event(log, "reloaded", routes=len(config.routes))
-        sd_notify("READY=1")
+        log_event(
+            log,
+            "reloaded",
+            routes=len(config.routes),
+            listeners_added=list(opened),
+            listeners_removed=removed,
+            api_client="rebuilt" if api_rebuilt else "kept",
+        )
+        return True
+
+    def _refuse(self, errors: list[str]) -> bool:
+        log_event(log, "reload_refused", level=logging.ERROR, errors=errors)
+        return False
+
+    # ------------------------------------------------------------ listeners
+
+    def _listen_plan(self, config: Config) -> dict[str, bool]:
+        """The SMTP listeners ``config`` asks for: key -> implicit TLS. Keys are the
+        ``listen`` entries, and ``tls:`` + the ``tls.implicit_listen`` ones; a
+        reload opens and closes listeners by these keys."""
+        plan = dict.fromkeys(config.smtp.listen, False)
+        if config.smtp.tls is not None:
+            implicit = (IMPLICIT_TLS_KEY + a for a in config.smtp.tls.implicit_listen)
+            plan.update(dict.fromkeys(implicit, True))
+        return plan
+
+    async def _create_server(self, listen: str, implicit_tls: bool) -> asyncio.Server:
+        # Implicit TLS listeners are plain TCP: each session does its own
+        # handshake with the certificate of the runtime it starts with (so a
+        # reload renews it, and a PROXY header can come before it).
+        host, port = split_host_port(listen.removeprefix(IMPLICIT_TLS_KEY))
+        return await asyncio.get_running_loop().create_server(
+            functools.partial(self._factory, implicit_tls),
+            host or None,
+            port,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+            start_serving=True,
+        )
+
+    @property
+    def implicit_tls_addresses(self) -> list[tuple[str, int]]:
+        """Bound addresses of the implicit TLS listeners (``smtp.tls.implicit_listen``)."""
+        return [
+            (sock.getsockname()[0], sock.getsockname()[1])
+            for key, server in self._listeners.items()
+            if key.startswith(IMPLICIT_TLS_KEY)
+            for sock in server.sockets
+        ]
+
+    def _add_listener(self, key: str, server: asyncio.Server, *, activated: bool = False) -> None:
+        self._listeners[key] = server
+        for sock in server.sockets:
+            address = sock.getsockname()
+            self.addresses.append((address[0], address[1]))
+            fields: dict[str, Any] = {"activated": True} if activated else {}
+            log_event(log, "listening", address=f"{address[0]}:{address[1]}", **fields)
+
+    def _close_listener(self, key: str) -> None:
+        """Stop accepting on ``key``; the sessions it accepted carry on."""
+        server = self._listeners.pop(key)
+        for sock in server.sockets:  # empty once closed
+            address = sock.getsockname()
+            with contextlib.suppress(ValueError):
+                self.addresses.remove((address[0], address[1]))
+        server.close()
+        self._retired.append(server)
+        log_event(log, "listener_closed", listen=key)
+
+    def _status(self) -> str:
+        """systemd's STATUS= line: what ``systemctl status`` shows."""
+        where = ", ".join(f"{h}:{p}" for h, p in self.addresses) or "nothing"
+        return f"accepting mail on {where}; {len(self.runtime.config.routes)} routes"
+
+    # ------------------------------------------------------------ admin
+
+    async def _start_admin(
+        self, listen: str | None, *, sock: socket.socket | None = None
+    ) -> AdminServer:
+        admin = AdminServer(
+            self.metrics,
+            checks={
+                "listening": self._check_listening,
+                "store": self._check_store,
+                "breaker": self._check_breaker,
+            },
+            refresh=self._refresh_metrics,
+        )
+        address = await admin.start(listen, sock=sock)
+        log_event(log, "admin_listening", address=address)
+        return admin
+
+    async def _check_listening(self) -> str | None:
+        if self._stopping or self._stop.is_set():
+            return "shutting down"
+        if not self._listeners or not all(s.is_serving() for s in self._listeners.values()):
+            return "not listening"
+        return None
+
+    async def _check_store(self) -> str | None:
+        if self._store is None:
+            return "not open"
+        return None if await self._store.check_writable() else "not writable"
+
+    async def _check_breaker(self) -> str | None:
+        return "open" if self.breaker_is_open() else None
+
+    async def _refresh_metrics(self) -> None:
+        """Queue depth and age, dead letters and breaker state, fresh for each scrape
+        (the worker also refreshes them on its own schedule)."""
+        if self._worker is not None:
+            await self._worker.refresh_gauges()
 
     # ------------------------------------------------------------ helpers
+
+    @property
+    def admin_address(self) -> str | None:
+        """The admin endpoint's bound ``host:port``, None when disabled."""
+        return self._admin.address if self._admin is not None else None
+
+    @property
+    def api(self) -> ApiClient | None:
+        """The current API client (a reload may replace it)."""
+        return self._api
+
+    def _start_watchdog(self) -> None:
+        interval = watchdog_interval()
+        if interval is None:
+            return
+
+        async def ping() -> None:
+            # From the event loop on purpose: a stuck loop stops pinging, and
+            # systemd restarts the daemon (WatchdogSec=).
+            while True:
+                sd_notify("WATCHDOG=1")
+                await asyncio.sleep(interval)
+
+        self._watchdog = asyncio.get_running_loop().create_task(ping())
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
 
     def _with_sandbox(self, config: Config) -> Config:
         """Point ``api.url`` at the in-process sandbox (``serve --sandbox``)."""
@@ -199,6 +599,37 @@ class BridgeService:
             update["app_key"] = SecretStr(SANDBOX_APP_KEY)
         return config.model_copy(update={"api": config.api.model_copy(update=update)})
 
+    def breaker_is_open(self) -> bool:
+        """True while the API circuit breaker of any key is open or probing (DESIGN 5)."""
+        return self._delivery.gate.is_open() if self._worker is not None else False
+
+    @property
+    def worker(self) -> QueueWorker | None:
+        """The spool's queue worker (None before startup)."""
+        return self._worker
+
+    def _stop_worker(self, grace: float) -> asyncio.Future[None]:
+        if self._worker is None:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future.set_result(None)
+            return future
+        return asyncio.ensure_future(self._worker.stop(grace))
+
     def _track(self, task: asyncio.Task[list[RecipientOutcome]]) -> None:
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
+
+
+def _reason(exc: OSError) -> str:
+    """The system's words ("Address already in use"), not asyncio's text around them."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
+def _api_settings(config: Config) -> tuple[str, Literal["form", "json"], float, int]:
+    api = config.api
+    return (api.url, api.encoding, api.timeout, api.max_concurrency)
+
+
+def _api_client(config: Config) -> ApiClient:
+    url, encoding, timeout, max_concurrency = _api_settings(config)
+    return ApiClient(url, encoding=encoding, timeout=timeout, max_concurrency=max_concurrency)

@@ -10,14 +10,17 @@ from __future__ import annotations
 import io
 import json
 import logging
+import ssl
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiosmtplib
 import pytest
+import trustme
 
 from smtp_bridge.config import Config, parse_config
 from smtp_bridge.logs import LOGGER, JsonFormatter
@@ -39,6 +42,12 @@ def make_config(tmp_path: Path, api_url: str, body: str = DEFAULT_ROUTES, **env:
 
     Sections given in ``body`` are merged over the defaults one level deep.
     """
+    text = make_config_text(tmp_path, api_url, body)
+    return parse_config(text, filename="test-config.yaml", env=env)
+
+
+def make_config_text(tmp_path: Path, api_url: str, body: str = DEFAULT_ROUTES) -> str:
+    """The text :func:`make_config` parses (JSON, which is YAML)."""
     import yaml
 
     base: dict[str, Any] = {
@@ -58,7 +67,7 @@ def make_config(tmp_path: Path, api_url: str, body: str = DEFAULT_ROUTES, **env:
             base[key] = {**base[key], **value}
         else:
             base[key] = value
-    return parse_config(json.dumps(base), filename="test-config.yaml", env=env)
+    return json.dumps(base)
 
 
 class RunningBridge:
@@ -71,6 +80,17 @@ class RunningBridge:
 
     def client(self, **kwargs: Any) -> aiosmtplib.SMTP:
         return aiosmtplib.SMTP(hostname=self.host, port=self.port, start_tls=False, **kwargs)
+
+    @property
+    def tls_port(self) -> int:
+        """The first implicit TLS listener's port (``smtp.tls.implicit_listen``)."""
+        return self.service.implicit_tls_addresses[0][1]
+
+    def tls_client(self, context: ssl.SSLContext, **kwargs: Any) -> aiosmtplib.SMTP:
+        """A client of the implicit TLS listener."""
+        return aiosmtplib.SMTP(
+            hostname=self.host, port=self.tls_port, use_tls=True, tls_context=context, **kwargs
+        )
 
     async def send(
         self, message: bytes | str, rcpts: list[str], mail_from: str = "app@example.com"
@@ -95,6 +115,46 @@ class RunningBridge:
         ]
 
 
+@dataclass
+class TlsFiles:
+    """A certificate and key made by ``trustme``, and the CA clients trust."""
+
+    ca: trustme.CA
+    cert: Path
+    key: Path
+
+    @classmethod
+    def issue(cls, directory: Path, ca: trustme.CA | None = None) -> TlsFiles:
+        """Write a certificate for bridge.test, 127.0.0.1 and ::1 into ``directory``."""
+        ca = ca or trustme.CA()
+        issued = ca.issue_cert("bridge.test", "127.0.0.1", "::1")
+        directory.mkdir(parents=True, exist_ok=True)
+        cert, key = directory / "tls.crt", directory / "tls.key"
+        cert.write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+        issued.private_key_pem.write_to_path(str(key))
+        return cls(ca, cert, key)
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that trusts this CA only and verifies the host name."""
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+    def yaml(self, *, starttls: bool = True, implicit: bool = False) -> str:
+        """The ``tls:`` mapping (YAML flow style) for ``smtp:``."""
+        listen = '["127.0.0.1:0"]' if implicit else "[]"
+        return (
+            f'{{cert: "{self.cert}", key: "{self.key}", '
+            f"starttls: {str(starttls).lower()}, implicit_listen: {listen}}}"
+        )
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> TlsFiles:
+    """A server certificate from a fresh ``trustme`` CA, under ``tmp_path/tls``."""
+    return TlsFiles.issue(tmp_path / "tls")
+
+
 @pytest.fixture
 async def sandbox() -> AsyncIterator[Sandbox]:
     async with Sandbox() as api:
@@ -104,16 +164,48 @@ async def sandbox() -> AsyncIterator[Sandbox]:
 BridgeFactory = Callable[..., Any]
 
 
+def run_on_uvloop(case: Callable[..., Any], tmp_path: Path, **kwargs: Any) -> None:
+    """Run the async test ``case`` on uvloop (the daemon's loop, whose transports
+    are not asyncio's own), with a ``bridge`` factory like the fixture's."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> None:
+        async with Sandbox() as sandbox:
+
+            @asynccontextmanager
+            async def run(
+                body: str = DEFAULT_ROUTES, *, api_url: str | None = None
+            ) -> AsyncIterator[RunningBridge]:
+                service = BridgeService(make_config(tmp_path, api_url or sandbox.url, body))
+                await service.startup()
+                try:
+                    yield RunningBridge(service, sandbox)
+                finally:
+                    service.stop()
+                    await service.shutdown()
+
+            await case(run, **kwargs)
+
+    uvloop.run(main())
+
+
 @pytest.fixture
 def bridge(tmp_path: Path, sandbox: Sandbox) -> BridgeFactory:
     """``async with bridge(yaml_text) as b:`` runs a bridge against ``sandbox``."""
 
     @asynccontextmanager
     async def run(
-        body: str = DEFAULT_ROUTES, *, api_url: str | None = None, **env: str
+        body: str = DEFAULT_ROUTES,
+        *,
+        api_url: str | None = None,
+        config_file: Path | None = None,
+        **env: str,
     ) -> AsyncIterator[RunningBridge]:
+        """``config_file``: also write the config there, so ``service.reload()`` works."""
         config = make_config(tmp_path, api_url or sandbox.url, body, **env)
-        service = BridgeService(config)
+        if config_file is not None:
+            config_file.write_text(make_config_text(tmp_path, api_url or sandbox.url, body))
+        service = BridgeService(config, config_path=config_file)
         await service.startup()
         try:
             yield RunningBridge(service, sandbox)

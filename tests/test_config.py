@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
+import trustme
 from pydantic import BaseModel
 
 from smtp_bridge import replies
@@ -139,9 +140,11 @@ def only(issues: list[ConfigIssue]) -> ConfigIssue:
 
 @pytest.fixture
 def tls_files(tmp_path: Path) -> dict[str, str]:
+    # A real pair: the loader loads it (check-config refuses a key that does not fit).
+    issued = trustme.CA().issue_cert("bridge.example.com")
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert.write_text("not checked beyond being readable\n")
-    key.write_text("not checked beyond being readable\n")
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
     return {"cert": str(cert), "key": str(key)}
 
 

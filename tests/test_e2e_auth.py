@@ -7,7 +7,7 @@ import base64
 
 import aiosmtplib
 import pytest
-from conftest import TEST_KEY
+from conftest import TEST_KEY, TlsFiles
 
 from smtp_bridge import replies
 from smtp_bridge.auth import AuthThrottle, hash_password
@@ -24,10 +24,13 @@ OPS_HASH = hash_password(OPS_PASSWORD, n=2**10)
 MESSAGE = b"From: crm@example.com\r\nSubject: Invoice 7\r\nMessage-ID: <a1@x>\r\n\r\nHello\r\n"
 
 
-def auth_config(require_tls: bool = False, trusted: str = "10.0.0.0/8") -> str:
+def auth_config(
+    require_tls: bool = False, trusted: str = "10.0.0.0/8", tls: TlsFiles | None = None
+) -> str:
+    tls_line = f"  tls: {tls.yaml(implicit=True)}\n" if tls is not None else ""
     return f"""
 smtp:
-  trusted_networks: ["{trusted}"]
+{tls_line}  trusted_networks: ["{trusted}"]
   auth:
     require_tls: {str(require_tls).lower()}
     users:
@@ -161,3 +164,75 @@ async def test_passwords_and_keys_never_logged(bridge, log_lines) -> None:
     assert "auth_ok" in text and "auth_failed" in text
     for secret in (CRM_PASSWORD, OPS_PASSWORD, CRM_KEY, TEST_KEY, CRM_HASH, OPS_HASH):
         assert secret not in text
+
+
+# ---------------------------------------------------------------- with real TLS
+
+
+async def test_starttls_then_right_password_sends_with_users_key(bridge, tls: TlsFiles) -> None:
+    async with bridge(auth_config(require_tls=True, tls=tls)) as b:
+        async with b.client() as smtp:
+            await smtp.ehlo()
+            assert not smtp.supports_extension("auth")  # not before TLS
+            plain = base64.b64encode(f"\0crm\0{CRM_PASSWORD}".encode())
+            code, text = await smtp.execute_command(b"AUTH", b"PLAIN", plain)
+            assert f"{code} {text}" == str(replies.AUTH_NEEDS_TLS)
+            await smtp.starttls(tls_context=tls.client_context())
+            await smtp.ehlo()
+            assert smtp.supports_extension("auth")
+            code, _ = await smtp.login("crm", CRM_PASSWORD)
+            assert code == 235
+            await smtp.mail("crm@example.com")
+            await smtp.rcpt("bob@example.org")
+            code, _ = await smtp.data(MESSAGE)
+        assert code == 250
+        (record,) = b.delivered()
+        assert record["key"] == fingerprint(CRM_KEY)
+        assert record["template_id"] == "E_CRM"
+
+
+async def test_tls_alone_does_not_open_the_relay(bridge, tls: TlsFiles) -> None:
+    async with bridge(auth_config(require_tls=True, tls=tls)) as b:
+        async with b.client() as smtp:
+            await smtp.ehlo()
+            await smtp.starttls(tls_context=tls.client_context())
+            await smtp.ehlo()
+            with pytest.raises(aiosmtplib.SMTPSenderRefused) as refused:
+                await smtp.mail("crm@example.com")
+            assert f"{refused.value.code} {refused.value.message}" == str(replies.AUTH_REQUIRED)
+        assert b.sandbox.sent() == []
+
+
+async def test_wrong_password_over_tls_gets_535(bridge, tls: TlsFiles) -> None:
+    async with bridge(auth_config(require_tls=True, tls=tls)) as b:
+        async with b.client() as smtp:
+            await smtp.ehlo()
+            await smtp.starttls(tls_context=tls.client_context())
+            await smtp.ehlo()
+            with pytest.raises(aiosmtplib.SMTPAuthenticationError) as caught:
+                await smtp.login("crm", "wrong")
+            assert caught.value.code == 535
+            assert caught.value.message.startswith("5.7.8")
+        assert b.sandbox.sent() == []
+
+
+async def test_implicit_tls_user_without_key_uses_global_key(bridge, tls: TlsFiles) -> None:
+    async with bridge(auth_config(require_tls=True, tls=tls)) as b:
+        async with b.tls_client(tls.client_context()) as smtp:
+            await smtp.ehlo()
+            assert smtp.supports_extension("auth")  # TLS from the first byte
+            code, _ = await smtp.login("ops", OPS_PASSWORD)
+            assert code == 235
+            errors, _ = await smtp.sendmail("ops@example.com", ["bob@example.org"], MESSAGE)
+        assert errors == {}
+        (record,) = b.delivered()
+        assert record["key"] == fingerprint(TEST_KEY)
+        assert record["template_id"] == "E_GENERIC"
+
+
+async def test_trusted_network_still_exempt_with_real_tls(bridge, tls: TlsFiles) -> None:
+    config = auth_config(require_tls=True, trusted="127.0.0.0/8", tls=tls)
+    async with bridge(config) as b:
+        code, _ = await _send_as(b, "crm", CRM_PASSWORD)  # plaintext, from loopback
+        assert code == 250
+        assert b.delivered()[0]["key"] == fingerprint(CRM_KEY)

@@ -219,7 +219,9 @@ async def test_config_errors_from_sandbox_validation(
             qid = await check_reply(b, line, replies.CONFIG_ERROR, 451, "4.3.5")
             assert await recipient_state(b, qid) is RecipientState.RETRYING
         assert [r["code"] for r in strict.sent()] == [api_code]
-    assert "535" not in line  # about the client's own login, never the bridge's key
+    # 535 is about the client's own login, never the bridge's key (the queue id
+    # is hex and may contain the digits, so compare the reply code itself).
+    assert not line.startswith("535")
 
 
 # --- never sent ------------------------------------------------------------------------
@@ -412,7 +414,9 @@ async def test_subject_with_template_syntax_is_data_not_code(bridge: Any) -> Non
 
 async def test_each_data_reply_has_a_distinct_queue_id(bridge: Any) -> None:
     async with bridge() as b:
-        b.sandbox.script({"code": 40007})
+        # A 4xx that does not open the circuit breaker (40007 would: the next
+        # MAIL FROM would then be refused before any DATA reply).
+        b.sandbox.script({"code": 40003})
         ids = set()
         for n in range(3):
             line = await send(b, make_message(message_id=f"<distinct-{n}@example.com>"))
