@@ -34,6 +34,7 @@ from pydantic import (
 )
 from pydantic.config import JsonDict
 
+from .auth import check_hash_format
 from .patterns import Pattern, compile_pattern
 from .replies import Reply, check_override
 from .templating import CompiledTemplate, compile_template
@@ -354,6 +355,12 @@ def _empty_as_none(value: SecretStr | None) -> SecretStr | None:
 OptionalSecret = Annotated[SecretStr | None, AfterValidator(_empty_as_none)]
 
 
+def _valid_password_hash(value: SecretStr) -> SecretStr:
+    """Hashed passwords only: a plaintext here would silently never match."""
+    check_hash_format(value.get_secret_value())  # its message never repeats the value
+    return value
+
+
 class TlsConfig(_Model):
     cert: ReadableFile
     key: ReadableFile
@@ -374,7 +381,7 @@ class TlsConfig(_Model):
 class AuthUser(_Model):
     secret_fields = ("password_hash", "app_key")
 
-    password_hash: SecretStr
+    password_hash: Annotated[SecretStr, AfterValidator(_valid_password_hash)]
     app_key: OptionalSecret = None
 
 

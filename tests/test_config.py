@@ -20,6 +20,7 @@ import trustme
 from pydantic import BaseModel
 
 from smtp_bridge import replies
+from smtp_bridge.auth import hash_password
 from smtp_bridge.config import (
     Config,
     ConfigError,
@@ -55,7 +56,7 @@ smtp:
     require_tls: true               # refuse AUTH over plaintext (except trusted nets)
     users:                          # SMTP AUTH PLAIN/LOGIN accounts
       crm:
-        password_hash: "scrypt$$abc" # made by `smtp-bridge hash-password`
+        password_hash: "{HASH}" # made by `smtp-bridge hash-password`
         app_key: ${{CRM_APP_KEY}}     # optional: this user's own API key
   trusted_networks: ["127.0.0.0/8", "::1/128"]  # may send without AUTH
   proxy_protocol: false
@@ -117,6 +118,14 @@ replies:                            # optional overrides of section 5
 
 DESIGN_ENV = {"AOTSEND_APP_KEY": "global-key-0001", "CRM_APP_KEY": "crm-key-0002"}
 
+# Real hashes (cheap cost): the loader checks the format, as check-config should.
+HASH = hash_password("crm-password", n=2**10)
+OTHER_HASH = hash_password("ops-password", n=2**10)
+
+
+def _key_part(encoded: str) -> str:
+    return encoded.rsplit("$", 1)[1]
+
 
 def parse(text: str, env: dict[str, str] | None = None) -> Config:
     return parse_config(textwrap.dedent(text), filename="bridge.yaml", env=env or {})
@@ -150,7 +159,7 @@ def tls_files(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def design(tls_files: dict[str, str]) -> Config:
-    return parse(DESIGN_EXAMPLE.format(**tls_files), DESIGN_ENV)
+    return parse(DESIGN_EXAMPLE.format(HASH=HASH, **tls_files), DESIGN_ENV)
 
 
 # ---------------------------------------------------------------- defaults
@@ -160,7 +169,7 @@ def test_design_example_parses(design: Config) -> None:
     assert [r.name for r in design.routes] == ["password-reset", "otp", "block-noise", "default"]
     assert design.app_key() == "global-key-0001"
     crm = design.smtp.auth.users["crm"]
-    assert crm.password_hash.get_secret_value() == "scrypt$abc"
+    assert crm.password_hash.get_secret_value() == HASH
     assert crm.app_key is not None and crm.app_key.get_secret_value() == "crm-key-0002"
     assert design.smtp.tls is not None and design.smtp.tls.implicit_listen == ["0.0.0.0:465"]
     assert design.replies == {"40007": Reply.parse(DESIGN_EXAMPLE.split('"40007": "')[1][:-2])}
@@ -482,7 +491,7 @@ def test_app_key_file_is_read_and_stripped(tmp_path: Path) -> None:
 
 
 def test_password_hash_file_and_user_app_key_file(tmp_path: Path) -> None:
-    (tmp_path / "hash").write_text("scrypt$from-file\n")
+    (tmp_path / "hash").write_text(HASH + "\n")
     (tmp_path / "crm_key").write_text("crm-file-key\r\n")
     config = parse(f"""\
         smtp:
@@ -494,7 +503,7 @@ def test_password_hash_file_and_user_app_key_file(tmp_path: Path) -> None:
         routes: [{{template_id: X}}]
         """)
     crm = config.smtp.auth.users["crm"]
-    assert crm.password_hash.get_secret_value() == "scrypt$from-file"
+    assert crm.password_hash.get_secret_value() == HASH
     assert crm.app_key is not None and crm.app_key.get_secret_value() == "crm-file-key"
 
 
@@ -519,14 +528,14 @@ def test_secret_and_secret_file_together_is_an_error(tmp_path: Path) -> None:
 
 
 def test_password_hash_and_its_file_together_is_an_error(tmp_path: Path) -> None:
-    (tmp_path / "h").write_text("scrypt$x\n")
+    (tmp_path / "h").write_text(HASH + "\n")
     issue = only(
         errors(f"""\
         smtp:
           auth:
             users:
               crm:
-                password_hash: "scrypt$y"
+                password_hash: "{HASH}"
                 password_hash_file: {tmp_path / "h"}
         routes: [{{template_id: X}}]
         """)
@@ -576,7 +585,8 @@ UNKNOWN_KEY_CASES = [
     ),
     (
         "smtp.auth.users.NAME",
-        "smtp:\n  auth:\n    users:\n      crm:\n        password_hash: x\n        pasword: y\n"
+        "smtp:\n  auth:\n    users:\n      crm:\n"
+        + f"        password_hash: {HASH}\n        pasword: y\n"
         + MINIMAL,
         6,
         "smtp.auth.users.crm.pasword",
@@ -1093,14 +1103,14 @@ def test_json_schema() -> None:
 
 
 def test_secrets_never_appear_in_repr_or_str(tmp_path: Path) -> None:
-    (tmp_path / "hash").write_text("scrypt$FILEHASH-secret\n")
+    (tmp_path / "hash").write_text(OTHER_HASH + "\n")
     config = parse(
         f"""\
         smtp:
           auth:
             users:
               crm:
-                password_hash: "scrypt$$INLINEHASH-secret"
+                password_hash: "{HASH}"
                 app_key: ${{CRM_KEY}}
               ops:
                 password_hash_file: {tmp_path / "hash"}
@@ -1121,7 +1131,7 @@ def test_secrets_never_appear_in_repr_or_str(tmp_path: Path) -> None:
         repr(config.delivery),
     ]
     for text in texts:
-        for secret in ("APIKEY", "CRMKEY", "INLINEHASH", "FILEHASH", "DBPASS"):
+        for secret in ("APIKEY", "CRMKEY", _key_part(HASH), _key_part(OTHER_HASH), "DBPASS"):
             assert secret not in text
 
 
@@ -1180,3 +1190,15 @@ def test_example_config_documents_every_key() -> None:
     assert missing == []
     for value in ("never_sent", "http:429", "postgresql://", "implicit_listen"):
         assert value in text
+
+
+@pytest.mark.parametrize("value", ["hunter2", "scrypt$abc", "$2b$12$bcrypthashbcrypthash"])
+def test_password_hash_must_be_a_hash(value: str) -> None:
+    issue = only(
+        errors(
+            f"smtp:\n  auth:\n    users:\n      crm:\n        password_hash: '{value}'\n" + MINIMAL
+        )
+    )
+    assert (issue.line, issue.path) == (5, "smtp.auth.users.crm.password_hash")
+    assert "hash-password" in issue.message
+    assert value not in issue.message  # never echo what may be a plaintext password
