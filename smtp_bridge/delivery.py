@@ -114,6 +114,22 @@ class RecipientOutcome:
     #: Committed to the spool: a worker will deliver it (queue and hybrid modes).
     spooled: bool = False
 
+    def record(self, queue_id: str, *, now: float, **fields: Any) -> RecipientRecord:
+        """This outcome as the store's row; ``fields`` add or override columns."""
+        values: dict[str, Any] = {
+            "queue_id": queue_id,
+            "rcpt": self.rcpt,
+            "state": self.state,
+            "route": self.route,
+            "template_id": self.template_id,
+            "api_code": self.api_code,
+            "reply": str(self.reply),
+            "attempts": self.attempts,
+            "updated_at": now,
+        }
+        values.update(fields)
+        return RecipientRecord(**values)
+
 
 def message_key(parsed: ParsedMessage, raw: bytes) -> str:
     """The dedup identity of a message: Idempotency-Key, else Message-ID, else content."""
@@ -734,19 +750,7 @@ class Delivery:
             else:
                 delay = 0.0  # never sent (breaker, template): the worker decides when
             records.append(
-                RecipientRecord(
-                    queue_id=message.queue_id,
-                    rcpt=outcome.rcpt,
-                    state=outcome.state,
-                    route=outcome.route,
-                    template_id=outcome.template_id,
-                    api_code=outcome.api_code,
-                    reply=str(outcome.reply),
-                    attempts=outcome.attempts,
-                    next_attempt=now + delay,
-                    updated_at=now,
-                    spooled_at=now,
-                )
+                outcome.record(message.queue_id, now=now, next_attempt=now + delay, spooled_at=now)
             )
         if not records:
             return outcomes
@@ -805,18 +809,7 @@ class Delivery:
             )
             log_api_call(message.queue_id, plan.rcpt, plan.route.name, request, result, outcome)
             error = result.message[:200]
-        record = RecipientRecord(
-            queue_id=message.queue_id,
-            rcpt=plan.rcpt,
-            state=outcome.state,
-            route=plan.route.name,
-            template_id=request.template_id,
-            api_code=outcome.api_code,
-            reply=str(outcome.reply),
-            attempts=outcome.attempts,
-            updated_at=time.time(),
-            error=error,
-        )
+        record = outcome.record(message.queue_id, now=time.time(), error=error)
         try:
             await self.store.update_recipient(record, message_key=key)
         except StoreError:
@@ -840,17 +833,7 @@ class Delivery:
             api_code=outcome.api_code,
             reply=str(outcome.reply),
         )
-        record = RecipientRecord(
-            queue_id=message.queue_id,
-            rcpt=outcome.rcpt,
-            state=RecipientState.DEAD,
-            route=outcome.route,
-            template_id=outcome.template_id,
-            api_code=outcome.api_code,
-            reply=str(outcome.reply),
-            attempts=outcome.attempts,
-            updated_at=time.time(),
-        )
+        record = dead.record(message.queue_id, now=time.time())
         notice = failure_notice(
             config=config,
             queue_id=message.queue_id,

@@ -409,18 +409,7 @@ class QueueWorker:
             "route": outcome.route,
             "attempt": attempts,
         }
-        final = RecipientRecord(
-            queue_id=record.queue_id,
-            rcpt=record.rcpt,
-            state=outcome.state,
-            route=outcome.route,
-            template_id=outcome.template_id,
-            api_code=outcome.api_code,
-            reply=str(outcome.reply),
-            attempts=attempts,
-            updated_at=now,
-            error=error,
-        )
+        final = outcome.record(record.queue_id, now=now, attempts=attempts, error=error)
         if outcome.state in (RecipientState.DELIVERED, RecipientState.DROPPED):
             done = self.store.update_recipient(final, message_key=message.message_key)
             await asyncio.shield(done)
