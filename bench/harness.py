@@ -119,6 +119,21 @@ def cpu_seconds(pid: int) -> float:
     return total / CLK_TCK
 
 
+def busy_seconds(cpus: set[int] | None = None) -> float:
+    """CPU time all processes spent on ``cpus`` (all cores if None), from /proc/stat."""
+    total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *fields = line.split()
+            if not name.startswith("cpu") or name == "cpu":
+                continue
+            if cpus is not None and int(name[3:]) not in cpus:
+                continue
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+            total += user + nice + system + irq + softirq + steal
+    return total / CLK_TCK
+
+
 def runqueue_wait(pid: int) -> float:
     """Seconds the threads of ``pid`` and its descendants spent runnable but not running
     (``/proc/PID/task/TID/schedstat``): how much the machine's other load cost them."""
@@ -384,6 +399,7 @@ class Sample:
     cpu_ms_per_msg: float = 0.0
     server_cpu: float = 0.0  # cores busy during the window (1.0 = one core)
     server_wait: float = 0.0  # share of the window its threads waited for a CPU
+    others_cpu: float = 0.0  # cores used by every other process on the machine meanwhile
     peak_rss_mb: float = 0.0
     sandbox_cpu: float = 0.0
     loadgen_cpu: float = 0.0
@@ -450,6 +466,7 @@ def run_load(
         cpu0 = cpu_seconds(server.pid)
         wait0 = runqueue_wait(server.pid)
         sb0 = cpu_seconds(sandbox.pid) if sandbox else 0.0
+        busy0 = busy_seconds()
         t0 = time.perf_counter()
         assert popen.stdin is not None
         popen.stdin.write("GO\n")
@@ -460,6 +477,7 @@ def run_load(
         cpu = cpu_seconds(server.pid) - cpu0
         wait = runqueue_wait(server.pid) - wait0
         sb = cpu_seconds(sandbox.pid) - sb0 if sandbox else 0.0
+        busy = busy_seconds() - busy0
         popen.wait(30)
     ok = result["ok"]
     return Sample(
@@ -469,6 +487,8 @@ def run_load(
         cpu_ms_per_msg=cpu * 1000 / ok if ok else 0.0,
         server_cpu=cpu / wall,
         server_wait=wait / wall,
+        # The load generator's own CPU is in its result, over its (slightly shorter) window.
+        others_cpu=max(0.0, busy - cpu - sb - result["loadgen_cpu"] * result["elapsed"]) / wall,
         peak_rss_mb=peak_rss_mb(server.pid),
         sandbox_cpu=sb / wall,
         loadgen_cpu=result["loadgen_cpu"],

@@ -156,7 +156,8 @@ class Bench:
         self.log(
             f"  round {round_ + 1}  {name:<10} {key[1]:>3} ms: {sample.rate:7.0f} msgs/s"
             f"  p99 {sample.p99_ms:6.1f} ms  {sample.cpu_ms_per_msg:5.2f} CPU ms/msg"
-            f"  server CPU {sample.server_cpu:4.2f}  errors {sum(sample.errors.values())}"
+            f"  server CPU {sample.server_cpu:4.2f}  other {sample.others_cpu:4.2f}"
+            f"  errors {sum(sample.errors.values())}"
         )
 
     def probe_mode(self, mode: str) -> str:
@@ -287,7 +288,7 @@ class Bench:
         lines = []
         header = (
             f"{'server':<12} {'API':>5} {'msgs/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
-            f"{'CPU ms/msg':>10} {'srv CPU':>7} {'wait':>5} {'peak RSS':>8} {'x bare':>6} "
+            f"{'CPU ms/msg':>10} {'srv CPU':>7} {'other':>5} {'peak RSS':>8} {'x bare':>6} "
             f"{'x naive':>7} "
             f"{'API CPU':>7} {'load CPU':>8} {'errors':>6}"
         )
@@ -304,7 +305,7 @@ class Bench:
             lines.append(
                 f"{name:<12} {api:>5} {rate:8.0f} {row.median('p50_ms'):7.1f} "
                 f"{row.median('p99_ms'):7.1f} {row.median('cpu_ms_per_msg'):10.2f} "
-                f"{row.median('server_cpu'):7.2f} {row.median('server_wait'):5.2f} "
+                f"{row.median('server_cpu'):7.2f} {row.median('others_cpu'):5.2f} "
                 f"{row.median('peak_rss_mb'):6.1f}MB "
                 f"{x_bare:6.2f} {(f'{x_naive:7.2f}' if name != 'bare' else '      -')} "
                 f"{row.median('sandbox_cpu'):7.2f} {row.median('loadgen_cpu'):8.2f} "
@@ -319,9 +320,9 @@ class Bench:
             lines.append(f"{what:<12} skipped: {reason}")
         if self.rows:
             lines.append(
-                "(srv CPU: cores the server used; wait: share of the window its threads were"
-                " runnable but got no CPU,\n the machine's other load; API CPU / load CPU: the"
-                " sandbox's and the load generator's cores, well below 1 = not the bottleneck)"
+                "(srv CPU / API CPU / load CPU: cores used by the server, the sandbox API and"
+                " the load generator\n (API and load well below 1: not the bottleneck); other:"
+                " cores used meanwhile by every other process\n on the machine, i.e. the noise)"
             )
         if self.idle:
             rss = statistics.median(r["rss_mb"] for r in self.idle)

@@ -237,6 +237,8 @@ class _Supervisor:
             await self._start(worker)
         for worker in workers:
             code = await self._wait_ready(worker)
+            if self.stop_event.is_set():
+                return EXIT_OK  # SIGTERM during startup: stop, and that is no failure
             if code is not None:
                 log_event(
                     log,
@@ -394,6 +396,7 @@ class _Supervisor:
             sd_notify("WATCHDOG=1")
             now = time.monotonic()
             for worker in self.workers:
+                self._on_notify(worker)  # pings that queued while this loop was busy
                 process = worker.process
                 if (
                     process is not None

@@ -53,7 +53,8 @@ def test_every_server_answers_250_and_gives_figures(kind: str, sandbox: Any, wor
     assert sample.ok == SMALL["count"]
     assert sample.rate > 0
     assert 0 < sample.p50_ms <= sample.p99_ms
-    assert sample.cpu_ms_per_msg > 0
+    # /proc counts CPU in ticks (10 ms): a bare server's few messages may cost none.
+    assert sample.cpu_ms_per_msg >= 0
     assert sample.peak_rss_mb > 0
     if kind == "bridge":
         delivered = harness.query_state(

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ import pytest
 
 from smtp_bridge.cli import build_parser
 from smtp_bridge.config import parse_config
+from smtp_bridge.outcomes import RecipientState
 from smtp_bridge.sandbox import Sandbox
+from smtp_bridge.store import MessageRecord, RecipientRecord, Store
 from smtp_bridge.workers import WorkerSlot, worker_config
 
 WAIT = 30.0
@@ -107,8 +110,12 @@ class Supervisor:
         self.proc = proc
         self.notify = notify
         self.events: list[dict[str, Any]] = []
+        self.notes: list[str] = []  # NOTIFY_SOCKET datagrams, drained as systemd does
+        self.read_notes = 0
         self.changed = asyncio.Event()
-        self.pump = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        self.pump = loop.create_task(self._read())
+        self.drain = loop.create_task(self._drain())
 
     async def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -118,31 +125,50 @@ class Supervisor:
             self.changed.set()
         self.changed.set()
 
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self.notes.append((await loop.sock_recv(self.notify, 4096)).decode())
+            self.changed.set()
+
     def named(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == name]
 
-    async def wait_for(self, name: str, count: int = 1) -> list[dict[str, Any]]:
-        async def until() -> list[dict[str, Any]]:
-            while len(self.named(name)) < count:
+    async def _until(self, done: Any) -> Any:
+        async def wait() -> Any:
+            while not (found := done()):
                 if self.pump.done():
-                    raise AssertionError(f"exited before {count} {name!r}: {self.events}")
+                    raise AssertionError(f"exited early: {self.events}")
                 self.changed.clear()
                 await self.changed.wait()
-            return self.named(name)
+            return found
 
-        return await asyncio.wait_for(until(), WAIT)
+        return await asyncio.wait_for(wait(), WAIT)
+
+    async def wait_for(self, name: str, count: int = 1) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = await self._until(
+            lambda: len(self.named(name)) >= count and self.named(name)
+        )
+        return found
 
     async def notified(self, key: str) -> str:
-        """The next NOTIFY_SOCKET datagram holding ``key``."""
-        loop = asyncio.get_running_loop()
-        while True:
-            data = (await asyncio.wait_for(loop.sock_recv(self.notify, 4096), WAIT)).decode()
-            if any(line.startswith(key + "=") for line in data.splitlines()):
-                return data
+        """The next NOTIFY_SOCKET datagram holding ``key`` (after the last one returned)."""
+
+        def find() -> str | None:
+            for index in range(self.read_notes, len(self.notes)):
+                if any(line.startswith(key + "=") for line in self.notes[index].splitlines()):
+                    self.read_notes = index + 1
+                    return self.notes[index]
+            return None
+
+        note: str = await self._until(find)
+        return note
 
 
 @contextlib.asynccontextmanager
-async def supervisor(tmp_path: Path, api_url: str) -> AsyncIterator[Supervisor]:
+async def supervisor(
+    tmp_path: Path, api_url: str, *, watchdog_usec: int = 0
+) -> AsyncIterator[Supervisor]:
     config = tmp_path / "config.yaml"
     config.write_text(config_text(tmp_path / "state", api_url))
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -150,6 +176,8 @@ async def supervisor(tmp_path: Path, api_url: str) -> AsyncIterator[Supervisor]:
     notify.setblocking(False)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "WATCHDOG_"))}
     env.update(PYTHONUNBUFFERED="1", NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+    if watchdog_usec:
+        env["WATCHDOG_USEC"] = str(watchdog_usec)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "smtp_bridge", "serve", "--config", str(config), "--workers", "2",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
@@ -163,6 +191,9 @@ async def supervisor(tmp_path: Path, api_url: str) -> AsyncIterator[Supervisor]:
             proc.kill()
             await proc.wait()
         await asyncio.wait_for(running.pump, WAIT)
+        running.drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running.drain
         notify.close()
 
 
@@ -211,9 +242,58 @@ async def test_two_workers_share_the_port_reload_restart_and_stop(
         await sup.wait_for("workers_stopped")
 
 
+async def test_a_worker_whose_loop_is_stuck_is_killed_and_replaced(
+    tmp_path: Path, sandbox: Sandbox
+) -> None:
+    async with supervisor(tmp_path, sandbox.url, watchdog_usec=1_000_000) as sup:
+        await sup.notified("READY")
+        pids = (await sup.wait_for("workers_ready"))[0]["pids"]
+        assert "WATCHDOG=1" in await sup.notified("WATCHDOG")
+        os.kill(pids[0], signal.SIGSTOP)  # its loop stops pinging; the other's does not
+        stuck = (await sup.wait_for("worker_unresponsive"))[0]
+        assert stuck["pid"] == pids[0]
+        await sup.wait_for("listening", 3)  # its replacement
+        assert [e["pid"] for e in sup.named("worker_unresponsive")] == [pids[0]]
+        assert "WATCHDOG=1" in await sup.notified("WATCHDOG")  # systemd still pinged
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(sup.proc.wait(), WAIT) == 0
+
+
 async def test_a_worker_that_cannot_start_stops_the_daemon_with_exit_2(tmp_path: Path) -> None:
     # The state directory is a file: the store cannot open, in every worker.
     (tmp_path / "state").write_text("not a directory")
     async with supervisor(tmp_path, "http://127.0.0.1:9/x") as sup:
         assert await asyncio.wait_for(sup.proc.wait(), WAIT) == 2
         await sup.wait_for("worker_failed_to_start")
+
+
+# --------------------------------------------------------------------------- store
+
+
+async def test_two_stores_on_one_file_take_turns_and_lose_nothing(tmp_path: Path) -> None:
+    """What two workers do: write the one state store at once, each in its own batches."""
+    path = tmp_path / "state.sqlite3"
+    first = await Store.open(path)
+    second = await Store.open(path)
+    try:
+
+        async def write(store: Store, who: str, n: int) -> None:
+            for i in range(n):
+                queue_id = f"{who}{i:04d}"
+                record = MessageRecord(queue_id, f"key-{queue_id}", "a@b.c", "", "", "s", 1,
+                                       time.time(), "direct")  # fmt: skip
+                rcpt = RecipientRecord(queue_id, "r@x.y", RecipientState.DELIVERED)
+                await store.add_message(record, [rcpt])
+
+        await asyncio.gather(
+            *(write(first, f"A{t}", 25) for t in range(4)),
+            *(write(second, f"B{t}", 25) for t in range(4)),
+        )
+        counts = await first.counts()
+        assert counts[RecipientState.DELIVERED.value] == 200
+        assert (tmp_path / "state.sqlite3.write-lock").exists()
+        # Group commit still groups: far fewer transactions than writes.
+        assert first.commits + second.commits < 200
+    finally:
+        await first.close()
+        await second.close()
