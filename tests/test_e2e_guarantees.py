@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import email.policy
 import json
-import re
 from collections import Counter
 from email.message import EmailMessage
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import aiosmtplib
 import pytest
+from smtp_raw import data_reply, split_id
 
 from smtp_bridge import replies
 from smtp_bridge.auth import hash_password
@@ -62,27 +62,6 @@ def make_message(
     return msg.as_bytes(policy=email.policy.SMTP)  # CRLF line ends, as on the wire
 
 
-async def send(b: Any, message: bytes, rcpts: list[str]) -> str:
-    """One message on a fresh connection; the whole DATA reply line, failures included."""
-    async with b.client() as smtp:
-        await smtp.ehlo()
-        await smtp.mail("app@example.com")
-        for rcpt in rcpts:
-            code, text = await smtp.rcpt(rcpt)
-            assert code == 250, (rcpt, code, text)
-        try:
-            response = await smtp.data(message)
-        except aiosmtplib.SMTPDataError as exc:
-            return f"{exc.code} {exc.message}"
-        return f"{response.code} {response.message}"
-
-
-def split_id(line: str) -> tuple[str, str]:
-    found = re.fullmatch(r"(?P<reply>.+) id=(?P<qid>[0-9A-Za-z]+)", line)
-    assert found is not None, f"DATA reply without a trailing id=<queue id>: {line!r}"
-    return found["reply"], found["qid"]
-
-
 def assert_reply(line: str, expected: Reply) -> str:
     reply, qid = split_id(line)
     assert reply == str(expected), line
@@ -108,7 +87,7 @@ def events(log_lines: Any, name: str) -> list[dict[str, Any]]:
 
 async def test_all_delivered_is_250(bridge: Any) -> None:
     async with bridge() as b:
-        qid = assert_reply(await send(b, make_message(), [A, B, C]), replies.OK)
+        qid = assert_reply(await data_reply(b, make_message(), [A, B, C]), replies.OK)
         assert await states(b, qid) == {A: S.DELIVERED, B: S.DELIVERED, C: S.DELIVERED}
     assert requests_per_rcpt(b.sandbox) == {A: 1, B: 1, C: 1}
 
@@ -126,14 +105,16 @@ async def test_one_transient_failure_is_that_4xx(
 ) -> None:
     async with bridge() as b:
         b.sandbox.script({**script, "to": B})
-        qid = assert_reply(await send(b, make_message(), [A, B, C]), expected)
+        qid = assert_reply(await data_reply(b, make_message(), [A, B, C]), expected)
         assert await states(b, qid) == {A: S.DELIVERED, B: state, C: S.DELIVERED}
 
 
 async def test_transient_beats_permanent_and_delivered(bridge: Any) -> None:
     async with bridge() as b:
         b.sandbox.script({"code": 40005, "to": A}, {"status": 502, "to": B})
-        qid = assert_reply(await send(b, make_message(), [A, B, C]), replies.UPSTREAM_UNAVAILABLE)
+        qid = assert_reply(
+            await data_reply(b, make_message(), [A, B, C]), replies.UPSTREAM_UNAVAILABLE
+        )
         recorded = await states(b, qid)
     assert recorded[B] is S.RETRYING
     assert recorded[C] is S.DELIVERED
@@ -143,14 +124,14 @@ async def test_transient_beats_permanent_and_delivered(bridge: Any) -> None:
 async def test_only_permanent_failures_is_that_5xx(bridge: Any) -> None:
     async with bridge() as b:
         b.sandbox.script({"code": 40005, "to": A}, {"code": 40005, "to": B})
-        qid = assert_reply(await send(b, make_message(), [A, B]), replies.BAD_RECIPIENT)
+        qid = assert_reply(await data_reply(b, make_message(), [A, B]), replies.BAD_RECIPIENT)
         assert await states(b, qid) == {A: S.FAILED, B: S.FAILED}
 
 
 async def test_mixed_permanent_failures_answer_one_of_them(bridge: Any) -> None:
     async with bridge() as b:
         b.sandbox.script({"code": 40005, "to": A}, {"status": 413, "to": B})
-        line = await send(b, make_message(), [A, B])
+        line = await data_reply(b, make_message(), [A, B])
         reply, qid = split_id(line)
         assert reply in (str(replies.BAD_RECIPIENT), str(replies.TOO_LARGE))
         assert await states(b, qid) == {A: S.FAILED, B: S.FAILED}
@@ -161,7 +142,7 @@ async def test_permanent_beside_delivered_is_250_and_dead_letter(
 ) -> None:
     async with bridge() as b:
         b.sandbox.script({"code": 40005, "to": B})
-        qid = assert_reply(await send(b, make_message(), [A, B]), replies.OK)
+        qid = assert_reply(await data_reply(b, make_message(), [A, B]), replies.OK)
         assert await states(b, qid) == {A: S.DELIVERED, B: S.DEAD}
         dead = await b.service._store.list_recipients(states=[S.DEAD])
         assert [(r.queue_id, r.rcpt) for r in dead] == [(qid, B)]
@@ -209,9 +190,9 @@ async def test_retry_after_partial_failure_sends_only_the_rest(
     first, retry = _retry_pair(kind)
     async with bridge() as b:
         b.sandbox.script({**failure, "to": C})
-        qid1 = assert_reply(await send(b, first, [A, B, C]), expected)
+        qid1 = assert_reply(await data_reply(b, first, [A, B, C]), expected)
         assert requests_per_rcpt(b.sandbox) == {A: 1, B: 1, C: 1}
-        qid2 = assert_reply(await send(b, retry, [A, B, C]), replies.OK)
+        qid2 = assert_reply(await data_reply(b, retry, [A, B, C]), replies.OK)
         assert qid2 != qid1
         assert await states(b, qid2) == {A: S.DELIVERED, B: S.DELIVERED, C: S.DELIVERED}
     assert requests_per_rcpt(b.sandbox) == {A: 1, B: 1, C: 2}
@@ -229,7 +210,7 @@ async def test_content_hash_ignores_line_end_style(bridge: Any) -> None:
     assert lf.count(b"\r") == 1
     async with bridge() as b:
         b.sandbox.script({"status": 503, "to": B})
-        assert_reply(await send(b, crlf, [A, B]), replies.UPSTREAM_UNAVAILABLE)
+        assert_reply(await data_reply(b, crlf, [A, B]), replies.UPSTREAM_UNAVAILABLE)
         assert_reply(await raw_send(b, lf, [A, B]), replies.OK)
     assert requests_per_rcpt(b.sandbox) == {A: 1, B: 2}
 
@@ -238,9 +219,9 @@ async def test_dedup_compares_recipients_lower_cased(bridge: Any) -> None:
     message = make_message("<case@example.com>")
     async with bridge() as b:
         b.sandbox.script({"status": 503, "to": C})
-        assert_reply(await send(b, message, ["Alice@Example.ORG", C]),
+        assert_reply(await data_reply(b, message, ["Alice@Example.ORG", C]),
                      replies.UPSTREAM_UNAVAILABLE)  # fmt: skip
-        assert_reply(await send(b, message, ["alice@example.org", "CAROL@example.ORG"]),
+        assert_reply(await data_reply(b, message, ["alice@example.org", "CAROL@example.ORG"]),
                      replies.OK)  # fmt: skip
     assert requests_per_rcpt(b.sandbox) == {A: 1, C: 2}
 
@@ -248,8 +229,8 @@ async def test_dedup_compares_recipients_lower_cased(bridge: Any) -> None:
 async def test_delivered_message_resent_in_full_sends_nothing(bridge: Any) -> None:
     message = make_message("<twice@example.com>")
     async with bridge() as b:
-        assert_reply(await send(b, message, [A, B]), replies.OK)
-        qid = assert_reply(await send(b, message, [A, B]), replies.OK)
+        assert_reply(await data_reply(b, message, [A, B]), replies.OK)
+        qid = assert_reply(await data_reply(b, message, [A, B]), replies.OK)
         assert await states(b, qid) == {A: S.DELIVERED, B: S.DELIVERED}
     assert requests_per_rcpt(b.sandbox) == {A: 1, B: 1}
 
@@ -270,16 +251,16 @@ async def test_a_different_message_is_not_deduplicated(
     bridge: Any, first: bytes, second: bytes
 ) -> None:
     async with bridge() as b:
-        assert_reply(await send(b, first, [A]), replies.OK)
-        assert_reply(await send(b, second, [A]), replies.OK)
+        assert_reply(await data_reply(b, first, [A]), replies.OK)
+        assert_reply(await data_reply(b, second, [A]), replies.OK)
     assert len(b.delivered(to=A)) == 2
 
 
 async def test_same_message_to_another_recipient_is_sent(bridge: Any) -> None:
     message = make_message("<fanout@example.com>")
     async with bridge() as b:
-        assert_reply(await send(b, message, [A]), replies.OK)
-        assert_reply(await send(b, message, [A, B]), replies.OK)
+        assert_reply(await data_reply(b, message, [A]), replies.OK)
+        assert_reply(await data_reply(b, message, [A, B]), replies.OK)
     assert requests_per_rcpt(b.sandbox) == {A: 1, B: 1}
 
 
@@ -290,15 +271,15 @@ async def test_unknown_outcome_is_sent_again_as_possible_duplicate(
     message = make_message("<unknown@example.com>")
     async with bridge(with_routes("api: {timeout: 0.5s}")) as b:
         b.sandbox.script({"action": action, "to": B})
-        qid1 = assert_reply(await send(b, message, [A, B]), replies.OUTCOME_UNKNOWN)
+        qid1 = assert_reply(await data_reply(b, message, [A, B]), replies.OUTCOME_UNKNOWN)
         assert await states(b, qid1) == {A: S.DELIVERED, B: S.UNKNOWN}
         unknown = await b.service._store.list_recipients(states=[S.UNKNOWN])
         assert [(r.queue_id, r.rcpt) for r in unknown] == [(qid1, B)]
         # At-least-once: the retry sends B again and says it may be a duplicate.
-        qid2 = assert_reply(await send(b, message, [A, B]), replies.OK)
+        qid2 = assert_reply(await data_reply(b, message, [A, B]), replies.OK)
         assert await states(b, qid2) == {A: S.DELIVERED, B: S.DELIVERED}
         # Now delivered: a further retry sends nothing.
-        assert_reply(await send(b, message, [A, B]), replies.OK)
+        assert_reply(await data_reply(b, message, [A, B]), replies.OK)
     assert requests_per_rcpt(b.sandbox) == {A: 1, B: 2}
     warnings = events(log_lines, "possible_duplicate")
     assert [(e["rcpt"], e["queue_id"], e["level"]) for e in warnings] == [(B, qid2, "warning")]
@@ -386,7 +367,7 @@ async def test_client_disconnect_mid_delivery_does_not_cancel_api_calls(
         delivered = await b.service._store.list_recipients(states=[S.DELIVERED])
         assert sorted(r.rcpt for r in delivered) == [A, B]
         # The client retries (it never saw a reply): nothing is sent again.
-        line = await send(b, message, [A, B])
+        line = await data_reply(b, message, [A, B])
         qid = assert_reply(line, replies.OK)
         assert await states(b, qid) == {A: S.DELIVERED, B: S.DELIVERED}
         assert Counter(r["to"] for r in slow.sent()) == {A: 1, B: 1}
@@ -425,7 +406,7 @@ async def test_api_key_never_in_replies_logs_or_repr(
         if failure is not None:
             api.script(failure)
         async with bridge(config_text, api_url=api.url) as b:
-            line = await send(b, make_message(), [A])
+            line = await data_reply(b, make_message(), [A])
             _, qid = split_id(line)
             assert not line.startswith("2")
             config: Config = b.service.runtime.config
@@ -468,7 +449,7 @@ async def test_retry_while_first_attempt_in_flight_waits_for_it(
         (first,) = b.service._deliveries
         writer.transport.abort()
         assert not first.done()
-        qid = assert_reply(await send(b, message, [A, B]), replies.OK)
+        qid = assert_reply(await data_reply(b, message, [A, B]), replies.OK)
         assert first.done()
         assert await states(b, qid) == {A: S.DELIVERED, B: S.DELIVERED}
     assert requests_per_rcpt(slow) == expected_requests
@@ -484,7 +465,7 @@ async def test_retry_while_first_attempt_in_flight_waits_for_it(
 )
 async def test_recipient_listed_twice_gets_one_call(bridge: Any, rcpts: list[str]) -> None:
     async with bridge() as b:
-        qid = assert_reply(await send(b, make_message("<twice-listed@example.com>"), rcpts),
+        qid = assert_reply(await data_reply(b, make_message("<twice-listed@example.com>"), rcpts),
                            replies.OK)  # fmt: skip
         recorded = await states(b, qid)
     assert requests_per_rcpt(b.sandbox) == {r.lower(): 1 for r in rcpts}

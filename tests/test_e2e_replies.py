@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from email.message import EmailMessage
 from typing import Any
 
-import aiosmtplib
 import pytest
+from smtp_raw import data_reply, split_id
 
 from smtp_bridge import replies
 from smtp_bridge.outcomes import RecipientState
@@ -62,25 +62,8 @@ def make_message(subject: str = "Hello", message_id: str | None = "<r1@example.c
 
 
 async def send(b: Any, message: bytes, rcpts: list[str] | None = None) -> str:
-    """One message on a fresh connection; the whole DATA reply line, failures included."""
-    async with b.client() as smtp:
-        await smtp.ehlo()
-        await smtp.mail("app@example.com")
-        for rcpt in rcpts or [RCPT]:
-            code, text = await smtp.rcpt(rcpt)
-            assert code == 250, (rcpt, code, text)
-        try:
-            response = await smtp.data(message)
-        except aiosmtplib.SMTPDataError as exc:
-            return f"{exc.code} {exc.message}"
-        return f"{response.code} {response.message}"
-
-
-def split_id(line: str) -> tuple[str, str]:
-    """``"451 4.3.5 text id=Q"`` -> (``"451 4.3.5 text"``, ``"Q"``); fails without an id."""
-    found = re.fullmatch(r"(?P<reply>.+) id=(?P<qid>[0-9A-Za-z]+)", line)
-    assert found is not None, f"DATA reply without a trailing id=<queue id>: {line!r}"
-    return found["reply"], found["qid"]
+    """One message to ``rcpts`` (default one recipient); the whole DATA reply line."""
+    return await data_reply(b, message, rcpts or [RCPT])
 
 
 def assert_no_leak(line: str) -> None:

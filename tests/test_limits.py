@@ -13,9 +13,10 @@ import ipaddress
 import socket
 import time
 from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
+from smtp_raw import RawSmtp
 
 from smtp_bridge import replies
 from smtp_bridge.sandbox import Sandbox
@@ -36,35 +37,10 @@ def config(smtp: str, api: str = "") -> str:
     return f"smtp: {smtp}\n" + (f"api: {api}\n" if api else "") + ROUTES
 
 
-class Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    async def line(self) -> str:
-        raw = await asyncio.wait_for(self.reader.readline(), WAIT)
-        assert raw.endswith(b"\r\n"), raw
-        return raw[:-2].decode()
-
-    async def reply(self) -> list[str]:
-        lines = [await self.line()]
-        while len(lines[-1]) > 3 and lines[-1][3] == "-":
-            lines.append(await self.line())
-        return lines
-
+class Conn(RawSmtp):
     async def cmd(self, command: str | bytes) -> str:
-        if isinstance(command, str):
-            command = command.encode()
-        self.writer.write(command + b"\r\n")
-        await self.writer.drain()
-        return (await self.reply())[-1]
-
-    async def rest(self) -> bytes:
-        return await asyncio.wait_for(self.reader.read(), WAIT)
-
-    async def close(self) -> None:
-        self.writer.close()
-        with suppress(OSError):
-            await self.writer.wait_closed()
+        """One command; the last line of its reply."""
+        return (await self.command(command))[-1]
 
 
 @asynccontextmanager

@@ -7,14 +7,13 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, suppress
+from contextlib import asynccontextmanager
 
 import pytest
+from smtp_raw import RawSmtp
 
 from smtp_bridge import replies
 from smtp_bridge.replies import Reply
-
-WAIT = 15.0
 
 LMTP = """
 smtp: {protocol: lmtp, max_message_size: 1KiB}
@@ -30,25 +29,9 @@ routes:
 MESSAGE = b"From: app@example.com\r\nSubject: Per recipient\r\nMessage-ID: <l1@x>\r\n\r\nHi\r\n"
 
 
-class Lmtp:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    async def line(self) -> str:
-        raw = await asyncio.wait_for(self.reader.readline(), WAIT)
-        assert raw.endswith(b"\r\n"), raw
-        return raw[:-2].decode()
-
-    async def reply(self) -> list[str]:
-        lines = [await self.line()]
-        while len(lines[-1]) > 3 and lines[-1][3] == "-":
-            lines.append(await self.line())
-        return lines
-
+class Lmtp(RawSmtp):
     async def cmd(self, command: str) -> list[str]:
-        self.writer.write(command.encode() + b"\r\n")
-        await self.writer.drain()
-        return await self.reply()
+        return await self.command(command)
 
     async def deliver(self, rcpts: list[str], content: bytes = MESSAGE) -> list[str]:
         """MAIL, RCPT..., DATA: the replies after the final dot, one per recipient."""
@@ -71,9 +54,7 @@ async def lmtp(b) -> AsyncIterator[Lmtp]:
         assert lhlo[0] == "250-bridge.test" and lhlo[-1].startswith("250 ")
         yield session
     finally:
-        writer.close()
-        with suppress(OSError):
-            await writer.wait_closed()
+        await session.close()
 
 
 def queue_id(line: str) -> str:

@@ -19,6 +19,7 @@ from contextlib import asynccontextmanager, suppress
 
 import pytest
 from conftest import TlsFiles, run_on_uvloop
+from smtp_raw import RawSmtp
 
 from smtp_bridge import replies
 from smtp_bridge.auth import AuthThrottle, hash_password
@@ -74,27 +75,10 @@ routes:
 """
 
 
-class Conn:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
-
-    async def line(self) -> str:
-        raw = await asyncio.wait_for(self.reader.readline(), WAIT)
-        assert raw.endswith(b"\r\n"), raw
-        return raw[:-2].decode()
-
+class Conn(RawSmtp):
     async def cmd(self, command: str | bytes) -> str:
-        if isinstance(command, str):
-            command = command.encode()
-        self.writer.write(command + b"\r\n")
-        await self.writer.drain()
-        lines = [await self.line()]
-        while len(lines[-1]) > 3 and lines[-1][3] == "-":
-            lines.append(await self.line())
-        return lines[-1]
-
-    async def rest(self) -> bytes:
-        return await asyncio.wait_for(self.reader.read(), WAIT)
+        """One command; the last line of its reply."""
+        return (await self.command(command))[-1]
 
     async def send_mail(self) -> str:
         await self.cmd("EHLO client.test")
