@@ -249,26 +249,25 @@ class Bench:
 
     def measure_memory(self) -> None:
         sandbox = self.sandbox(self.latencies[0])
-        for i in range(self.args.runs):
-            server = harness.start_server(
+
+        def fresh_bridge() -> harness.Proc:
+            # Each measurement starts its own daemon, so one's peak never hides in the other's.
+            return harness.start_server(
                 "bridge",
                 api_url=sandbox.url,
                 workdir=self.workdir,
                 cpus=self.server_cpus,
                 tree=self.args.bridge_tree,
             )
+
+        for i in range(self.args.runs):
+            server = fresh_bridge()
             try:
                 self.idle.append(harness.idle_connections(server, self.args.idle, self.load_cpus))
             finally:
                 server.stop()
             self.log(f"  round {i + 1}  idle {self.args.idle}: {self.idle[-1]['rss_mb']:.1f} MB")
-            server = harness.start_server(
-                "bridge",
-                api_url=sandbox.url,
-                workdir=self.workdir,
-                cpus=self.server_cpus,
-                tree=self.args.bridge_tree,
-            )
+            server = fresh_bridge()
             try:
                 self.big.append(harness.big_message(server, self.args.big, self.load_cpus))
             finally:
