@@ -585,8 +585,20 @@ class Delivery:
         per_recipient: bool,
     ) -> list[RecipientOutcome]:
         self.gate.configure(config.api)
+        app_key = message.app_key or config.app_key()
+        now = time.time()
+        spool_all = self.mode == "queue" or (
+            self.mode == "hybrid" and self.gate.blocked(app_key) is not None
+        )
         try:
-            previous = await self.store.previous_outcomes(key, message.rcpts)
+            if spool_all:
+                previous = await self.store.previous_outcomes(key, message.rcpts)
+            else:
+                # The message is on record before anything is sent: no ledger, no
+                # dedup guarantee, so a store that takes no writes keeps the mail
+                # with the client (451) and nothing goes out.
+                record = self._message_record(message, key, now, content=None)
+                previous = await self.store.open_message(record, message.rcpts)
         except StoreError:
             return self._store_failed(message, message.rcpts)
         plans = [
@@ -603,11 +615,6 @@ class Delivery:
             )
             for rcpt in message.rcpts
         ]
-        app_key = message.app_key or config.app_key()
-        now = time.time()
-        spool_all = self.mode == "queue" or (
-            self.mode == "hybrid" and self.gate.blocked(app_key) is not None
-        )
         if spool_all:
             # Queue mode, or hybrid while the breaker is open: no call now, the
             # whole message goes to the spool before the 250 (DESIGN 2 and 5).
@@ -615,17 +622,8 @@ class Delivery:
             if outcomes is None:
                 return self._store_failed(message, [p.rcpt for p in plans])
         else:
-            record = self._message_record(message, key, now, content=None)
-            try:
-                await self.store.add_message(record, [self._record(message, p, now) for p in plans])
-            except StoreError:
-                # No ledger, no dedup guarantee: keep the mail with the client.
-                return self._store_failed(message, [p.rcpt for p in plans])
-            outcomes = list(
-                await asyncio.gather(*(self._run(message, p, key, config, app_key) for p in plans))
-            )
-            if self.mode == "hybrid":
-                outcomes = await self._spool_transient(message, plans, outcomes, key, config)
+            ran = await asyncio.gather(*(self._run(message, p, config, app_key) for p in plans))
+            outcomes = await self._record_outcomes(message, plans, ran, key, config)
         if not per_recipient and any(o.reply.is_success for o in outcomes):
             # Permanent failures beside deliveries: the reply will be 250, so
             # these are dead letters the operator must see (DESIGN 2).
@@ -728,56 +726,72 @@ class Delivery:
             self._wake()
         return outcomes
 
-    async def _spool_transient(
+    async def _record_outcomes(
         self,
         message: IncomingMessage,
         plans: Sequence[Plan],
-        outcomes: list[RecipientOutcome],
+        ran: Sequence[tuple[RecipientOutcome, str]],
         key: str,
         config: Config,
     ) -> list[RecipientOutcome]:
-        """Hybrid: transient and unknown outcomes go to the spool; 4xx if that fails."""
+        """Commit every recipient's outcome in one transaction, before the reply.
+
+        Hybrid mode: transient and unknown outcomes go to the spool in the same
+        commit and become ``250``; if it fails their 4xx stands (the client keeps
+        the mail). ``ran``: each plan's outcome and the error text to record.
+        """
         now = time.time()
         backoff = config.delivery.backoff
+        outcomes: list[RecipientOutcome] = []
         records: list[RecipientRecord] = []
-        for plan, outcome in zip(plans, outcomes, strict=True):
-            if not (outcome.reply.is_transient and plan.spoolable):
-                continue
-            if outcome.attempts:
-                delay = next_delay(
-                    outcome.attempts, backoff, retry_after=outcome.retry_after, rand=self.rand
+        for plan, (outcome, error) in zip(plans, ran, strict=True):
+            if self.mode == "hybrid" and outcome.reply.is_transient and plan.spoolable:
+                if outcome.attempts:
+                    delay = next_delay(
+                        outcome.attempts, backoff, retry_after=outcome.retry_after, rand=self.rand
+                    )
+                else:
+                    delay = 0.0  # never sent (breaker, template): the worker decides when
+                records.append(
+                    outcome.record(
+                        message.queue_id,
+                        now=now,
+                        error=error,
+                        next_attempt=now + delay,
+                        spooled_at=now,
+                    )
                 )
+                outcomes.append(dataclasses.replace(outcome, reply=replies.QUEUED, spooled=True))
             else:
-                delay = 0.0  # never sent (breaker, template): the worker decides when
-            records.append(
-                outcome.record(message.queue_id, now=now, next_attempt=now + delay, spooled_at=now)
-            )
-        if not records:
-            return outcomes
+                records.append(outcome.record(message.queue_id, now=now, error=error))
+                outcomes.append(outcome)
+        spooled = sum(o.spooled for o in outcomes)
         try:
-            await self.store.spool(
-                message.queue_id, message.raw, records, message_key=key, mode=self.mode
+            await self.store.record_outcomes(
+                message.queue_id,
+                records,
+                message_key=key,
+                spool=message.raw if spooled else None,
+                mode=self.mode,
             )
         except StoreError:
             log_event(log, "store_error", level=logging.ERROR, queue_id=message.queue_id)
-            return outcomes  # their 4xx stands: the client keeps the mail
-        spooled = {r.rcpt for r in records}
-        log_event(log, "spooled", queue_id=message.queue_id, rcpts=len(spooled))
-        self._wake()
-        return [
-            dataclasses.replace(o, reply=replies.QUEUED, spooled=True) if o.rcpt in spooled else o
-            for o in outcomes
-        ]
+            return [original for original, _ in ran]  # nothing spooled: every 4xx stands
+        if spooled:
+            log_event(log, "spooled", queue_id=message.queue_id, rcpts=spooled)
+            self._wake()
+        return outcomes
 
     def _wake(self) -> None:
         if self.on_spooled is not None:
             self.on_spooled()
 
     async def _run(
-        self, message: IncomingMessage, plan: Plan, key: str, config: Config, app_key: str
-    ) -> RecipientOutcome:
+        self, message: IncomingMessage, plan: Plan, config: Config, app_key: str
+    ) -> tuple[RecipientOutcome, str]:
+        """One recipient's call: its outcome, and the error text its record keeps."""
         if plan.outcome is not None:
-            return plan.outcome
+            return plan.outcome, ""
         assert plan.request is not None and plan.route is not None
         request = plan.request
         fields = {"queue_id": message.queue_id, "rcpt": plan.rcpt, "route": plan.route.name}
@@ -794,29 +808,20 @@ class Delivery:
                 plan.route.name,
                 request.template_id,
             )
-            error = "not sent: circuit breaker open"
-        else:
-            state = state_for(result, attempt.reply)
-            outcome = RecipientOutcome(
-                plan.rcpt,
-                state,
-                attempt.reply,
-                plan.route.name,
-                request.template_id,
-                result.code,
-                attempts=attempt.calls,
-                retry_after=result.retry_after,
-            )
-            log_api_call(message.queue_id, plan.rcpt, plan.route.name, request, result, outcome)
-            error = result.message[:200]
-        record = outcome.record(message.queue_id, now=time.time(), error=error)
-        try:
-            await self.store.update_recipient(record, message_key=key)
-        except StoreError:
-            log_event(
-                log, "store_error", level=logging.ERROR, queue_id=message.queue_id, rcpt=plan.rcpt
-            )
-        return outcome
+            return outcome, "not sent: circuit breaker open"
+        state = state_for(result, attempt.reply)
+        outcome = RecipientOutcome(
+            plan.rcpt,
+            state,
+            attempt.reply,
+            plan.route.name,
+            request.template_id,
+            result.code,
+            attempts=attempt.calls,
+            retry_after=result.retry_after,
+        )
+        log_api_call(message.queue_id, plan.rcpt, plan.route.name, request, result, outcome)
+        return outcome, result.message[:200]
 
     async def _bury(
         self, message: IncomingMessage, outcome: RecipientOutcome, key: str, config: Config

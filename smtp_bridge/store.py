@@ -341,22 +341,67 @@ class Store:
         if not wanted:
             return {}
         cutoff = self._clock() - self._dedup_ttl
+        return await self._read(
+            "read previous outcomes", lambda conn: _remembered(conn, message_key, wanted, cutoff)
+        )
 
-        def read(conn: sqlite3.Connection) -> dict[str, RecipientState]:
-            found: dict[str, RecipientState] = {}
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
-                marks = ", ".join("?" * len(chunk))
-                rows = conn.execute(
-                    "SELECT rcpt, state FROM dedup"
-                    f" WHERE message_key = ? AND updated_at > ? AND rcpt IN ({marks})",
-                    (message_key, cutoff, *chunk),
-                )
-                for rcpt, state in rows:
-                    found[rcpt] = RecipientState(state)
+    async def open_message(
+        self, message: MessageRecord, rcpts: Sequence[str]
+    ) -> dict[str, RecipientState]:
+        """Before the calls of direct and hybrid mode: the message, its recipients
+        (RETRYING, nothing sent yet) and :meth:`previous_outcomes`, in one commit.
+
+        One trip to the writer where a read and a write took two; the commit is
+        also the proof that the store takes writes before anything is sent.
+        """
+        wanted = sorted({rcpt.lower() for rcpt in rcpts})
+        cutoff = self._clock() - self._dedup_ttl
+        rows = [
+            RecipientRecord(
+                queue_id=message.queue_id,
+                rcpt=rcpt,
+                state=RecipientState.RETRYING,
+                updated_at=message.received_at,
+            )
+            for rcpt in rcpts
+        ]
+
+        def write(conn: sqlite3.Connection) -> dict[str, RecipientState]:
+            found = _remembered(conn, message.message_key, wanted, cutoff)
+            self._insert_message(conn, message, rows)
             return found
 
-        return await self._read("read previous outcomes", read)
+        return await self._write("open message", write)
+
+    async def record_outcomes(
+        self,
+        queue_id: str,
+        recipients: Sequence[RecipientRecord],
+        *,
+        message_key: str,
+        spool: bytes | None = None,
+        mode: str = "hybrid",
+    ) -> None:
+        """After the calls: every recipient's row in one commit, as :meth:`update_recipient`.
+
+        ``spool``: the message's content, put in the spool in the same commit
+        (hybrid mode's transient recipients, due at their ``next_attempt``), before
+        the ``250``. A message that does not exist is a StoreError.
+        """
+        rows = [self._stamped(record) for record in recipients]
+
+        def write(conn: sqlite3.Connection) -> None:
+            if spool is not None:
+                cursor = conn.execute(
+                    "UPDATE messages SET content = ?, mode = ? WHERE queue_id = ?",
+                    (spool, mode, queue_id),
+                )
+                if cursor.rowcount != 1:
+                    raise sqlite3.IntegrityError(f"no message {queue_id}")
+            for record in rows:
+                self._put_recipient(conn, record, message_key)
+
+        await self._write("record outcomes", write)
 
     async def add_message(
         self, message: MessageRecord, recipients: Sequence[RecipientRecord]
@@ -411,35 +456,6 @@ class Store:
                 self._insert_message(conn, notice[0], notice[1])
 
         await self._write("update recipient", write)
-
-    async def spool(
-        self,
-        queue_id: str,
-        content: bytes,
-        recipients: Sequence[RecipientRecord],
-        *,
-        message_key: str,
-        mode: str,
-    ) -> None:
-        """Put recipients of a message recorded without content into the spool.
-
-        Hybrid mode: the content and the recipients' ``next_attempt`` are committed
-        in one transaction, before the ``250``. A message that does not exist is a
-        StoreError.
-        """
-        rows = [self._stamped(record) for record in recipients]
-
-        def write(conn: sqlite3.Connection) -> None:
-            cursor = conn.execute(
-                "UPDATE messages SET content = ?, mode = ? WHERE queue_id = ?",
-                (content, mode, queue_id),
-            )
-            if cursor.rowcount != 1:
-                raise sqlite3.IntegrityError(f"no message {queue_id}")
-            for record in rows:
-                self._put_recipient(conn, record, message_key)
-
-        await self._write("spool", write)
 
     async def get_message(
         self, queue_id: str
@@ -1223,6 +1239,24 @@ def _settle(op: _Op, result: object, error: BaseException | None) -> None:
     # RuntimeError: the caller's loop is closed, nobody is waiting any more.
     with contextlib.suppress(RuntimeError):
         op.loop.call_soon_threadsafe(settle)
+
+
+def _remembered(
+    conn: sqlite3.Connection, message_key: str, wanted: Sequence[str], cutoff: float
+) -> dict[str, RecipientState]:
+    """The dedup rows of ``wanted`` (lower-cased) recipients newer than ``cutoff``."""
+    found: dict[str, RecipientState] = {}
+    for start in range(0, len(wanted), _IN_CHUNK):
+        chunk = wanted[start : start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        rows = conn.execute(
+            "SELECT rcpt, state FROM dedup"
+            f" WHERE message_key = ? AND updated_at > ? AND rcpt IN ({marks})",
+            (message_key, cutoff, *chunk),
+        )
+        for rcpt, state in rows:
+            found[rcpt] = RecipientState(state)
+    return found
 
 
 def _in_read_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:

@@ -706,23 +706,73 @@ async def test_two_stores_on_one_file_see_each_others_writes(
 # -- the spool of queue and hybrid modes ------------------------------------------------
 
 
-async def test_spool_puts_content_and_recipients_in_one_transaction(store: Store) -> None:
+async def test_record_outcomes_spools_content_and_recipients_in_one_transaction(
+    store: Store,
+) -> None:
     await store.add_message(message("Q1"), [rcpt("a@example.com"), rcpt("b@example.com")])
     assert await store.next_due() is None
-    await store.spool(
+    delivered = rcpt("b@example.com", state=RecipientState.DELIVERED, attempts=1)
+    await store.record_outcomes(
         "Q1",
-        SECRET,
-        [rcpt("a@example.com", attempts=1, next_attempt=T0 + 30, spooled_at=T0)],
+        [rcpt("a@example.com", attempts=1, next_attempt=T0 + 30, spooled_at=T0), delivered],
         message_key="key-1",
+        spool=SECRET,
         mode="hybrid",
     )
     got = await store.get_message("Q1")
     assert got is not None
     assert (got[0].content, got[0].mode) == (SECRET, "hybrid")
+    assert {r.rcpt: r.state for r in got[1]} == {
+        "a@example.com": RecipientState.RETRYING,
+        "b@example.com": RecipientState.DELIVERED,
+    }
     assert await store.next_due() == T0 + 30
     assert await store.spool_stats() == (1, T0)
+    assert await store.previous_outcomes("key-1", ["B@example.com", "a@example.com"]) == {
+        "b@example.com": RecipientState.DELIVERED
+    }
     with pytest.raises(StoreError):
-        await store.spool("nope", SECRET, [], message_key="k", mode="hybrid")
+        await store.record_outcomes("nope", [], message_key="k", spool=SECRET)
+
+
+async def test_record_outcomes_without_content_spools_nothing(store: Store) -> None:
+    await store.add_message(message("Q1"), [rcpt("a@example.com")])
+    failed = rcpt("a@example.com", state=RecipientState.FAILED, attempts=1)
+    await store.record_outcomes("Q1", [failed], message_key="key-1")
+    got = await store.get_message("Q1")
+    assert got is not None
+    assert got[0].content is None
+    assert [(r.rcpt, r.state, r.attempts) for r in got[1]] == [
+        ("a@example.com", RecipientState.FAILED, 1)
+    ]
+    assert await store.previous_outcomes("key-1", ["a@example.com"]) == {}
+
+
+async def test_open_message_records_the_message_and_answers_what_was_remembered(
+    store: Store,
+) -> None:
+    await store.add_message(
+        message("Q0"),
+        [
+            rcpt("a@example.com", queue_id="Q0", state=RecipientState.DELIVERED),
+            rcpt("b@example.com", queue_id="Q0", state=RecipientState.UNKNOWN),
+            rcpt("c@example.com", queue_id="Q0", state=RecipientState.FAILED),
+        ],
+    )
+    rcpts = ["A@example.com", "b@example.com", "c@example.com", "d@example.com"]
+    previous = await store.open_message(message("Q1"), rcpts)
+    assert previous == {
+        "a@example.com": RecipientState.DELIVERED,
+        "b@example.com": RecipientState.UNKNOWN,
+    }
+    got = await store.get_message("Q1")
+    assert got is not None
+    assert got[0].content is None
+    assert [(r.rcpt, r.state) for r in got[1]] == [(r, RecipientState.RETRYING) for r in rcpts]
+    # Nothing was sent for Q1 yet: its rows do not count as remembered outcomes.
+    assert await store.previous_outcomes("key-1", ["d@example.com"]) == {}
+    with pytest.raises(StoreError):
+        await store.open_message(message("Q1"), ["e@example.com"])  # the same queue id
 
 
 async def test_release_claim_takes_the_attempt_back(store: Store) -> None:
