@@ -25,7 +25,8 @@ import json
 import logging
 import time
 import unicodedata
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import SimpleNamespace, TracebackType
@@ -174,7 +175,9 @@ def _classify(exc: BaseException, progress: _Progress) -> tuple[ResultKind, str]
 
 
 def _clean_message(text: str, app_key: str) -> str:
-    cleaned = "".join(c for c in text if unicodedata.category(c) not in _STRIP_CATEGORIES)
+    cleaned = text
+    if not text.isprintable():  # printable text has none of those categories
+        cleaned = "".join(c for c in text if unicodedata.category(c) not in _STRIP_CATEGORIES)
     if app_key and app_key in cleaned:  # a misbehaving proxy echoing the form back
         cleaned = cleaned.replace(app_key, "***")
     return cleaned[:_MAX_MESSAGE]
@@ -217,6 +220,45 @@ def _redact_url(url: str) -> str:
     except httpx.InvalidURL:
         return "<invalid url>"
     return str(parsed.copy_with(userinfo=b"", query=None))
+
+
+#: What :meth:`ApiClient._post` found: kind, code, HTTP status, message, Retry-After.
+_Answer = tuple[ResultKind, int | None, int | None, str, float | None]
+
+
+async def _read_capped(response: httpx.Response) -> bytes | None:
+    """The decoded body, or None if it is larger than ``_MAX_BODY``."""
+    headers = response.headers
+    stream = response.stream
+    chunks: AsyncIterator[bytes]
+    if "Content-Encoding" in headers or not isinstance(stream, httpx.AsyncByteStream):
+        # httpx decodes (gzip, deflate...), and the cap applies to the decoded bytes.
+        chunks = response.aiter_bytes()
+    else:
+        length = headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > _MAX_BODY:
+            return None  # refused before reading a byte of it
+        # Not encoded, the raw stream is the body: read without httpx's per-chunk
+        # decoding and bookkeeping layers (aclose() below still closes it).
+        chunks = aiter(stream)
+    raw = b""
+    async for chunk in chunks:
+        raw += chunk
+        if len(raw) > _MAX_BODY:
+            return None
+    return raw
+
+
+def _url_authorization(url: httpx.URL | None) -> str | None:
+    """The Authorization header httpx.AsyncClient adds for credentials in the URL.
+
+    Kept as it was: aiohttp refuses a request that has both (never sent).
+    """
+    if url is None or not (url.username or url.password):
+        return None
+    auth = httpx.BasicAuth(url.username, url.password)
+    authorized = next(auth.sync_auth_flow(httpx.Request("POST", url)))
+    return authorized.headers["Authorization"]
 
 
 def request_fields(
@@ -283,6 +325,11 @@ class ApiClient:
         self._traced = transport is None
         if transport is None:
             transport = self._default_transport(max_concurrency)
+        # The client owns the transport (aclose, is_closed); calls go straight to the
+        # transport with a request built here, because the client's per-call layers
+        # (header and cookie merging, auth, redirects, event hooks, cookie extraction)
+        # cost more CPU than the rest of the call and do nothing for this client.
+        self._transport = transport
         self._client = httpx.AsyncClient(
             transport=transport,
             timeout=httpx.Timeout(timeout),
@@ -290,6 +337,17 @@ class ApiClient:
             follow_redirects=False,
             trust_env=False,  # no proxies from the environment: the URL is the URL
         )
+        self._timeout_extension = httpx.Timeout(timeout).as_dict()
+        try:
+            self._wire_url: httpx.URL | None = httpx.URL(url)
+        except httpx.InvalidURL:
+            self._wire_url = None  # each call raises it again, and classifies it
+        # What httpx.AsyncClient.build_request would send, in its order: Host, the
+        # client's Accept, Accept-Encoding, Connection and User-Agent, then the
+        # content headers (form: Content-Length, Content-Type; JSON the other way).
+        host = [(b"Host", self._wire_url.netloc)] if self._wire_url is not None else []
+        self._base_headers = httpx.Headers(host + self._client.headers.raw)
+        self._url_auth = _url_authorization(self._wire_url)
 
     @staticmethod
     def _default_transport(max_concurrency: int) -> AiohttpTransport:
@@ -370,28 +428,23 @@ class ApiClient:
         try:
             async with deadline, self._semaphore:
                 progress.admitted = True
-                result = await self._post(body, app_key)
+                kind, code, status, message, retry_after = await self._post(body, app_key)
         except Exception as exc:  # CancelledError is a BaseException: it propagates
             if deadline.expired():
-                kind, text = self._classify_deadline(progress)
+                kind, message = self._classify_deadline(progress)
                 log.debug(
-                    "API call: %s (whole-call timeout, %.3fs)", text, time.perf_counter() - started
+                    "API call: %s (whole-call timeout, %.3fs)",
+                    message,
+                    time.perf_counter() - started,
                 )
             else:
-                kind, text = _classify(exc, progress)
+                kind, message = _classify(exc, progress)
                 origin = _chain(exc)[-1]
-                log.debug("API call: %s (%s)", text, type(origin).__name__)
-            result = ApiResult(kind=kind, message=text)
+                log.debug("API call: %s (%s)", message, type(origin).__name__)
+            code = status = retry_after = None
         finally:
             _PROGRESS.reset(token)
-        return ApiResult(
-            kind=result.kind,
-            code=result.code,
-            http_status=result.http_status,
-            message=result.message,
-            retry_after=result.retry_after,
-            latency=time.perf_counter() - started,
-        )
+        return ApiResult(kind, code, status, message, retry_after, time.perf_counter() - started)
 
     @staticmethod
     def _classify_deadline(progress: _Progress) -> tuple[ResultKind, str]:
@@ -401,38 +454,50 @@ class ApiClient:
             return ResultKind.NEVER_SENT, "timed out before connecting"
         return ResultKind.UNKNOWN, "timed out after sending"
 
-    async def _post(self, body: dict[str, Any], app_key: str) -> ApiResult:
-        if self._encoding == "form":
-            stream = self._client.stream("POST", self._url, data=body)
-        else:
-            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
-            stream = self._client.stream(
-                "POST",
-                self._url,
-                content=content,
-                headers={"Content-Type": "application/json"},
-            )
-        async with stream as response:
+    async def _post(self, body: dict[str, Any], app_key: str) -> _Answer:
+        request = self._build_request(body)
+        response = await self._transport.handle_async_request(request)
+        try:
             status = response.status_code
             if status != 200:
                 # The body of an error page is not needed and may be large.
-                return ApiResult(
-                    kind=ResultKind.HTTP,
-                    http_status=status,
-                    message=f"HTTP {status}",
-                    retry_after=_parse_retry_after(response.headers.get("Retry-After")),
-                )
-            raw = bytearray()
-            async for chunk in response.aiter_bytes():
-                raw += chunk
-                if len(raw) > _MAX_BODY:
-                    return ApiResult(
-                        kind=ResultKind.BAD_BODY, http_status=200, message="response too large"
-                    )
-        parsed = _parse_api_body(bytes(raw), app_key)
+                retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+                return ResultKind.HTTP, None, status, f"HTTP {status}", retry_after
+            raw = await _read_capped(response)
+        finally:
+            # Back to the pool, or closed if unread; on every path, cancellation included.
+            await response.aclose()
+        if raw is None:
+            return ResultKind.BAD_BODY, None, 200, "response too large", None
+        parsed = _parse_api_body(raw, app_key)
         if parsed is None:
-            return ApiResult(
-                kind=ResultKind.BAD_BODY, http_status=200, message="HTTP 200 without API JSON"
-            )
+            return ResultKind.BAD_BODY, None, 200, "HTTP 200 without API JSON", None
         code, message = parsed
-        return ApiResult(kind=ResultKind.API, code=code, http_status=200, message=message)
+        return ResultKind.API, code, 200, message, None
+
+    def _build_request(self, body: dict[str, Any]) -> httpx.Request:
+        """The request httpx.AsyncClient.build_request would make, headers in its order."""
+        url = self._wire_url if self._wire_url is not None else httpx.URL(self._url)
+        headers = httpx.Headers(self._base_headers)
+        if self._encoding == "form":
+            # What httpx encodes for data=: request_fields made every value a str.
+            content = urllib.parse.urlencode(body).encode()
+            headers["Content-Length"] = str(len(content))
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+        else:
+            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+            headers["Content-Type"] = "application/json"
+            headers["Content-Length"] = str(len(content))
+        if self._url_auth is not None:
+            headers["Authorization"] = self._url_auth
+        if self._client.is_closed:
+            raise RuntimeError("Cannot send a request, as the client has been closed.")
+        request = httpx.Request(
+            "POST",
+            url,
+            headers=headers,
+            stream=httpx.ByteStream(content),
+            extensions={"timeout": self._timeout_extension},
+        )
+        request.read()  # the transport sends request.content, as for a client-built request
+        return request

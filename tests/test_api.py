@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import gzip
 import json
 import logging
 import socket
@@ -19,9 +20,10 @@ import aiohttp.abc
 import httpx
 import pytest
 import trustme
+from httpx_aiohttp import AiohttpTransport
 
 from smtp_bridge import __version__
-from smtp_bridge.api import USER_AGENT, ApiClient
+from smtp_bridge.api import USER_AGENT, ApiClient, request_fields
 from smtp_bridge.outcomes import ApiRequest, ApiResult, ResultKind
 from smtp_bridge.replies import reply_for
 from smtp_bridge.sandbox import Sandbox
@@ -631,3 +633,276 @@ async def test_cancellation_propagates() -> None:
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
+
+
+# --- the request as httpx.AsyncClient sent it, and the response always closed -----------
+
+
+def reference_client(transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
+    """Configured as ApiClient's own client: what its ``post`` sends is the standard."""
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(5),
+        headers={"User-Agent": USER_AGENT},
+        follow_redirects=False,
+        trust_env=False,
+    )
+
+
+async def reference_post(
+    client: httpx.AsyncClient, url: str, request: ApiRequest, encoding: Any
+) -> httpx.Response:
+    fields = request_fields(request, KEY, encoding)
+    if encoding == "form":
+        return await client.post(url, data=fields)
+    content = json.dumps(fields, ensure_ascii=False, separators=(",", ":")).encode()
+    return await client.post(url, content=content, headers={"Content-Type": "application/json"})
+
+
+#: Every UTF-8 byte value occurs in the form body: all of U+0001..U+07FF, three-
+#: and four-byte characters, and the characters the form encoding treats specially.
+EVERY_BYTE = "".join(map(chr, range(1, 0x800))) + "\u0800\uffff😀\U0010ffff +&=%"
+WIDE = ApiRequest(
+    "E_1001",
+    "jäck+1@example.com",
+    data={"name": "Jäck", "text": EVERY_BYTE, "n": [1, 2.5, None, True]},
+    alias=EVERY_BYTE,
+    reply_to="help@example.com",
+    is_random=True,
+)
+
+
+@pytest.mark.parametrize("encoding", ["form", "json"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api.test/index/api/send_email",
+        "http://api.test:8080/index/api/send_email?token=a%20b&x=1",
+        "https://us%40r:p%C3%A4ss@api.test/index/api/send_email",
+    ],
+    ids=["plain", "port-and-query", "credentials"],
+)
+async def test_request_is_what_httpx_client_built(encoding: Any, url: str) -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return ok(request)
+
+    async with ApiClient(
+        url, encoding=encoding, timeout=5, transport=httpx.MockTransport(handler)
+    ) as client:
+        for request in (WIDE, REQ):
+            assert (await client.send(request, KEY)).delivered
+    async with reference_client(httpx.MockTransport(handler)) as reference:
+        for request in (WIDE, REQ):
+            await reference_post(reference, url, request, encoding)
+    ours, theirs = seen[:2], seen[2:]
+    for a, b in zip(ours, theirs, strict=True):
+        assert (a.method, a.url) == (b.method, b.url)
+        assert a.headers.raw == b.headers.raw  # names, values and order
+        assert a.content == b.content
+        assert a.extensions["timeout"] == b.extensions["timeout"]
+    assert ours[0].content != ours[1].content
+
+
+@pytest.mark.parametrize("encoding", ["form", "json"])
+async def test_bytes_on_the_socket_are_unchanged(encoding: Any) -> None:
+    received: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.partition(b":")[2])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        received.append(head + await reader.readexactly(length))
+        body = b'{"code":200,"message":"Request successful"}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/index/api/send_email"
+    try:
+        async with ApiClient(url, encoding=encoding) as client:
+            assert (await client.send(WIDE, KEY)).delivered
+        async with reference_client(AiohttpTransport()) as reference:
+            assert (await reference_post(reference, url, WIDE, encoding)).status_code == 200
+    finally:
+        server.close()
+        await server.wait_closed()
+    ours, theirs = received
+    assert ours == theirs
+    assert ours.startswith(b"POST /index/api/send_email HTTP/1.1\r\n")
+    assert b"\r\nuser-agent: " + USER_AGENT.encode() + b"\r\n" in ours.lower()
+
+
+@pytest.mark.parametrize("encoding", ["form", "json"])
+async def test_unencodable_text_is_never_sent(sandbox: Sandbox, encoding: Any) -> None:
+    # A lone surrogate (undecodable SMTP input, say) has no UTF-8 form.
+    request = ApiRequest("E_1001", "jack@example.com", alias="J\udce4ck")
+    async with ApiClient(sandbox.url, encoding=encoding) as client:
+        result = await client.send(request, KEY)
+    assert (result.kind, result.message) == (ResultKind.NEVER_SENT, "failed before connecting")
+    assert sandbox.sent() == []
+
+
+async def test_invalid_url_is_never_sent() -> None:
+    async with ApiClient("http://[::1/index/api/send_email") as client:
+        result = await client.send(REQ, KEY)
+    assert (result.kind, result.message) == (ResultKind.NEVER_SENT, "invalid API URL")
+
+
+@pytest.mark.parametrize("used", [True, False], ids=["used", "never-used"])
+async def test_closed_client_sends_nothing(sandbox: Sandbox, used: bool) -> None:
+    client = ApiClient(sandbox.url)
+    if used:
+        assert (await client.send(REQ, KEY)).delivered
+    await client.aclose()
+    result = await client.send(REQ, KEY)
+    assert result.kind is ResultKind.NEVER_SENT
+    assert len(sandbox.sent()) == int(used)
+
+
+class _Body(httpx.AsyncByteStream):
+    """A response body that counts the chunks read and records being closed."""
+
+    def __init__(self, *chunks: bytes, then: Callable[[], Awaitable[None]] | None = None):
+        self.chunks = chunks
+        self.then = then
+        self.read = 0
+        self.closed = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in self.chunks:
+            self.read += 1
+            yield chunk
+        if self.then is not None:
+            await self.then()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+async def _broken() -> None:
+    raise httpx.ReadError("connection reset")
+
+
+async def _stalled() -> None:
+    await asyncio.Event().wait()
+
+
+BIG = b" " * 16384
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "body", "result", "read"),
+    [
+        (200, {}, _Body(b'{"code":200,', b'"message":"ok"}'), (ResultKind.API, "ok"), 2),
+        (503, {}, _Body(b"<html>" * 1000), (ResultKind.HTTP, "HTTP 503"), 0),
+        (
+            200,
+            {"Content-Length": "70000"},
+            _Body(BIG, BIG, BIG, BIG, BIG),
+            (ResultKind.BAD_BODY, "response too large"),
+            0,
+        ),
+        (200, {}, _Body(*[BIG] * 10), (ResultKind.BAD_BODY, "response too large"), 5),
+        (
+            200,
+            {},
+            _Body(b'{"code"', then=_broken),
+            (ResultKind.UNKNOWN, "connection error after sending"),
+            1,
+        ),
+        (
+            200,
+            {},
+            _Body(b'{"code"', then=_stalled),
+            (ResultKind.UNKNOWN, "timed out after sending"),
+            1,
+        ),
+    ],
+    ids=["answer", "http-error", "too-large-by-length", "too-large-read", "broken", "stalled"],
+)
+async def test_response_is_always_closed(
+    status: int,
+    headers: dict[str, str],
+    body: _Body,
+    result: tuple[ResultKind, str],
+    read: int,
+) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, headers=headers, stream=body)
+
+    async with mock(handler, timeout=0.3) as client:
+        answer = await client.send(REQ, KEY)
+    assert (answer.kind, answer.message) == result
+    assert body.read == read  # an unwanted body is not read, a large one not to the end
+    assert body.closed
+
+
+async def test_response_is_closed_on_cancellation() -> None:
+    body = _Body(b'{"code"', then=_stalled)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, stream=body)
+
+    async with mock(handler) as client:
+        call = asyncio.create_task(client.send(REQ, KEY))
+        while not body.read:
+            await asyncio.sleep(0)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    assert body.closed
+
+
+@pytest.mark.parametrize(
+    ("payload", "result"),
+    [
+        (b'{"code": 200, "message": "ok"}', (ResultKind.API, "ok")),
+        (b" " * 200_000 + b'{"code": 200}', (ResultKind.BAD_BODY, "response too large")),
+    ],
+    ids=["small", "large-once-decoded"],
+)
+async def test_compressed_body_is_decoded_and_capped(
+    payload: bytes, result: tuple[ResultKind, str]
+) -> None:
+    compressed = gzip.compress(payload)
+    assert len(compressed) < 2048  # the cap applies to the decoded body
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"Content-Encoding": "gzip"}, content=compressed)
+
+    async with mock(handler) as client:
+        answer = await client.send(REQ, KEY)
+    assert (answer.kind, answer.message) == result
+
+
+async def test_one_connection_serves_every_kind_of_answer(sandbox: Sandbox) -> None:
+    # Each response must go back to the pool (or be closed) before the next call:
+    # with a single connection allowed, one left open stalls every later call.
+    scripts: list[dict[str, Any]] = [
+        # Bodies larger than aiohttp buffers, so they never complete on their own.
+        {"status": 503, "body": "x" * 1_000_000},
+        {"status": 200, "body": " " * 1_000_000},
+        {"status": 429, "headers": {"Retry-After": "3"}},
+        {"status": 200, "body": "<html>"},
+        {"code": 40007},
+    ]
+    sandbox.script(*scripts * 4)
+    kinds = [ResultKind.HTTP, ResultKind.BAD_BODY, ResultKind.HTTP, ResultKind.BAD_BODY]
+    expected = (kinds + [ResultKind.API]) * 4 + [ResultKind.API] * 20
+    results: list[ApiResult] = []
+    async with ApiClient(sandbox.url, max_concurrency=1, timeout=2) as client:
+        for kind in expected:
+            results.append(await client.send(REQ, KEY))
+            # A stalled pool shows as "timed out before connecting".
+            assert results[-1].kind is kind, (len(results), results[-1])
+    assert all(r.delivered for r in results[-20:])
