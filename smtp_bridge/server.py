@@ -17,12 +17,13 @@ import ssl
 import time
 from asyncio import sslproto
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from typing import Any, AnyStr, cast
 
+import aiosmtpd.smtp
 from aiosmtpd.proxy_protocol import V2_CMD, ProxyData, get_proxy
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -240,6 +241,150 @@ def _with_enhanced_code(line: str) -> str:
     return f"{line[:3]} {enhanced} {text}"
 
 
+#: aiosmtpd's logger: at INFO, SMTP.__init__ logs the AUTH table it has built.
+_engine_log = logging.getLogger("mail.log")
+#: What SMTP.__init__ builds from dir() of the session and of the handler.
+_TABLE_ATTRS = ("_auth_methods", "_handle_hooks", "_ehlo_hook_ver", "_smtp_methods")
+_HOOK_PREFIXES = ("auth_", "handle_")
+
+
+class _NoHooks:
+    """Stands in for the handler while SMTP.__init__ runs (:class:`_SessionTables`)."""
+
+    __slots__ = ()
+
+    def __dir__(self) -> Iterable[str]:
+        return ()
+
+
+_NO_HOOKS = _NoHooks()
+
+
+def _names(cls: type, prefix: str) -> tuple[str, ...]:
+    return tuple(name for name in dir(cls) if name.startswith(prefix))
+
+
+def _shape(attrs: dict[str, Any]) -> dict[str, Any]:
+    """Attributes as a stock and a table-filled setup must agree on them:
+    scalars by value, containers by type and size, anything else by type."""
+    return {
+        name: value
+        if value is None or type(value) in (str, int, float, bool, bytes)
+        else (type(value), len(value) if type(value) in (dict, defaultdict, list, tuple) else -1)
+        for name, value in attrs.items()
+    }
+
+
+class _SessionTables:
+    """aiosmtpd's per-session method tables: names found once per (session
+    class, handler class), methods bound per session.
+
+    ``SMTP.__init__`` runs ``inspect.getmembers``/``dir`` over the session and
+    the handler, and ``inspect.signature`` over ``handle_EHLO``, on every
+    connection: some 85 of the ~100 us a session took to set up. The
+    names depend on the classes only; each session still gets its own bound
+    methods by ``getattr``, under aiosmtpd's key rules. ``SMTP.__init__`` runs
+    with an empty ``dir()`` and a stand-in handler, the tables are filled after.
+
+    Robust to aiosmtpd upgrades: a pair's first session is set up the stock
+    way and its tables are kept only if, for that session, they equal
+    aiosmtpd's and a table-filled set-up leaves the same attributes; else the
+    pair stays stock. So do handlers with hook-named attributes of their own or
+    a custom ``__dir__``, a 4-argument ``handle_EHLO``, and sessions made while
+    aiosmtpd's log is at INFO (it lists the table it built).
+    """
+
+    __slots__ = ("auth_session", "auth_handler", "hooks", "commands", "ehlo", "ehlo_ver")
+
+    def __init__(self, session_cls: type[BridgeSMTP], handler_cls: type) -> None:
+        self.auth_session = _names(session_cls, "auth_")
+        self.auth_handler = _names(handler_cls, "auth_")
+        self.hooks = tuple(
+            (name.replace("handle_", ""), name) for name in _names(handler_cls, "handle_")
+        )
+        self.commands = tuple(
+            (name.replace("smtp_", ""), name) for name in _names(session_cls, "smtp_")
+        )
+        ehlo = getattr(handler_cls, "handle_EHLO", None)
+        self.ehlo: Any = getattr(ehlo, "__func__", ehlo)  # a staticmethod/classmethod's function
+        self.ehlo_ver: str | None = None
+
+    @classmethod
+    def prove(
+        cls,
+        session: BridgeSMTP,
+        handler: object,
+        before: dict[str, Any],
+        engine: dict[str, Any],
+    ) -> _SessionTables | None:
+        """The tables for ``session``'s pair, if they give what its stock set-up gave."""
+        if (
+            not hasattr(aiosmtpd.smtp, "_AuthMechAttr")
+            or not all(hasattr(session, name) for name in _TABLE_ATTRS)
+            or type(session).__dir__ is not BridgeSMTP.__dir__
+            or type(handler).__dir__ is not object.__dir__
+        ):
+            return None
+        tables = cls(type(session), type(handler))
+        tables.ehlo_ver = session._ehlo_hook_ver
+        hooks = tables.bind_hooks(handler)
+        if hooks is None or tables.bind(session, handler, hooks, engine) != {
+            name: getattr(session, name) for name in _TABLE_ATTRS
+        }:
+            return None
+        twin = object.__new__(type(session))
+        twin.__dict__.update(before)
+        twin._init_engine_from(tables, handler, hooks, engine)
+        stock = {name: value for name, value in vars(session).items() if name not in before}
+        filled = {name: value for name, value in vars(twin).items() if name not in before}
+        return tables if _shape(filled) == _shape(stock) else None
+
+    def bind_hooks(self, handler: object) -> dict[str, Any] | None:
+        """``_handle_hooks`` for ``handler``; None when it needs the stock set-up."""
+        if any(name.startswith(_HOOK_PREFIXES) for name in getattr(handler, "__dict__", ())):
+            return None  # hooks of its own: dir(handler) is more than its class's
+        hooks = {key: getattr(handler, name) for key, name in self.hooks}
+        ehlo = hooks.get("EHLO")
+        if ehlo is not None and (
+            self.ehlo_ver != "new" or getattr(ehlo, "__func__", ehlo) is not self.ehlo
+        ):
+            return None  # a handle_EHLO whose signature was not read (or warns)
+        return hooks
+
+    def bind(
+        self,
+        session: BridgeSMTP,
+        handler: object,
+        hooks: dict[str, Any],
+        engine: dict[str, Any],
+    ) -> dict[str, Any]:
+        """What SMTP.__init__ would set for ``session``, by the same rules."""
+        mech_attr = aiosmtpd.smtp._AuthMechAttr
+        auth: dict[str, Any] = {}
+        for obj, names in ((session, self.auth_session), (handler, self.auth_handler)):
+            for name in names:
+                try:  # inspect.getmembers() skips what getattr cannot read
+                    method = getattr(obj, name)
+                except AttributeError:
+                    continue
+                mechanism = getattr(
+                    method, "__auth_mechanism_name__", name.replace("auth_", "").replace("__", "-")
+                )
+                auth[mechanism] = mech_attr(method, obj is session)
+        for mechanism in engine.get("auth_exclude_mechanism") or ():
+            auth.pop(mechanism, None)
+        return {
+            "_auth_methods": auth,
+            "_handle_hooks": hooks,
+            "_ehlo_hook_ver": self.ehlo_ver if "EHLO" in hooks else None,
+            "_smtp_methods": {key: getattr(session, name) for key, name in self.commands},
+        }
+
+
+#: (session class, handler class) -> its proven tables, or None: stock set-up.
+_SESSION_TABLES: dict[tuple[type, type], _SessionTables | None] = {}
+
+
 class BridgeSMTP(SMTP):
     """aiosmtpd's SMTP with our DATA reader, reply codes, TLS, PROXY and limits.
 
@@ -268,22 +413,24 @@ class BridgeSMTP(SMTP):
         # clears and every EHLO grows; each session gets its own.
         self.command_size_limits = defaultdict(lambda: self.command_size_limit)
         offer_starttls = smtp.tls is not None and smtp.tls.starttls and not implicit_tls
-        super().__init__(
+        self._init_engine(
             handler,
-            data_size_limit=smtp.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=smtp.hostname,
-            ident=self.banner_ident,
-            tls_context=runtime.tls_context if offer_starttls else None,
-            timeout=smtp.timeout,
-            # Reset floods: each command has a budget per session.
-            command_call_limit={"NOOP": 50, "RSET": 50, "VRFY": 10, "HELP": 10, "*": 200},
-            # TLS-before-AUTH is decided per client (trusted networks are
-            # exempt), in smtp_AUTH below, not by aiosmtpd's global switch.
-            auth_require_tls=False,
-            authenticator=_authenticate,
-            **kwargs,
+            dict(
+                data_size_limit=smtp.max_message_size,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                hostname=smtp.hostname,
+                ident=self.banner_ident,
+                tls_context=runtime.tls_context if offer_starttls else None,
+                timeout=smtp.timeout,
+                # Reset floods: each command has a budget per session.
+                command_call_limit={"NOOP": 50, "RSET": 50, "VRFY": 10, "HELP": 10, "*": 200},
+                # TLS-before-AUTH is decided per client (trusted networks are
+                # exempt), in smtp_AUTH below, not by aiosmtpd's global switch.
+                auth_require_tls=False,
+                authenticator=_authenticate,
+                **kwargs,
+            ),
         )
         self.runtime = runtime
         self.tracker = tracker
@@ -306,6 +453,45 @@ class BridgeSMTP(SMTP):
         self.queue_id = ""  # of the message being received
         #: Set by handle_DATA: lower-cased recipient -> its own reply (LMTP).
         self.rcpt_replies: dict[str, Reply] | None = None
+
+    def _init_engine(self, handler: BridgeHandler, engine: dict[str, Any]) -> None:
+        """``SMTP.__init__``, its method tables from :class:`_SessionTables` once proven."""
+        key = (type(self), type(handler))
+        if _engine_log.isEnabledFor(logging.INFO):
+            super().__init__(handler, **engine)
+            return
+        try:
+            tables = _SESSION_TABLES[key]
+        except KeyError:  # the pair's first session: stock, and the proof
+            before = dict(self.__dict__)
+            super().__init__(handler, **engine)
+            _SESSION_TABLES[key] = _SessionTables.prove(self, handler, before, engine)
+            return
+        hooks = tables.bind_hooks(handler) if tables is not None else None
+        if tables is None or hooks is None:
+            super().__init__(handler, **engine)
+            return
+        self._init_engine_from(tables, handler, hooks, engine)
+
+    def _init_engine_from(
+        self,
+        tables: _SessionTables,
+        handler: object,
+        hooks: dict[str, Any],
+        engine: dict[str, Any],
+    ) -> None:
+        self._lean_setup = True  # dir(self) is empty until the tables are in
+        try:
+            super().__init__(_NO_HOOKS, **engine)
+        finally:
+            del self._lean_setup
+        self.event_handler = handler
+        self.__dict__.update(tables.bind(self, handler, hooks, engine))
+
+    def __dir__(self) -> Iterable[str]:
+        if self.__dict__.get("_lean_setup"):
+            return ()  # SMTP.__init__'s introspection: _SessionTables has the answers
+        return super().__dir__()
 
     @property
     def tls_active(self) -> bool:
@@ -722,36 +908,11 @@ class BridgeSMTP(SMTP):
     async def _read_and_handle_data(self) -> None:
         assert self.envelope is not None
         await self.push("354 End data with <CR><LF>.<CR><LF>")
-        limit = self.data_size_limit
-        data = bytearray()
-        too_big = False
-        at_line_start = True
-        last_reset = self.loop.time()
-        while self.transport is not None:
-            try:
-                chunk = await self._reader.readuntil(b"\r\n")
-            except asyncio.LimitOverrunError as exc:
-                chunk = await self._reader.read(exc.consumed)
-            except asyncio.IncompleteReadError:
-                return  # connection closed mid-DATA: nothing to answer
-            now = self.loop.time()
-            if now - last_reset > 1.0:  # a slow upload is not an idle client
-                self._reset_timeout()
-                last_reset = now
-            complete = chunk.endswith(b"\r\n")
-            if at_line_start and chunk == b".\r\n":
-                break
-            if at_line_start and chunk.startswith(b"."):
-                chunk = chunk[1:]  # dot-unstuffing, RFC 5321 4.5.2
-            at_line_start = complete
-            if not too_big:
-                if limit and len(data) + len(chunk) > limit:
-                    too_big = True
-                    data.clear()  # stop holding memory for a message we refuse
-                else:
-                    data += chunk
-        if self.transport is None:
+        received = await self._read_data()
+        if received is None:
             return
+        data, too_big = received
+        limit = self.data_size_limit
         # Every reply to DATA carries the queue id (DESIGN 5), refusals too.
         self.queue_id = new_queue_id()
         rcpts = list(self.envelope.rcpt_tos)
@@ -792,6 +953,56 @@ class BridgeSMTP(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self._push_data_replies(status, rcpts)
 
+    async def _read_data(self) -> tuple[bytearray, bool] | None:
+        """The message up to CRLF.CRLF, dot-unstuffed, and whether it is over
+        data_size_limit (then read to its end but not kept); None when the
+        connection ends first.
+
+        Line by line, except that the complete lines the reader holds already
+        behind a line start are taken in one piece (:func:`_buffered_lines`):
+        the line-by-line loop would take them too without waiting, one await,
+        time check and copy each. Same message, same end, same bytes left in
+        the reader (tests/test_session_setup.py compares the two readers).
+        """
+        reader = self._reader
+        clock = self.loop.time
+        limit = self.data_size_limit
+        data = bytearray()
+        too_big = False
+        at_line_start = True
+        last_reset = clock()
+        while self.transport is not None:
+            lines = _buffered_lines(reader) if at_line_start else 0
+            try:
+                if lines:
+                    chunk = _unstuffed(await reader.readexactly(lines))
+                else:
+                    chunk = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                chunk = await reader.read(exc.consumed)
+            except asyncio.IncompleteReadError:
+                return None  # connection closed mid-DATA: nothing to answer
+            now = clock()
+            if now - last_reset > 1.0:  # a slow upload is not an idle client
+                self._reset_timeout()
+                last_reset = now
+            if not lines:
+                complete = chunk.endswith(b"\r\n")
+                if at_line_start and chunk == b".\r\n":
+                    break
+                if at_line_start and chunk.startswith(b"."):
+                    chunk = chunk[1:]  # dot-unstuffing, RFC 5321 4.5.2
+                at_line_start = complete
+            if not too_big:
+                if limit and len(data) + len(chunk) > limit:
+                    too_big = True
+                    data.clear()  # stop holding memory for a message we refuse
+                else:
+                    data += chunk
+        if self.transport is None:
+            return None
+        return data, too_big
+
     async def _push_data_replies(self, status: str, rcpts: list[str]) -> None:
         """SMTP: one reply for the message (LMTP overrides: one per recipient)."""
         await self.push(status)
@@ -821,6 +1032,31 @@ class BridgeSMTP(SMTP):
         if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
             return None, None
         return addr, rest
+
+
+def _buffered_lines(reader: asyncio.StreamReader) -> int:
+    """How many bytes of complete lines ``reader`` holds, at a line start, up to
+    the end-of-data line (excluded); 0 for none, or when that line comes first.
+
+    Peeks at the reader's buffer, as asyncio's own ``readuntil`` keeps it; a
+    reader without one gets 0: line by line, as before.
+    """
+    buffer = getattr(reader, "_buffer", None)
+    if not isinstance(buffer, bytearray) or buffer.startswith(b".\r\n"):
+        return 0
+    end = buffer.rfind(b"\r\n") + 2
+    if end < 2:
+        return 0
+    stop = buffer.find(b"\r\n.\r\n", 0, end)
+    return end if stop < 0 else stop + 2
+
+
+def _unstuffed(lines: bytes) -> bytes:
+    """Complete lines, each without its leading dot if it has one (RFC 5321
+    4.5.2); ``lines`` begins at a line start."""
+    if lines.startswith(b"."):
+        lines = lines[1:]
+    return lines.replace(b"\r\n.", b"\r\n")
 
 
 class BridgeLMTP(BridgeSMTP):
