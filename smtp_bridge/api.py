@@ -25,7 +25,6 @@ import json
 import logging
 import time
 import unicodedata
-import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,7 +38,7 @@ from httpx_aiohttp import AiohttpTransport
 from smtp_bridge import __version__
 from smtp_bridge.outcomes import ApiRequest, ApiResult, ResultKind
 
-__all__ = ["ApiClient", "USER_AGENT", "request_fields"]
+__all__ = ["ApiClient", "USER_AGENT", "form_encode", "request_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +51,13 @@ _MAX_MESSAGE = 200
 #: keep-alive timeout, so a POST rarely meets a connection the server is closing
 #: (aiohttp never retries a POST, and that race would read as "outcome unknown").
 _KEEPALIVE_EXPIRY = 5.0
+#: ``application/x-www-form-urlencoded`` as ``urllib.parse.urlencode`` (what httpx
+#: uses for ``data=``) writes it, per UTF-8 byte: unreserved bytes as they are,
+#: space as ``+``, any other byte as ``%XX``.
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+_FORM_BYTES = [
+    chr(b) if b in _UNRESERVED else "+" if b == 0x20 else f"%{b:02X}" for b in range(256)
+]
 #: Characters stripped from provider messages before they reach logs and records:
 #: controls, format characters (bidi overrides), lone surrogates, line separators.
 _STRIP_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
@@ -247,6 +253,23 @@ async def _read_capped(response: httpx.Response) -> bytes | None:
         if len(raw) > _MAX_BODY:
             return None
     return raw
+
+
+def form_encode(fields: dict[str, str]) -> bytes:
+    """``urllib.parse.urlencode(fields).encode()``, by one ``str.translate`` per field.
+
+    urlencode quotes byte by byte in a Python list comprehension; for a 2 KiB
+    rendered body that was 4% of the daemon's CPU. Same bytes (tests compare the
+    two over every code point).
+    """
+    return "&".join(
+        [_form_quote(key) + "=" + _form_quote(value) for key, value in fields.items()]
+    ).encode()
+
+
+def _form_quote(text: str) -> str:
+    # Latin-1 maps each UTF-8 byte to the code point of the same number.
+    return text.encode().decode("latin-1").translate(_FORM_BYTES)
 
 
 def _url_authorization(url: httpx.URL | None) -> str | None:
@@ -480,8 +503,7 @@ class ApiClient:
         url = self._wire_url if self._wire_url is not None else httpx.URL(self._url)
         headers = httpx.Headers(self._base_headers)
         if self._encoding == "form":
-            # What httpx encodes for data=: request_fields made every value a str.
-            content = urllib.parse.urlencode(body).encode()
+            content = form_encode(body)  # request_fields made every form value a str
             headers["Content-Length"] = str(len(content))
             headers["Content-Type"] = "application/x-www-form-urlencoded"
         else:

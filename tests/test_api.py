@@ -23,7 +23,7 @@ import trustme
 from httpx_aiohttp import AiohttpTransport
 
 from smtp_bridge import __version__
-from smtp_bridge.api import USER_AGENT, ApiClient, request_fields
+from smtp_bridge.api import USER_AGENT, ApiClient, form_encode, request_fields
 from smtp_bridge.outcomes import ApiRequest, ApiResult, ResultKind
 from smtp_bridge.replies import reply_for
 from smtp_bridge.sandbox import Sandbox
@@ -375,6 +375,13 @@ def mock(handler: Callable[[httpx.Request], Any], **kwargs: Any) -> ApiClient:
 
 def ok(request: httpx.Request) -> httpx.Response:
     return httpx.Response(200, json={"code": 200, "message": "Request successful"})
+
+
+@pytest.mark.parametrize("block", range(0, 0x110000, 0x10000))
+def test_form_encode_is_urlencode_for_every_code_point(block: int) -> None:
+    text = "".join(chr(c) for c in range(block, block + 0x10000) if not 0xD800 <= c < 0xE000)
+    fields = {"data": text, "k y&=": "a b+c%", "": "", "app_key": "K\u00e9/?#"}
+    assert form_encode(fields) == urllib.parse.urlencode(fields).encode()
 
 
 async def test_form_body_exactly() -> None:
