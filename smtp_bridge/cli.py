@@ -60,7 +60,7 @@ def _print_errors(error: ConfigError) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .service import BridgeService, StartupError
+    from .service import BridgeService, StartupError, settle_heap
 
     configure_logging(args.log_format, args.log_level)
     try:
@@ -73,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.config
         else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
     )
+    settle_heap()
     if args.workers > 1 or os.environ.get("SMTP_BRIDGE_WORKER"):
         from .workers import serve_workers
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import os
 import signal
@@ -42,6 +43,7 @@ __all__ = [
     "StartupError",
     "listen_fds",
     "sd_notify",
+    "settle_heap",
     "watchdog_interval",
     "SANDBOX_APP_KEY",
 ]
@@ -57,6 +59,25 @@ IMPLICIT_TLS_KEY = "tls:"
 
 class StartupError(Exception):
     """The daemon could not start (port in use, store unwritable...): exit code 2."""
+
+
+#: Collections of the youngest generation: every 20,000 allocations, not 700.
+_GC_THRESHOLD = (20_000, 50, 100)
+
+
+def settle_heap() -> None:
+    """Keep the cyclic GC off the daemon's long-lived objects (modules, config).
+
+    ``serve`` calls this once the config is loaded: what is alive then goes to
+    the permanent generation (``gc.freeze``), so the collections that mail
+    traffic triggers no longer walk it (bench/README: p99 60 -> 36 ms, 2-4% less
+    CPU a message). A reload settles the heap again, so an old config's cycles
+    are collected; a process that never called this (tests) is left alone.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLD)
 
 
 def sd_notify(state: str) -> None:
@@ -447,6 +468,8 @@ class BridgeService:
             listeners_removed=removed,
             api_client="rebuilt" if api_rebuilt else "kept",
         )
+        if gc.get_freeze_count():
+            settle_heap()
         return True
 
     def _refuse(self, errors: list[str]) -> bool:

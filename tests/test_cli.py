@@ -253,3 +253,21 @@ async def test_send_test_wrong_template_fails(tmp_path: Path) -> None:
         assert result["code"] == 40003
         assert "Traceback" not in err
         assert [r["code"] for r in restricted.sent()] == [40003]
+
+
+async def test_settle_heap_freezes_what_is_alive_and_raises_the_threshold() -> None:
+    """What ``serve`` does once its config is loaded (in a child: it is process-wide)."""
+    script = (
+        "import gc, json; from smtp_bridge.service import settle_heap;"
+        "before = gc.get_freeze_count(); settle_heap();"
+        "print(json.dumps([before, gc.get_freeze_count(), gc.get_threshold()]))"
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stdout=asyncio.subprocess.PIPE, env=cli_env()
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    before, after, threshold = json.loads(out)
+    assert before == 0
+    assert after > 10_000  # modules, classes and the like: the permanent generation
+    assert threshold == [20_000, 50, 100]
