@@ -466,6 +466,8 @@ class DeliveryConfig(_Model):
     max_age: Duration = 3 * 86400.0
     backoff: list[Duration] = Field(default_factory=lambda: [30.0, 120.0, 600.0, 1800.0, 3600.0])
     bounce_template_id: str = ""
+    # Queue mode: longest wait for a delivery token before accepting anyway, 0 = off.
+    in_flow_delay: Duration = 1.0
 
     @field_validator("backoff")
     @classmethod
@@ -610,6 +612,13 @@ class Config(_Model):
                 "so the API answers before the SMTP client gives up"
             )
             problems.append((("api", "timeout"), message))
+        delivery = self.delivery
+        if delivery.mode == "queue" and delivery.in_flow_delay >= self.smtp.timeout:
+            message = (
+                f"must be shorter than smtp.timeout ({_seconds(self.smtp.timeout)}), "
+                "so the client hears 250 before the session times out (0 turns it off)"
+            )
+            problems.append((("delivery", "in_flow_delay"), message))
         if problems:
             raise _Problems(problems)
         return self

@@ -2,9 +2,10 @@
 
 ``direct``: the recipients' API calls run while the client waits, and the reply
 says what happened. ``queue``: the message is committed to the spool before the
-``250`` and a worker (:mod:`smtp_bridge.worker`) sends it. ``hybrid``: as
-direct, but recipients with a transient or unknown outcome are committed to the
-spool, and the client gets ``250``.
+``250`` and a worker (:mod:`smtp_bridge.worker`) sends it; acceptance keeps to
+the workers' pace (``delivery.in_flow_delay``, :mod:`smtp_bridge.flow`).
+``hybrid``: as direct, but recipients with a transient or unknown outcome are
+committed to the spool, and the client gets ``250``.
 
 Policy lives here, IO behind the ApiClient and Store seams. The per-recipient
 outcome is recorded in the store before the reply is chosen, so a client retry
@@ -37,6 +38,7 @@ from . import replies
 from .api import ApiClient
 from .breaker import Breakers, BreakerState, Transition
 from .config import ApiConfig, Config, RouteConfig
+from .flow import InFlow
 from .logs import log_event
 from .message import ParsedMessage, content_hash
 from .metrics import Metrics, api_code_label
@@ -521,6 +523,8 @@ class Delivery:
         self.rand = rand
         #: Called after a commit that put work in the spool (wakes the workers).
         self.on_spooled: Callable[[], None] | None = None
+        #: Queue mode's ``in_flow_delay`` tokens; the queue worker attaches to it.
+        self.flow = InFlow()
         # (message key, lower-cased rcpt) -> done when its delivery is recorded.
         self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
 
@@ -577,6 +581,26 @@ class Delivery:
             done.set_result(None)
 
     async def _deliver(
+        self,
+        message: IncomingMessage,
+        config: Config,
+        router: Router,
+        key: str,
+        per_recipient: bool,
+    ) -> list[RecipientOutcome]:
+        if self.mode != "queue":
+            return await self._accept(message, config, router, key, per_recipient)
+        # Queue mode: every message is the workers' to deliver. Accept it no
+        # faster than they deliver (Postfix's in_flow_delay): with no token,
+        # the client waits for a finished attempt, at most in_flow_delay. The
+        # wait comes before the dedup read, so that read is fresh at the commit.
+        async with self.flow.admit(config.delivery.in_flow_delay) as admission:
+            outcomes = await self._accept(message, config, router, key, per_recipient)
+            if any(o.spooled for o in outcomes):
+                admission.keep()  # the worker's attempt gives the token back
+        return outcomes
+
+    async def _accept(
         self,
         message: IncomingMessage,
         config: Config,

@@ -20,6 +20,10 @@ when its interval is over they claim one recipient, the probe, and resume
 once it is delivered. New work wakes them at once (:meth:`QueueWorker.wake`);
 they also look at the spool every ``idle_poll`` seconds for changes made by
 another process (``smtp-bridge queue retry``).
+
+Each finished attempt, whatever its end, gives a token back to the
+``in_flow_delay`` gate (:mod:`smtp_bridge.flow`) that queue-mode sessions take
+one from per message; while the workers pause or stop, nobody waits for one.
 """
 
 from __future__ import annotations
@@ -115,6 +119,7 @@ class QueueWorker:
         self._runtime = runtime
         self._wake = asyncio.Event()
         self.gate.on_closed.append(self.wake)  # a session's probe may close the breaker
+        self.flow = delivery.flow
         self._tasks: dict[asyncio.Task[None], tuple[str, str]] = {}
         self._probe: asyncio.Task[None] | None = None
         self._stopping = False
@@ -130,6 +135,11 @@ class QueueWorker:
     def start(self) -> None:
         if self._main is None:
             self._main = asyncio.get_running_loop().create_task(self._loop())
+            self.flow.attach(self._delivering, self._capacity(self._runtime().config))
+
+    def _delivering(self) -> bool:
+        """Attempts are running or about to: not stopping, the default key's breaker closed."""
+        return not self._stopping and self.gate.closed(self._runtime().config.app_key())
 
     def wake(self) -> None:
         """New work in the spool (or a slot free): look now, not at the next poll."""
@@ -165,6 +175,7 @@ class QueueWorker:
         delivered stays in the spool.
         """
         self._stopping = True
+        self.flow.detach()  # no attempt will give a token back: no session waits for one
         self._wake.set()
         if self._main is not None:
             await self._main
@@ -205,12 +216,18 @@ class QueueWorker:
         config = runtime.config
         self.gate.configure(config.api)
         now = self.clock()
+        # Mail admitted but not in the spool by ``now`` may be work this step's
+        # claim misses (not yet committed, or due after ``now``): see top_up.
+        finished = self.flow.finished
         await self._housekeeping(now)
         capacity = self._capacity(config)
+        self.flow.resize(capacity)
         free = capacity - len(self._tasks)
         if free <= 0:
             return self.idle_poll  # a finishing attempt wakes the loop
         default_key = config.app_key()
+        if not self.gate.closed(default_key):
+            self.flow.release_all()  # paused: the spool takes the mail at full speed
         paused_for = self.gate.retry_in(default_key)
         if paused_for > 0:
             return max(paused_for, 0.01)  # breaker open: the workers pause (DESIGN 5)
@@ -230,6 +247,10 @@ class QueueWorker:
                 self._probe = task
         if claimed and len(claimed) == limit:
             return None  # there may be more due
+        if self.gate.closed(default_key):
+            # Nothing more is due and slots are idle: that much can be accepted
+            # at once (tokens lost to mail another process delivered come back).
+            self.flow.top_up(capacity - len(self._tasks), finished)
         due = await self.store.next_due()
         if due is None:
             return self.idle_poll
@@ -277,6 +298,7 @@ class QueueWorker:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
+        self.flow.give()  # any end: recorded, handed back, failed to write, cancelled
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery attempt failed", exc_info=task.exception())

@@ -55,6 +55,8 @@ def queue_config(
               mode: queue
               state_dir: {json.dumps(str(state_dir))}
               backoff: [50ms]
+              # These tests need the spool to run ahead of the workers.
+              in_flow_delay: 0
             admin:
               listen: null
             """)
