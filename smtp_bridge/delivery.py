@@ -573,7 +573,17 @@ class Delivery:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight.update(dict.fromkeys(pairs, done))
         try:
-            return await self._deliver(message, config, router, key, per_recipient)
+            if self.mode != "queue":
+                return await self._deliver(message, config, router, key, per_recipient)
+            # Queue mode: every message is the workers' to deliver. Accept it no
+            # faster than they deliver (Postfix's in_flow_delay): with no token,
+            # the client waits for a finished attempt, at most in_flow_delay. The
+            # wait comes before the dedup read, so that read is fresh at the commit.
+            async with self.flow.admit(config.delivery.in_flow_delay) as admission:
+                outcomes = await self._deliver(message, config, router, key, per_recipient)
+                if any(o.spooled for o in outcomes):
+                    admission.keep()  # the worker's attempt gives the token back
+            return outcomes
         finally:
             for pair in pairs:
                 if self._in_flight.get(pair) is done:
@@ -581,26 +591,6 @@ class Delivery:
             done.set_result(None)
 
     async def _deliver(
-        self,
-        message: IncomingMessage,
-        config: Config,
-        router: Router,
-        key: str,
-        per_recipient: bool,
-    ) -> list[RecipientOutcome]:
-        if self.mode != "queue":
-            return await self._accept(message, config, router, key, per_recipient)
-        # Queue mode: every message is the workers' to deliver. Accept it no
-        # faster than they deliver (Postfix's in_flow_delay): with no token,
-        # the client waits for a finished attempt, at most in_flow_delay. The
-        # wait comes before the dedup read, so that read is fresh at the commit.
-        async with self.flow.admit(config.delivery.in_flow_delay) as admission:
-            outcomes = await self._accept(message, config, router, key, per_recipient)
-            if any(o.spooled for o in outcomes):
-                admission.keep()  # the worker's attempt gives the token back
-        return outcomes
-
-    async def _accept(
         self,
         message: IncomingMessage,
         config: Config,
