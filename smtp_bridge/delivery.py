@@ -674,18 +674,6 @@ class Delivery:
             content=content,
         )
 
-    def _record(self, message: IncomingMessage, plan: Plan, now: float) -> RecipientRecord:
-        outcome = plan.outcome
-        return RecipientRecord(
-            queue_id=message.queue_id,
-            rcpt=plan.rcpt,
-            state=outcome.state if outcome else RecipientState.RETRYING,
-            route=plan.route.name if plan.route else "",
-            template_id=plan.request.template_id if plan.request else "",
-            reply=str(outcome.reply) if outcome else "",
-            updated_at=now,
-        )
-
     async def _spool_all(
         self, message: IncomingMessage, plans: Sequence[Plan], key: str, now: float
     ) -> list[RecipientOutcome] | None:
@@ -694,39 +682,27 @@ class Delivery:
         outcomes: list[RecipientOutcome] = []
         for plan in plans:
             if plan.spoolable:
-                route = plan.route.name if plan.route else ""
-                template_id = plan.request.template_id if plan.request else ""
-                records.append(
-                    RecipientRecord(
-                        queue_id=message.queue_id,
-                        rcpt=plan.rcpt,
-                        state=RecipientState.RETRYING,
-                        route=route,
-                        template_id=template_id,
-                        reply=str(replies.QUEUED),
-                        next_attempt=now,
-                        updated_at=now,
-                        spooled_at=now,
-                    )
+                outcome = RecipientOutcome(
+                    plan.rcpt,
+                    RecipientState.RETRYING,
+                    replies.QUEUED,
+                    plan.route.name if plan.route else "",
+                    plan.request.template_id if plan.request else "",
+                    spooled=True,
                 )
-                outcomes.append(
-                    RecipientOutcome(
-                        plan.rcpt,
-                        RecipientState.RETRYING,
-                        replies.QUEUED,
-                        route,
-                        template_id,
-                        spooled=True,
-                    )
-                )
+                record = outcome.record(message.queue_id, now=now, next_attempt=now, spooled_at=now)
             else:
                 assert plan.outcome is not None
-                records.append(self._record(message, plan, now))
-                outcomes.append(plan.outcome)
+                outcome = plan.outcome
+                record = outcome.record(message.queue_id, now=now)
+            outcomes.append(outcome)
+            records.append(record)
         spooled = any(o.spooled for o in outcomes)
-        record = self._message_record(message, key, now, content=message.raw if spooled else None)
+        content = message.raw if spooled else None
         try:
-            await self.store.add_message(record, records)
+            await self.store.add_message(
+                self._message_record(message, key, now, content=content), records
+            )
         except StoreError:
             return None
         if spooled:
