@@ -10,11 +10,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, json_schema, load_config, parse_config
 from .logs import configure_logging
+
+if TYPE_CHECKING:
+    from .store import QueueAdmin
 
 __all__ = ["main"]
 
@@ -245,25 +248,21 @@ def cmd_send_test(args: argparse.Namespace) -> int:
 def cmd_queue(args: argparse.Namespace) -> int:
     """``queue list|show|retry|purge``: the spool of a config's state store.
 
-    Safe while the daemon runs: a second connection to the same SQLite file
-    (WAL), whose writes wait for the daemon's (busy timeout). The daemon sees a
-    retried recipient within a second.
+    Safe while the daemon runs: with SQLite a second connection to the same file
+    (WAL), whose writes wait for the daemon's (busy timeout); with PostgreSQL the
+    whole spool of every instance. The daemon sees a retried recipient within a
+    second.
     """
-    from .service import STATE_FILE
-    from .store import Store, StoreError
+    from .store import StoreError, open_store
 
     try:
         config = _load(args.config)
     except ConfigError as exc:
         _print_errors(exc)
         return EXIT_CONFIG
-    path = config.delivery.state_dir / STATE_FILE
-    if not path.exists():
-        print(f"smtp-bridge: no state store at {path} (has the daemon run?)", file=sys.stderr)
-        return EXIT_CONFIG
 
     async def run() -> int:
-        store = await Store.open(path, dedup_ttl=config.delivery.dedup_ttl)
+        store = await open_store(config.delivery, create=False)
         try:
             result: int = await _QUEUE_ACTIONS[args.action](store, args)
             return result
@@ -300,7 +299,7 @@ def _recipient_json(record: Any) -> dict[str, Any]:
     }
 
 
-async def _queue_list(store: Any, args: argparse.Namespace) -> int:
+async def _queue_list(store: QueueAdmin, args: argparse.Namespace) -> int:
     rows = await store.list_queue(dead=args.dead, limit=args.limit)
     if args.json:
         print(
@@ -340,7 +339,7 @@ async def _queue_list(store: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _queue_show(store: Any, args: argparse.Namespace) -> int:
+async def _queue_show(store: QueueAdmin, args: argparse.Namespace) -> int:
     found = await store.get_message(args.queue_id)
     if found is None:
         print(f"smtp-bridge: no message {args.queue_id}", file=sys.stderr)
@@ -382,7 +381,7 @@ async def _queue_show(store: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _queue_retry(store: Any, args: argparse.Namespace) -> int:
+async def _queue_retry(store: QueueAdmin, args: argparse.Namespace) -> int:
     if args.queue_id is not None and await store.get_message(args.queue_id) is None:
         print(f"smtp-bridge: no message {args.queue_id}", file=sys.stderr)
         return EXIT_CONFIG
@@ -394,7 +393,7 @@ async def _queue_retry(store: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _queue_purge(store: Any, args: argparse.Namespace) -> int:
+async def _queue_purge(store: QueueAdmin, args: argparse.Namespace) -> int:
     if args.queue_id is not None:
         if await store.get_message(args.queue_id) is None:
             print(f"smtp-bridge: no message {args.queue_id}", file=sys.stderr)

@@ -463,6 +463,8 @@ class DeliveryConfig(_Model):
     # repr=False: a database URL may carry a password.
     store: str | None = Field(default=None, repr=False)
     dedup_ttl: Duration = 86400.0
+    # A spool claim's lease on the store's clock, renewed while the attempt runs.
+    claim_lease: Duration = Field(default=60.0, gt=0)
     max_age: Duration = 3 * 86400.0
     backoff: list[Duration] = Field(default_factory=lambda: [30.0, 120.0, 600.0, 1800.0, 3600.0])
     bounce_template_id: str = ""

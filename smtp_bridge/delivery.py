@@ -46,7 +46,7 @@ from .outcomes import ApiRequest, ApiResult, RecipientState, ResultKind
 from .ratelimit import RateLimiter
 from .replies import Reply
 from .rules import Envelope, Router
-from .store import MessageRecord, Notice, RecipientRecord, Store, StoreError
+from .store import Ledger, MessageRecord, Notice, RecipientRecord, StoreError
 from .templating import (
     ClientInfo,
     HeaderOverrideError,
@@ -510,7 +510,7 @@ class Delivery:
     def __init__(
         self,
         api: ApiClient | ApiGate,
-        store: Store,
+        store: Ledger,
         metrics: Metrics | None = None,
         *,
         mode: str = "direct",

@@ -6,8 +6,8 @@ Each lives beside the code that raises it; this module gathers them so callers
     Exception
     +-- ConfigError          config.py      a config file is wrong; .issues lists
     |                                       every problem as file:line: key: what
-    +-- StoreError           store.py       the SQLite state store failed (disk full,
-    |                                       read-only, locked); the reply is 451 4.3.0
+    +-- StoreError           store/         the state store failed (disk full, read-only,
+    |                                       database down); the reply is 451 4.3.0
     +-- StartupError         service.py     the daemon cannot start (port in use,
     |                                       store unopenable): exit code 2
     +-- ValueError

@@ -34,7 +34,7 @@ from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .sandbox import Sandbox
 from .server import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
-from .store import Store, StoreError
+from .store import StateStore, StoreError, open_store
 from .tls import TlsError
 from .worker import QueueWorker
 
@@ -52,7 +52,6 @@ log = logging.getLogger("smtp_bridge.service")
 
 #: The key ``serve --sandbox`` uses when the config has none.
 SANDBOX_APP_KEY = "sandbox-key"
-STATE_FILE = "state.sqlite3"
 #: Listener keys of ``smtp.tls.implicit_listen`` entries (plain ones: the entry).
 IMPLICIT_TLS_KEY = "tls:"
 
@@ -192,7 +191,7 @@ class BridgeService:
         self._reload_lock = asyncio.Lock()
         self._api: ApiClient | None = None
         self._worker: QueueWorker | None = None
-        self._store: Store | None = None
+        self._store: StateStore | None = None
         self._admin: AdminServer | None = None
         self._admin_activated = False
         self._watchdog: asyncio.Task[None] | None = None
@@ -215,11 +214,10 @@ class BridgeService:
             log_event(log, "sandbox_started", url=url)
             config = self._with_sandbox(config)
             self.runtime = Runtime.build(config)
-        state_path = config.delivery.state_dir / STATE_FILE
         try:
-            self._store = await Store.open(state_path, dedup_ttl=config.delivery.dedup_ttl)
+            self._store = await open_store(config.delivery)
             # The spool is ours: claims left by a process that died are due again.
-            recovered = await self._store.take_ownership()
+            recovered = await self._store.recover_claims()
         except StoreError as exc:
             raise StartupError(f"state store: {exc}") from None
         if recovered:
@@ -229,7 +227,7 @@ class BridgeService:
             self._api, self._store, self.metrics, mode=config.delivery.mode
         )
         # Workers run in every mode: mail spooled before a change of mode still goes out.
-        worker = self._worker = QueueWorker(delivery, lambda: self.runtime)
+        worker = self._worker = QueueWorker(delivery, self._store, lambda: self.runtime)
         delivery.on_spooled = worker.wake
         worker.start()
         handler = self.handler = BridgeHandler(delivery, self._track)

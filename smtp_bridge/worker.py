@@ -1,11 +1,14 @@
 """Queue workers: claim due spooled recipients, deliver, retry with backoff, dead-letter.
 
-Retries are data (DESIGN 2, STYLE 9): :meth:`Store.claim_due` counts the attempt
-and leases the recipient in one commit before the call is made; the final
-state of the attempt is written under ``asyncio.shield``, so cancelling a worker
-never loses what the API answered. A recipient whose attempt never finished
-(``kill -9``, power loss) is picked up again: when its lease expires, or at once
-by the next daemon that takes ownership of the spool (:meth:`Store.take_ownership`).
+Retries are data (STYLE 9): :meth:`Spool.claim_due` counts the attempt and
+leases the recipient (``delivery.claim_lease``) in one commit before the call is
+made; the lease is renewed while the attempt runs, and the final state of the
+attempt is written under ``asyncio.shield`` only while the claim is still ours,
+so cancelling a worker never loses what the API answered and a worker whose
+lease ran out never overwrites the one that took over. A recipient whose attempt
+never finished (``kill -9``, power loss) is picked up again: when its lease
+expires, or at once by the next daemon that recovers the spool's claims
+(:meth:`Spool.recover_claims`).
 
 Each attempt plans the recipient with the routes of the *current* config (a
 reload that fixes a template helps mail already spooled), sends through the
@@ -57,7 +60,7 @@ from .logs import log_event
 from .message import parse_message
 from .outcomes import ApiRequest, RecipientState
 from .rules import Router
-from .store import MessageRecord, RecipientRecord, StoreError
+from .store import MessageRecord, RecipientRecord, StateStore, StoreError
 from .templating import ClientInfo
 
 __all__ = ["QueueWorker", "WorkerRuntime"]
@@ -70,8 +73,6 @@ PARSE_IN_THREAD_BYTES = 256 * 1024
 STATS_INTERVAL = 2.0
 #: Seconds between purges of records older than ``delivery.dedup_ttl``.
 PURGE_INTERVAL = 600.0
-#: Extra lease beyond two API timeouts (an attempt may resend once after 40006).
-LEASE_MARGIN = 30.0
 
 
 class WorkerRuntime(Protocol):
@@ -103,6 +104,7 @@ class QueueWorker:
     def __init__(
         self,
         delivery: Delivery,
+        store: StateStore,
         runtime: Callable[[], WorkerRuntime],
         *,
         clock: Callable[[], float] = time.time,
@@ -110,7 +112,7 @@ class QueueWorker:
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.delivery = delivery
-        self.store = delivery.store
+        self.store = store
         self.gate = delivery.gate
         self.metrics = delivery.metrics
         self.clock = clock
@@ -263,11 +265,8 @@ class QueueWorker:
         return slots if self.delivery.mode == "queue" else max(1, slots // 2)
 
     def _lease(self, config: Config) -> float:
-        api = config.api
-        # Longer than any attempt can take, so a live attempt never loses its claim;
-        # a rate limit makes claimed recipients wait their turn.
-        waiting = self._capacity(config) / api.rate_limit if api.rate_limit > 0 else 0.0
-        return 2 * api.timeout + LEASE_MARGIN + waiting
+        # Renewed every third of itself while the attempt runs (_keep_claim).
+        return config.delivery.claim_lease
 
     async def _housekeeping(self, now: float) -> None:
         if now - self._stats_at >= STATS_INTERVAL:
@@ -311,6 +310,7 @@ class QueueWorker:
 
     async def _attempt(self, message: MessageRecord, record: RecipientRecord) -> None:
         progress = _Progress()
+        keeper = asyncio.get_running_loop().create_task(self._keep_claim(record))
         try:
             await self._deliver(message, record, progress)
         except asyncio.CancelledError:
@@ -338,6 +338,35 @@ class QueueWorker:
             outcome = RecipientOutcome(record.rcpt, record.state, replies.INTERNAL, record.route)
             with contextlib.suppress(StoreError):
                 await self._settle(message, record, outcome, self._runtime().config, progress)
+        finally:
+            keeper.cancel()
+
+    async def _keep_claim(self, record: RecipientRecord) -> None:
+        """Renew the claim every third of its lease while the attempt runs."""
+        while True:
+            lease = self._lease(self._runtime().config)
+            await asyncio.sleep(lease / 3)
+            try:
+                kept = await self.store.renew_claim(record.queue_id, record.rcpt, lease=lease)
+            except StoreError as exc:
+                log_event(
+                    log,
+                    "claim_renew_failed",
+                    level=logging.WARNING,
+                    error=str(exc),
+                    queue_id=record.queue_id,
+                    rcpt=record.rcpt,
+                )
+                continue
+            if not kept:
+                log_event(
+                    log,
+                    "claim_lost",
+                    level=logging.WARNING,
+                    queue_id=record.queue_id,
+                    rcpt=record.rcpt,
+                )
+                return
 
     async def _deliver(
         self, message: MessageRecord, record: RecipientRecord, progress: _Progress
@@ -433,7 +462,7 @@ class QueueWorker:
         }
         final = outcome.record(record.queue_id, now=now, attempts=attempts, error=error)
         if outcome.state in (RecipientState.DELIVERED, RecipientState.DROPPED):
-            done = self.store.update_recipient(final, message_key=message.message_key)
+            done = self.store.update_recipient(final, message_key=message.message_key, claim=True)
             await asyncio.shield(done)
             log_event(log, outcome.state.value, age=round(now - message.received_at, 3), **fields)
             self._count(outcome.route, outcome.state)
@@ -457,7 +486,7 @@ class QueueWorker:
                 state = RecipientState.RETRYING
             waiting = dataclasses.replace(final, state=state, next_attempt=retry_at)
             await asyncio.shield(
-                self.store.update_recipient(waiting, message_key=message.message_key)
+                self.store.update_recipient(waiting, message_key=message.message_key, claim=True)
             )
             log_event(
                 log,
@@ -482,7 +511,9 @@ class QueueWorker:
         )
         dead = dataclasses.replace(final, state=RecipientState.DEAD, error=(error or reason)[:200])
         await asyncio.shield(
-            self.store.update_recipient(dead, message_key=message.message_key, notice=notice)
+            self.store.update_recipient(
+                dead, message_key=message.message_key, notice=notice, claim=True
+            )
         )
         log_event(log, "dead_letter", level=logging.WARNING, reason=reason, **fields)
         self._count(outcome.route, RecipientState.DEAD)
@@ -519,7 +550,7 @@ class QueueWorker:
             updated_at=now,
             error="interrupted at shutdown: the call may have been sent",
         )
-        await self.store.update_recipient(unknown, message_key=message.message_key)
+        await self.store.update_recipient(unknown, message_key=message.message_key, claim=True)
 
     def _count(self, route: str, state: RecipientState) -> None:
         self.metrics.messages.labels(route=route or "-", outcome=state.value).inc()

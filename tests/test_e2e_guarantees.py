@@ -26,8 +26,8 @@ from smtp_bridge.config import Config
 from smtp_bridge.outcomes import RecipientState
 from smtp_bridge.replies import Reply
 from smtp_bridge.sandbox import Sandbox, fingerprint
-from smtp_bridge.service import STATE_FILE
-from smtp_bridge.store import RecipientRecord, Store
+from smtp_bridge.store import STATE_FILE, RecipientRecord
+from smtp_bridge.store.sqlite import SQLiteStore as Store
 
 A, B, C = "alice@example.org", "bob@example.org", "carol@example.org"
 ROUTES = """

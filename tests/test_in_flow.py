@@ -19,8 +19,8 @@ from conftest import make_config_text
 from smtp_bridge import replies
 from smtp_bridge.config import ConfigError, parse_config
 from smtp_bridge.flow import InFlow
-from smtp_bridge.service import STATE_FILE
-from smtp_bridge.store import Store
+from smtp_bridge.store import STATE_FILE
+from smtp_bridge.store.sqlite import SQLiteStore as Store
 
 #: Upper bound of any one wait; never a synchronisation sleep.
 WAIT = 10.0

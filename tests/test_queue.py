@@ -27,8 +27,8 @@ import pytest
 from smtp_bridge import cli, replies
 from smtp_bridge.delivery import next_delay
 from smtp_bridge.outcomes import RecipientState
-from smtp_bridge.service import STATE_FILE
-from smtp_bridge.store import Store
+from smtp_bridge.store import STATE_FILE
+from smtp_bridge.store.sqlite import SQLiteStore as Store
 
 #: Upper bound of any one wait; never a synchronisation sleep.
 WAIT = 10.0
@@ -334,7 +334,7 @@ async def limit_pages(b: Any, pages: int | None) -> None:
         (current,) = conn.execute("PRAGMA page_count").fetchone()
         conn.execute(f"PRAGMA max_page_count = {pages or current}")
 
-    await b.service._store._submit("test: disk full", limit, alone=True)
+    await b.service._store.writer.submit("test: disk full", limit, alone=True)
 
 
 async def test_store_full_answers_451_never_250_and_recovers(bridge: Any) -> None:
@@ -356,12 +356,12 @@ async def test_store_full_answers_451_never_250_and_recovers(bridge: Any) -> Non
 async def test_unwritable_store_answers_451_never_250(bridge: Any, mode: str) -> None:
     async with bridge(f"delivery: {{mode: {mode}, backoff: [50ms]}}\n" + ROUTES) as b:
         store = b.service._store
-        await store._submit("ro", lambda c: c.execute("PRAGMA query_only = ON"), alone=True)
+        await store.writer.submit("ro", lambda c: c.execute("PRAGMA query_only = ON"), alone=True)
         code, text = await send(b, make_message(), ["bob@example.org"])
         assert code == 451, text
         assert text.startswith(replies.INTERNAL.status)
         assert b.sandbox.sent() == []
-        await store._submit("rw", lambda c: c.execute("PRAGMA query_only = OFF"), alone=True)
+        await store.writer.submit("rw", lambda c: c.execute("PRAGMA query_only = OFF"), alone=True)
         code, _ = await send(b, make_message(), ["bob@example.org"])
         assert code == 250
         await requests(b, 1)

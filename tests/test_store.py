@@ -14,7 +14,9 @@ import pytest
 
 import smtp_bridge.store as store_module
 from smtp_bridge.outcomes import RecipientState
-from smtp_bridge.store import MessageRecord, RecipientRecord, Store, StoreError
+from smtp_bridge.store import MessageRecord, RecipientRecord, StoreError
+from smtp_bridge.store.sqlite import SQLiteStore as Store
+from smtp_bridge.store.sqlite.schema import SCHEMA_VERSION
 
 T0 = 1_700_000_000.0
 TTL = 3600.0
@@ -96,7 +98,7 @@ async def writer_held(store: Store) -> AsyncIterator[Callable[[], Awaitable[None
         loop.call_soon_threadsafe(started.set)
         gate.wait(30)
 
-    blocker = store._submit("test: hold the writer", hold)
+    blocker = store.writer.submit("test: hold the writer", hold)
     waiting = asyncio.ensure_future(started.wait())
     either: list[asyncio.Future[Any]] = [waiting, blocker]
     await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
@@ -125,7 +127,7 @@ async def in_one_batch(store: Store, *writes: Awaitable[Any]) -> list[Any | Base
 
 async def set_writer_pragma(store: Store, pragma: str) -> None:
     """Test hook: a PRAGMA on the writer's own connection, outside any transaction."""
-    await store._submit(
+    await store.writer.submit(
         f"test: {pragma}", lambda conn: conn.execute(f"PRAGMA {pragma}"), alone=True
     )
 
@@ -137,17 +139,26 @@ async def limit_size_to_current(store: Store) -> None:
         (pages,) = conn.execute("PRAGMA page_count").fetchone()
         conn.execute(f"PRAGMA max_page_count = {pages}")
 
-    await store._submit("test: fill the disk", limit)
+    await store.writer.submit("test: fill the disk", limit)
 
 
 def test_exports() -> None:
     assert set(store_module.__all__) == {
+        "FINAL_STATES",
+        "STATE_FILE",
+        "Health",
+        "Ledger",
         "MessageRecord",
         "Notice",
+        "QueueAdmin",
         "RecipientRecord",
+        "Spool",
         "SpoolStats",
-        "Store",
+        "StateStore",
         "StoreError",
+        "describe_store",
+        "open_store",
+        "sqlite_path",
     }
 
 
@@ -160,7 +171,7 @@ async def test_open_creates_directory_wal_and_schema_version(db_path: Path) -> N
     assert db_path.is_file()
     with contextlib.closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("PRAGMA user_version").fetchone() == (store_module.SCHEMA_VERSION,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
     assert {"messages", "recipients", "dedup", "recipients_due"} <= tables
 
@@ -224,7 +235,7 @@ async def test_close_completes_pending_writes(db_path: Path) -> None:
     # close() is started after every write has been queued (gather runs tasks in order)
     # and must not return before all of them are committed.
     results = await asyncio.gather(*writes, opened.close(), return_exceptions=True)
-    assert results == [None] * 51
+    assert results == [True] * 50 + [None]
     reopened = await Store.open(db_path)
     try:
         assert (await reopened.counts())["retrying"] == 50
@@ -568,7 +579,7 @@ async def test_purge_expired(store: Store, clock: Clock) -> None:
 
 
 async def test_group_commit_many_writers_one_transaction(store: Store, db_path: Path) -> None:
-    before = store.commits
+    before = store.writer.commits
     writes = [
         store.update_recipient(
             rcpt(f"r{i}@example.com", RecipientState.DELIVERED, queue_id="G"),
@@ -576,8 +587,8 @@ async def test_group_commit_many_writers_one_transaction(store: Store, db_path: 
         )
         for i in range(200)
     ]
-    assert await in_one_batch(store, *writes) == [None] * 200
-    assert store.commits == before + 2  # the test's own parked batch, then all 200 at once
+    assert await in_one_batch(store, *writes) == [True] * 200
+    assert store.writer.commits == before + 2  # the test's own parked batch, then all 200 at once
 
     # Durable and visible to another process' connection (the CLI, say).
     other = await Store.open(db_path, dedup_ttl=TTL, clock=Clock())
@@ -595,7 +606,7 @@ async def test_unbatched_concurrent_writes_all_land(store: Store) -> None:
     ]
     await asyncio.gather(*writes)
     assert (await store.counts())["retrying"] == 200
-    assert 1 <= store.commits <= 201
+    assert 1 <= store.writer.commits <= 201
 
 
 async def test_one_bad_write_fails_alone_in_its_batch(store: Store) -> None:
@@ -606,14 +617,14 @@ async def test_one_bad_write_fails_alone_in_its_batch(store: Store) -> None:
         store.update_recipient(rcpt("a@example.com"), message_key="k"),
     )
     assert isinstance(duplicate, StoreError)
-    assert fine is None
+    assert fine is True
     assert len(await store.list_recipients()) == 1
 
 
 async def test_failed_commit_fails_every_caller_and_reports_no_success(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    commit = store._commit
+    commit = store.writer.commit
     commits: list[int] = []
 
     def commit_fails_after_the_parked_batch(conn: sqlite3.Connection) -> None:
@@ -623,7 +634,7 @@ async def test_failed_commit_fails_every_caller_and_reports_no_success(
         else:
             raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(store, "_commit", commit_fails_after_the_parked_batch)
+    monkeypatch.setattr(store.writer, "commit", commit_fails_after_the_parked_batch)
     writes = [store.update_recipient(rcpt(f"r{i}@example.com"), message_key="k") for i in range(3)]
     results = await in_one_batch(store, *writes)
     assert len(commits) == 2
@@ -862,21 +873,21 @@ async def test_list_retry_and_purge_for_the_queue_command(store: Store, clock: C
         await store.purge()
 
 
-async def test_take_ownership_releases_only_dead_claimers(db_path: Path, clock: Clock) -> None:
+async def test_recover_claims_releases_only_dead_claimers(db_path: Path, clock: Clock) -> None:
     first = await Store.open(db_path, clock=clock)
     second = await Store.open(db_path, clock=clock)
     try:
-        assert await first.take_ownership() == 0
+        assert await first.recover_claims() == 0
         await first.add_message(
             message(content=SECRET), [rcpt("a@x.org", next_attempt=T0, spooled_at=T0)]
         )
         await first.claim_due(now=T0, limit=1, lease=1e9)
-        assert await second.take_ownership() == 0  # first is alive: its claim stands
+        assert await second.recover_claims() == 0  # first is alive: its claim stands
         assert await second.claim_due(now=T0 + 1, limit=1, lease=60) == []
         await first.close()
         third = await Store.open(db_path, clock=clock)
         try:
-            assert await third.take_ownership() == 1
+            assert await third.recover_claims() == 1
             [(_, record)] = await third.claim_due(now=T0 + 1, limit=1, lease=60)
             assert (record.state, record.attempts) == (RecipientState.UNKNOWN, 2)
         finally:

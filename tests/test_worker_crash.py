@@ -25,8 +25,8 @@ from test_queue import ROUTES
 
 from smtp_bridge.outcomes import RecipientState
 from smtp_bridge.sandbox import Sandbox
-from smtp_bridge.service import STATE_FILE
-from smtp_bridge.store import MessageRecord, RecipientRecord, Store
+from smtp_bridge.store import STATE_FILE, MessageRecord, RecipientRecord
+from smtp_bridge.store.sqlite import SQLiteStore as Store
 
 #: Upper bound of any one wait; never a synchronisation sleep.
 WAIT = 30.0
@@ -259,8 +259,8 @@ async def test_claims_of_a_dead_claimer_are_released_at_startup(tmp_path: Path) 
     gone = await Store.open(path)
     alive = await Store.open(path)
     try:
-        assert await gone.take_ownership() == 0
-        assert await alive.take_ownership() == 0
+        assert await gone.recover_claims() == 0
+        assert await alive.recover_claims() == 0
         for store, name in ((gone, "orphan"), (alive, "busy")):
             await store.add_message(
                 MessageRecord(name, name, "app@example.com", "127.0.0.1", "", name, 1, 1.0,

@@ -26,7 +26,8 @@ from smtp_bridge.cli import build_parser
 from smtp_bridge.config import parse_config
 from smtp_bridge.outcomes import RecipientState
 from smtp_bridge.sandbox import Sandbox
-from smtp_bridge.store import MessageRecord, RecipientRecord, Store
+from smtp_bridge.store import MessageRecord, RecipientRecord
+from smtp_bridge.store.sqlite import SQLiteStore as Store
 from smtp_bridge.workers import WorkerSlot, worker_config
 
 WAIT = 30.0
@@ -293,7 +294,7 @@ async def test_two_stores_on_one_file_take_turns_and_lose_nothing(tmp_path: Path
         assert counts[RecipientState.DELIVERED.value] == 200
         assert (tmp_path / "state.sqlite3.write-lock").exists()
         # Group commit still groups: far fewer transactions than writes.
-        assert first.commits + second.commits < 200
+        assert first.writer.commits + second.writer.commits < 200
     finally:
         await first.close()
         await second.close()

@@ -1,16 +1,10 @@
-"""SQLite state store: delivery records, client-retry dedup and the spool, off the event loop.
+"""The SQLite state store, the embedded default: one file under ``delivery.state_dir``.
 
-One writer thread owns the only writing connection and commits *groups* of
-operations: everything queued while the previous transaction was being made
-durable goes into the next one, so a burst of recipients costs one fsync, not
-one each. A caller's coroutine returns only after the transaction holding its
-write has committed (WAL, ``synchronous=FULL``); if that commit fails, every
-caller of the batch gets :class:`StoreError`. Reads go through a second,
-read-only connection on its own thread: WAL lets it run beside the writer.
-
-The CLI may open the same file while the daemon runs (DESIGN 6, ``queue``):
-both take the write lock with ``BEGIN IMMEDIATE`` and wait up to
-``busy_timeout`` for each other.
+Writes go through the group-commit writer thread (:mod:`.writer`); reads through a
+second, read-only connection on its own thread: WAL lets it run beside the writer.
+The CLI may open the same file while the daemon runs (``smtp-bridge queue``): both
+take the write lock with ``BEGIN IMMEDIATE`` and wait up to ``busy_timeout`` for
+each other. The rules every backend keeps are in :mod:`smtp_bridge.store.base`.
 """
 
 from __future__ import annotations
@@ -19,234 +13,58 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import fcntl
 import os
-import queue
-import re
-import secrets
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, NamedTuple, TypeVar
+from typing import Any, Final, TypeVar
 
-from .outcomes import RecipientState
+from ...outcomes import RecipientState
+from ..records import (
+    CLAIMABLE_STATES,
+    CONTENT_DONE_STATES,
+    DEDUP_STATES,
+    MessageRecord,
+    Notice,
+    RecipientRecord,
+    SpoolStats,
+    StoreError,
+)
+from .owners import dead_owners, register_owner
+from .schema import MESSAGE_COLUMNS, MIGRATIONS, RECIPIENT_COLUMNS, SCHEMA_VERSION
+from .writer import GroupCommitWriter
 
-__all__ = ["MessageRecord", "Notice", "RecipientRecord", "SpoolStats", "Store", "StoreError"]
+__all__ = ["BUSY_TIMEOUT_MS", "SQLiteStore"]
 
 _T = TypeVar("_T")
 
-#: ``PRAGMA user_version`` of the schema this module writes; ``_MIGRATIONS[i]``
-#: takes a database from version ``i`` to ``i + 1``.
-SCHEMA_VERSION: Final = 2
 #: How long a statement waits for another process (the CLI) to release the lock.
 BUSY_TIMEOUT_MS: Final = 5000
-#: Upper bound on the operations committed together, to bound one batch's latency.
-MAX_BATCH: Final = 1000
-#: Recipients in these states will never be attempted again.
-FINAL_STATES: Final = frozenset(
-    {RecipientState.DELIVERED, RecipientState.FAILED, RecipientState.DEAD, RecipientState.DROPPED}
-)
-#: States remembered per (message key, recipient) so a client retry does not resend
-#: (DESIGN 2, "No duplicates on client retry").
-_DEDUP_STATES: Final = frozenset({RecipientState.DELIVERED, RecipientState.UNKNOWN})
-#: States a queue worker picks up (given spooled content and a due ``next_attempt``).
-_CLAIMABLE_STATES: Final = (RecipientState.RETRYING.value, RecipientState.UNKNOWN.value)
 #: Keeps ``IN (...)`` lists below SQLite's bound-parameter limit.
 _IN_CHUNK: Final = 500
 
-_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    (
-        """CREATE TABLE IF NOT EXISTS messages (
-            queue_id TEXT PRIMARY KEY,
-            message_key TEXT NOT NULL,
-            mail_from TEXT NOT NULL,
-            client TEXT NOT NULL,
-            user TEXT NOT NULL,
-            subject TEXT NOT NULL,
-            size INTEGER NOT NULL,
-            received_at REAL NOT NULL,
-            mode TEXT NOT NULL,
-            content BLOB NULL
-        )""",
-        "CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at)",
-        """CREATE TABLE IF NOT EXISTS recipients (
-            queue_id TEXT NOT NULL,
-            rcpt TEXT NOT NULL,
-            state TEXT NOT NULL,
-            route TEXT NOT NULL DEFAULT '',
-            template_id TEXT NOT NULL DEFAULT '',
-            api_code INTEGER NULL,
-            reply TEXT NOT NULL DEFAULT '',
-            attempts INTEGER NOT NULL DEFAULT 0,
-            next_attempt REAL NULL,
-            claimed_until REAL NULL,
-            updated_at REAL NOT NULL,
-            error TEXT NOT NULL DEFAULT '',
-            PRIMARY KEY (queue_id, rcpt)
-        )""",
-        "CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt)",
-        "CREATE INDEX IF NOT EXISTS recipients_updated ON recipients (updated_at)",
-        """CREATE TABLE IF NOT EXISTS dedup (
-            message_key TEXT NOT NULL,
-            rcpt TEXT NOT NULL,
-            queue_id TEXT NOT NULL,
-            state TEXT NOT NULL,
-            updated_at REAL NOT NULL,
-            PRIMARY KEY (message_key, rcpt)
-        )""",
-        "CREATE INDEX IF NOT EXISTS dedup_updated ON dedup (updated_at)",
-        # Small key/value table; also the target of the /readyz write probe.
-        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
-    ),
-    (
-        # When the recipient entered the spool (or `queue retry` put it back):
-        # delivery.max_age counts from here.
-        "ALTER TABLE recipients ADD COLUMN spooled_at REAL NULL",
-        # The claimer token of the process holding the claim (take_ownership).
-        "ALTER TABLE recipients ADD COLUMN claimed_by TEXT NULL",
-    ),
-)
-assert len(_MIGRATIONS) == SCHEMA_VERSION
 
-_MESSAGE_COLUMNS: Final = (
-    "queue_id, message_key, mail_from, client, user, subject, size, received_at, mode, content"
-)
-_RECIPIENT_COLUMNS: Final = (
-    "queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt, "
-    "updated_at, error, spooled_at"
-)
-#: Final states after which a message's content is no longer needed. DEAD is not
-#: one: a dead letter keeps its content so `smtp-bridge queue retry` can resend it.
-_CONTENT_DONE_STATES: Final = (
-    RecipientState.DELIVERED.value,
-    RecipientState.DROPPED.value,
-    RecipientState.FAILED.value,
-)
-
-
-class StoreError(Exception):
-    """A state-store failure (cannot open, disk full, read-only, locked, closed).
-
-    The message names the database file and the SQLite error, never message content.
-    """
-
-    def __init__(self, message: str, *, path: Path | None = None) -> None:
-        super().__init__(message)
-        self.path = path
-
-
-@dataclass(frozen=True, slots=True)
-class MessageRecord:
-    """One accepted message; ``content`` is set only when it is spooled (queue/hybrid)."""
-
-    queue_id: str
-    message_key: str
-    mail_from: str
-    client: str
-    user: str
-    subject: str
-    size: int
-    received_at: float
-    mode: str
-    content: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RecipientRecord:
-    """The recorded outcome of one envelope recipient of one message.
-
-    ``updated_at`` 0.0 means "now" (the store's clock) when written.
-    """
-
-    queue_id: str
-    rcpt: str
-    state: RecipientState
-    route: str = ""
-    template_id: str = ""
-    api_code: int | None = None
-    reply: str = ""
-    attempts: int = 0
-    next_attempt: float | None = None
-    updated_at: float = 0.0
-    error: str = ""
-    #: When it entered the spool (None: never spooled; kept as is when updating).
-    spooled_at: float | None = None
-
-
-class SpoolStats(NamedTuple):
-    """Recipients waiting in the spool, and when the oldest of them was spooled."""
-
-    depth: int
-    oldest: float | None
-
-
-#: A message and its recipients to spool along with another write (a failure notice).
-Notice = tuple[MessageRecord, Sequence[RecipientRecord]]
-
-
-@dataclass(slots=True)
-class _Op:
-    """One queued write: ``fn`` runs on the writer thread inside the batch transaction.
-
-    ``alone`` ops run by themselves outside any transaction, before the batch: for
-    statements SQLite refuses inside one (checkpoints, connection PRAGMAs).
-    """
-
-    what: str
-    fn: Callable[[sqlite3.Connection], Any]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
-    alone: bool = False
-
-
-_STOP: Final = object()
-
-
-@contextlib.contextmanager
-def _flocked(fd: int | None) -> Iterator[None]:
-    """Hold an exclusive flock on ``fd`` (nothing if None) for the block.
-
-    Measured with ``serve --workers 2`` (bench/README.md): without it the two
-    writers met SQLITE_BUSY and slept in SQLite's busy handler (p99 355 ms,
-    1.00x one worker); with it, p99 71 ms and 1.27x. A process holds it only
-    for one batch's transaction, and the kernel drops it if the process dies.
-    """
-    if fd is None:
-        yield
-        return
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-
-
-class Store:
+class SQLiteStore:
     """The SQLite state store. Create with ``await Store.open(path)``; ``await close()``."""
 
     def __init__(
         self, path: Path, *, dedup_ttl: float, clock: Callable[[], float] = time.time
     ) -> None:
-        # Use Store.open(): __init__ only sets fields, it starts nothing.
+        # Use SQLiteStore.open(): __init__ only sets fields, it starts nothing.
         self._path = path
         self._dedup_ttl = dedup_ttl
         self._clock = clock
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._writer_done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._writer: threading.Thread | None = None
+        #: The group-commit writer thread; ``writer.commits`` counts its transactions.
+        self.writer = GroupCommitWriter(path, self._connect_writer)
         self._reader = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="smtp-bridge-store-reader"
         )
         self._rconn: sqlite3.Connection | None = None
-        #: This process's claimer token and its locked file (:meth:`take_ownership`).
+        #: This process's claimer token and its locked file (:meth:`recover_claims`).
         self._owner: str | None = None
         self._owner_fd: int | None = None
         self._closed = False
-        #: Transactions committed by the writer (group commit: fewer than writes).
-        self.commits = 0
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -257,7 +75,7 @@ class Store:
         *,
         dedup_ttl: float = 86400.0,
         clock: Callable[[], float] = time.time,
-    ) -> Store:
+    ) -> SQLiteStore:
         """Open (creating if needed) the database file ``path`` and its parent directory.
 
         ``clock`` supplies "now" for records written with ``updated_at`` 0.0 and for
@@ -271,19 +89,9 @@ class Store:
                 f"cannot create state directory {path.parent}: {exc.strerror or exc}", path=path
             ) from exc
         store = cls(path, dedup_ttl=dedup_ttl, clock=clock)
-        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
-        store._writer = threading.Thread(
-            target=store._writer_main,
-            args=(ready,),
-            name="smtp-bridge-store-writer",
-            daemon=True,
-        )
-        store._writer.start()
         try:
-            await asyncio.wrap_future(ready)
+            await store.writer.start()
         except BaseException:
-            store._queue.put(_STOP)  # if the writer did start (we were cancelled), stop it
-            await asyncio.wrap_future(store._writer_done)
             store._reader.shutdown(wait=True)
             raise
         try:
@@ -301,10 +109,7 @@ class Store:
         if self._closed:
             return
         self._closed = True
-        if self._writer is not None:
-            self._queue.put(_STOP)
-            await asyncio.wrap_future(self._writer_done)
-            self._writer.join()  # it has finished; this returns at once
+        await self.writer.stop()
         if self._rconn is not None:
             loop = asyncio.get_running_loop()
             await loop.run_in_executor(self._reader, self._rconn.close)
@@ -322,6 +127,11 @@ class Store:
     def path(self) -> Path:
         """The database file."""
         return self._path
+
+    @property
+    def name(self) -> str:
+        """The database file, for logs and errors."""
+        return str(self._path)
 
     @property
     def dedup_ttl(self) -> float:
@@ -423,39 +233,40 @@ class Store:
         await self._write("add message", write)
 
     async def update_recipient(
-        self, record: RecipientRecord, *, message_key: str, notice: Notice | None = None
-    ) -> None:
-        """Set one recipient row (inserting it if missing) and release its claim.
-
-        When the state is DELIVERED or UNKNOWN the dedup row for ``(message_key,
-        rcpt)`` is written in the same transaction; a remembered DELIVERED is never
-        downgraded to UNKNOWN within ``dedup_ttl``. ``attempts`` never goes down: the
-        larger of the stored and the given count is kept, because the counter is
-        written before each attempt (:meth:`claim_due`). ``spooled_at`` None keeps
-        the stored value.
-
-        ``notice`` (a failure notice to the sender) is spooled in the same
-        transaction, so a dead letter never goes without its notice. Once every
-        recipient of a spooled message is delivered, dropped or failed, its content
-        is dropped: nothing will send it again.
-        """
+        self,
+        record: RecipientRecord,
+        *,
+        message_key: str,
+        notice: Notice | None = None,
+        claim: bool = False,
+    ) -> bool:
+        """Set one recipient row and release its claim (rules: :class:`~..base.Ledger`)."""
         row = self._stamped(record)
+        owner = self._owner
 
-        def write(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> bool:
+            if claim:
+                found = conn.execute(
+                    "SELECT claimed_by FROM recipients WHERE queue_id = ? AND rcpt = ?",
+                    (row.queue_id, row.rcpt),
+                ).fetchone()
+                if found is not None and found[0] != owner:
+                    return False  # another claimer took it over after our lease
             self._put_recipient(conn, row, message_key)
-            if RecipientState(row.state).value in _CONTENT_DONE_STATES:
-                marks = ", ".join("?" * len(_CONTENT_DONE_STATES))
+            if RecipientState(row.state).value in CONTENT_DONE_STATES:
+                marks = ", ".join("?" * len(CONTENT_DONE_STATES))
                 conn.execute(
                     "UPDATE messages SET content = NULL WHERE queue_id = ?"
                     " AND content IS NOT NULL AND NOT EXISTS ("
                     "  SELECT 1 FROM recipients WHERE queue_id = messages.queue_id"
                     f"  AND state NOT IN ({marks}))",
-                    (row.queue_id, *_CONTENT_DONE_STATES),
+                    (row.queue_id, *CONTENT_DONE_STATES),
                 )
             if notice is not None:
                 self._insert_message(conn, notice[0], notice[1])
+            return True
 
-        await self._write("update recipient", write)
+        return await self._write("update recipient", write)
 
     async def get_message(
         self, queue_id: str
@@ -464,12 +275,12 @@ class Store:
 
         def read(conn: sqlite3.Connection) -> tuple[MessageRecord, list[RecipientRecord]] | None:
             row = conn.execute(
-                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,)
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,)
             ).fetchone()
             if row is None:
                 return None
             recipients = conn.execute(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE queue_id = ? ORDER BY rcpt",
+                f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE queue_id = ? ORDER BY rcpt",
                 (queue_id,),
             ).fetchall()
             return _message(row), [_recipient(r) for r in recipients]
@@ -490,7 +301,7 @@ class Store:
             params.extend(values)
         params.append(limit)
         sql = (
-            f"SELECT {_RECIPIENT_COLUMNS} FROM recipients{where}"
+            f"SELECT {RECIPIENT_COLUMNS} FROM recipients{where}"
             " ORDER BY updated_at DESC, queue_id DESC, rcpt LIMIT ?"
         )
 
@@ -511,7 +322,7 @@ class Store:
         cutoff = (self._clock() if now is None else now) - self._dedup_ttl
         # DEAD is not among them: a dead letter with its content is kept until the
         # operator retries or purges it (`smtp-bridge queue`).
-        final = list(_CONTENT_DONE_STATES)
+        final = list(CONTENT_DONE_STATES)
         marks = ", ".join("?" * len(final))
 
         def write(conn: sqlite3.Connection) -> int:
@@ -562,7 +373,7 @@ class Store:
                 " AND (r.claimed_until IS NULL OR r.claimed_until < ?)"
                 " AND m.content IS NOT NULL"
                 " ORDER BY r.next_attempt, r.queue_id, r.rcpt LIMIT ?",
-                (*_CLAIMABLE_STATES, now, now, limit),
+                (*CLAIMABLE_STATES, now, now, limit),
             ).fetchall()
             conn.executemany(
                 "UPDATE recipients SET claimed_until = ?, claimed_by = ?,"
@@ -574,11 +385,11 @@ class Store:
             for queue_id, rcpt in keys:
                 if queue_id not in messages:
                     row = conn.execute(
-                        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,)
+                        f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,)
                     ).fetchone()
                     messages[queue_id] = _message(row)
                 record = conn.execute(
-                    f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE queue_id = ? AND rcpt = ?",
+                    f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE queue_id = ? AND rcpt = ?",
                     (queue_id, rcpt),
                 ).fetchone()
                 claimed.append((messages[queue_id], _recipient(record)))
@@ -601,7 +412,22 @@ class Store:
 
         await self._write("release claim", write)
 
-    async def take_ownership(self) -> int:
+    async def renew_claim(self, queue_id: str, rcpt: str, *, lease: float) -> bool:
+        """Extend our claim by ``lease`` seconds from now; False if it is not ours any more."""
+        until = self._clock() + lease
+        owner = self._owner
+
+        def write(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE recipients SET claimed_until = ? WHERE queue_id = ? AND rcpt = ?"
+                " AND claimed_until IS NOT NULL AND claimed_by IS ?",
+                (until, queue_id, rcpt, owner),
+            )
+            return cursor.rowcount == 1
+
+        return await self._write("renew claim", write)
+
+    async def recover_claims(self) -> int:
         """Become one of the spool's claimers; release the claims of claimers that died.
 
         Every daemon process that claims (:meth:`claim_due`) first registers here: a
@@ -616,7 +442,7 @@ class Store:
         owners = self._path.with_name(self._path.name + ".owners")
         if self._owner is None:
             try:
-                self._owner, self._owner_fd = await asyncio.to_thread(_register_owner, owners)
+                self._owner, self._owner_fd = await asyncio.to_thread(register_owner, owners)
             except OSError as exc:
                 raise StoreError(
                     f"state store {self._path}: cannot register in {owners}: {exc.strerror or exc}",
@@ -631,7 +457,7 @@ class Store:
             return [token for (token,) in rows]
 
         tokens = await self._read("find claimers", claimers)
-        dead = await asyncio.to_thread(_dead_owners, owners, tokens, self._owner)
+        dead = await asyncio.to_thread(dead_owners, owners, tokens, self._owner)
         if not dead:
             return 0
         now = self._clock()
@@ -650,7 +476,7 @@ class Store:
                     now,
                     now,
                     *dead,
-                    *_CLAIMABLE_STATES,
+                    *CLAIMABLE_STATES,
                 ),
             ).rowcount
 
@@ -665,7 +491,7 @@ class Store:
                 " FROM recipients AS r JOIN messages AS m ON m.queue_id = r.queue_id"
                 " WHERE r.state IN (?, ?) AND r.next_attempt IS NOT NULL"
                 " AND m.content IS NOT NULL",
-                _CLAIMABLE_STATES,
+                CLAIMABLE_STATES,
             ).fetchone()
             return None if when is None else float(when)
 
@@ -683,7 +509,7 @@ class Store:
                 " FROM recipients AS r JOIN messages AS m ON m.queue_id = r.queue_id"
                 " WHERE r.state IN (?, ?) AND r.next_attempt IS NOT NULL"
                 " AND m.content IS NOT NULL",
-                _CLAIMABLE_STATES,
+                CLAIMABLE_STATES,
             ).fetchone()
             return SpoolStats(depth, None if oldest is None else float(oldest))
 
@@ -713,18 +539,18 @@ class Store:
             params: list[object] = [RecipientState.DEAD.value]
         else:
             where = "r.state IN (?, ?) AND r.next_attempt IS NOT NULL AND m.content IS NOT NULL"
-            params = list(_CLAIMABLE_STATES)
+            params = list(CLAIMABLE_STATES)
         # The content itself stays on disk: only whether there is any.
-        names = [c.strip() for c in _MESSAGE_COLUMNS.split(",")]
+        names = [c.strip() for c in MESSAGE_COLUMNS.split(",")]
         columns = ", ".join([*(f"m.{c}" for c in names[:-1]), "m.content IS NOT NULL"])
-        recipient_columns = ", ".join(f"r.{c.strip()}" for c in _RECIPIENT_COLUMNS.split(","))
+        recipient_columns = ", ".join(f"r.{c.strip()}" for c in RECIPIENT_COLUMNS.split(","))
         sql = (
             f"SELECT {columns}, {recipient_columns}"
             " FROM recipients AS r JOIN messages AS m ON m.queue_id = r.queue_id"
             f" WHERE {where} ORDER BY m.received_at, r.queue_id, r.rcpt LIMIT ?"
         )
         params.append(limit)
-        width = len(_MESSAGE_COLUMNS.split(","))
+        width = len(MESSAGE_COLUMNS.split(","))
 
         def read(conn: sqlite3.Connection) -> list[tuple[MessageRecord, RecipientRecord]]:
             found = []
@@ -767,7 +593,7 @@ class Store:
                 hurried = conn.execute(
                     "UPDATE recipients AS r SET next_attempt = ?"
                     f" WHERE r.state IN (?, ?) AND r.next_attempt > ?{scope}{spooled}",
-                    (now, *_CLAIMABLE_STATES, now, *scope_params),
+                    (now, *CLAIMABLE_STATES, now, *scope_params),
                 ).rowcount
             (stuck,) = conn.execute(
                 f"SELECT COUNT(*) FROM recipients AS r WHERE r.state = ?{scope}",
@@ -834,168 +660,10 @@ class Store:
             return False
         return True
 
-    # -- writes: the group-commit writer thread -----------------------------------------
-
-    def _submit(
-        self, what: str, fn: Callable[[sqlite3.Connection], _T], *, alone: bool = False
-    ) -> asyncio.Future[_T]:
-        """Queue ``fn`` for the next batch; the future resolves after its commit.
-
-        Cancelling the future does not withdraw the write: it is committed anyway.
-        """
-        if self._closed or self._writer_done.done():
-            raise StoreError(f"state store {self._path} is closed", path=self._path)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[_T] = loop.create_future()
-        self._queue.put(_Op(what, fn, loop, future, alone))
-        return future
+    # -- writes --------------------------------------------------------------------------
 
     async def _write(self, what: str, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        return await self._submit(what, fn)
-
-    def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
-        try:
-            # InvalidStateError: open() was cancelled and gave up waiting for us.
-            try:
-                conn = self._connect_writer()
-            except BaseException as exc:
-                with contextlib.suppress(concurrent.futures.InvalidStateError):
-                    ready.set_exception(exc)
-                return
-            with contextlib.suppress(concurrent.futures.InvalidStateError):
-                ready.set_result(None)
-            lock_fd = self._open_write_lock()
-            try:
-                while True:
-                    batch = [self._queue.get()]
-                    # Writers of other processes (serve --workers, the CLI) take turns
-                    # on this flock: a blocked writer wakes the moment the lock is
-                    # free, where SQLite's busy handler sleeps 1..100 ms and retries.
-                    # Writes queued while we waited join this batch.
-                    with _flocked(lock_fd):
-                        while len(batch) < MAX_BATCH:
-                            try:
-                                batch.append(self._queue.get_nowait())
-                            except queue.Empty:
-                                break
-                        ops = [item for item in batch if isinstance(item, _Op)]
-                        if ops:
-                            self._run_batch(conn, ops)
-                    if any(item is _STOP for item in batch):
-                        return
-            finally:
-                self._rollback(conn)
-                conn.close()
-                if lock_fd is not None:
-                    os.close(lock_fd)
-        finally:
-            self._writer_done.set_result(None)
-            # Only if the loop above died of a bug: nobody may wait forever.
-            stopped = StoreError(f"state store {self._path}: writer stopped", path=self._path)
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, _Op):
-                    _settle(item, None, stopped)
-
-    def _open_write_lock(self) -> int | None:
-        """The file whose flock orders the writers of several processes (``--workers``)."""
-        path = self._path.with_name(self._path.name + ".write-lock")
-        try:
-            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError:
-            return None  # then BEGIN IMMEDIATE and busy_timeout alone order the writers
-
-    def _run_batch(self, conn: sqlite3.Connection, ops: list[_Op]) -> None:
-        """Run ``ops`` in one transaction, commit, then settle every caller."""
-        self._rollback(conn)  # a transaction left open by an earlier failure, if any
-        for op in [op for op in ops if op.alone]:
-            try:
-                _settle(op, op.fn(conn), None)
-            except Exception as exc:
-                self._rollback(conn)
-                _settle(op, None, self._error(op.what, exc))
-        ops = [op for op in ops if not op.alone]
-        if not ops:
-            return
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            for op in ops:
-                _settle(op, None, self._error(op.what, exc))
-            return
-        done: list[tuple[_Op, Any]] = []
-        failed: list[tuple[_Op, BaseException]] = []
-        for op in ops:
-            try:
-                conn.execute("SAVEPOINT op")
-                result = op.fn(conn)
-                conn.execute("RELEASE op")
-            except Exception as exc:
-                # A failed statement normally undoes only itself; then only this op
-                # fails. SQLITE_FULL, IOERR and the like may roll back the whole
-                # transaction, taking every write of the batch with it.
-                if conn.in_transaction and self._rollback_to_savepoint(conn):
-                    failed.append((op, self._error(op.what, exc)))
-                    continue
-                self._rollback(conn)
-                for other in ops:
-                    reason = exc if other is op else _BatchLost(exc)
-                    _settle(other, None, self._error(other.what, reason))
-                return
-            done.append((op, result))
-        try:
-            self._commit(conn)
-        except sqlite3.Error as exc:
-            # A commit that did not happen is never reported as success.
-            self._rollback(conn)
-            for op, _ in done:
-                _settle(op, None, self._error(op.what, exc))
-            for op, error in failed:
-                _settle(op, None, error)
-            return
-        self.commits += 1
-        for op, result in done:
-            _settle(op, result, None)
-        for op, error in failed:
-            _settle(op, None, error)
-
-    def _commit(self, conn: sqlite3.Connection) -> None:
-        # A method of its own so a test can make the commit fail.
-        conn.execute("COMMIT")
-
-    @staticmethod
-    def _rollback(conn: sqlite3.Connection) -> None:
-        if conn.in_transaction:
-            # If even ROLLBACK fails there is nothing left to undo: the next BEGIN starts clean.
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-
-    @staticmethod
-    def _rollback_to_savepoint(conn: sqlite3.Connection) -> bool:
-        try:
-            conn.execute("ROLLBACK TO op")
-            conn.execute("RELEASE op")
-        except sqlite3.Error:
-            return False
-        return True
-
-    def _error(self, what: str, exc: BaseException) -> BaseException:
-        """SQLite errors become StoreError naming the file; other exceptions pass as is."""
-        if isinstance(exc, _BatchLost):
-            error = StoreError(
-                f"state store {self._path}: {what} failed: batch rolled back: {exc.cause}",
-                path=self._path,
-            )
-            error.__cause__ = exc.cause
-            return error
-        if isinstance(exc, sqlite3.Error):
-            error = StoreError(f"state store {self._path}: {what} failed: {exc}", path=self._path)
-            error.__cause__ = exc
-            return error
-        return exc
+        return await self.writer.submit(what, fn)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -1042,7 +710,9 @@ class Store:
         try:
             self._prepare(conn)
         except BaseException as exc:
-            self._rollback(conn)
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
             conn.close()
             if isinstance(exc, sqlite3.Error):
                 raise StoreError(
@@ -1068,7 +738,7 @@ class Store:
                 f" than this smtp-bridge supports ({SCHEMA_VERSION})",
                 path=self._path,
             )
-        for statements in _MIGRATIONS[version:]:
+        for statements in MIGRATIONS[version:]:
             for statement in statements:
                 conn.execute(statement)
         if version != SCHEMA_VERSION:
@@ -1089,7 +759,7 @@ class Store:
                     f"recipient queue_id {record.queue_id!r} is not {message.queue_id!r}"
                 )
         conn.execute(
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 message.queue_id,
                 message.message_key,
@@ -1116,7 +786,7 @@ class Store:
     ) -> None:
         state = RecipientState(record.state)
         conn.execute(
-            f"INSERT INTO recipients ({_RECIPIENT_COLUMNS}, claimed_until)"
+            f"INSERT INTO recipients ({RECIPIENT_COLUMNS}, claimed_until)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
             " ON CONFLICT (queue_id, rcpt) DO UPDATE SET"
             " state = excluded.state, route = excluded.route,"
@@ -1140,7 +810,7 @@ class Store:
                 record.spooled_at,
             ),
         )
-        if state in _DEDUP_STATES:
+        if state in DEDUP_STATES:
             conn.execute(
                 "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at)"
                 " VALUES (?, ?, ?, ?, ?)"
@@ -1162,83 +832,6 @@ class Store:
                     self._dedup_ttl,
                 ),
             )
-
-
-_TOKEN_RE: Final = re.compile(r"[0-9a-f]{16}")
-
-
-def _register_owner(owners: Path) -> tuple[str, int]:
-    """A new claimer token with its file locked; the file appears under its name locked.
-
-    Locked before it is renamed into place, so another process never mistakes a
-    claimer that is just starting for a dead one.
-    """
-    owners.mkdir(mode=0o700, exist_ok=True)
-    token = secrets.token_hex(8)
-    temporary = owners / f".{token}.new"
-    fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(temporary, owners / token)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
-    return token, fd
-
-
-def _dead_owners(owners: Path, tokens: Iterable[str], mine: str | None) -> list[str]:
-    """Of ``tokens`` (and the files left in ``owners``), those whose process is gone."""
-    with contextlib.suppress(OSError):
-        tokens = {*tokens, *(p.name for p in owners.iterdir())}
-    dead: list[str] = []
-    for token in sorted(set(tokens)):
-        if token == mine or not _TOKEN_RE.fullmatch(token):
-            continue
-        path = owners / token
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            dead.append(token)  # its process stopped cleanly, or another recovery ran
-            continue
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # locked: that process is alive
-        else:
-            dead.append(token)
-            with contextlib.suppress(OSError):
-                path.unlink()
-        finally:
-            os.close(fd)
-    return dead
-
-
-class _BatchLost(Exception):
-    """Another operation's failure rolled back the whole batch transaction."""
-
-    def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
-def _settle(op: _Op, result: object, error: BaseException | None) -> None:
-    """Resolve ``op``'s future from the writer thread, on the caller's loop."""
-
-    def settle() -> None:
-        if op.future.cancelled():
-            return
-        if error is not None:
-            op.future.set_exception(error)
-        else:
-            op.future.set_result(result)
-
-    # RuntimeError: the caller's loop is closed, nobody is waiting any more.
-    with contextlib.suppress(RuntimeError):
-        op.loop.call_soon_threadsafe(settle)
 
 
 def _remembered(

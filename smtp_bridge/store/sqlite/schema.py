@@ -1,0 +1,72 @@
+"""The SQLite schema: its version and the migrations that reach it."""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = ["MESSAGE_COLUMNS", "MIGRATIONS", "RECIPIENT_COLUMNS", "SCHEMA_VERSION"]
+
+#: ``PRAGMA user_version`` of the schema this module writes; ``MIGRATIONS[i]``
+#: takes a database from version ``i`` to ``i + 1``.
+SCHEMA_VERSION: Final = 2
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE IF NOT EXISTS messages (
+            queue_id TEXT PRIMARY KEY,
+            message_key TEXT NOT NULL,
+            mail_from TEXT NOT NULL,
+            client TEXT NOT NULL,
+            user TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            received_at REAL NOT NULL,
+            mode TEXT NOT NULL,
+            content BLOB NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS messages_received ON messages (received_at)",
+        """CREATE TABLE IF NOT EXISTS recipients (
+            queue_id TEXT NOT NULL,
+            rcpt TEXT NOT NULL,
+            state TEXT NOT NULL,
+            route TEXT NOT NULL DEFAULT '',
+            template_id TEXT NOT NULL DEFAULT '',
+            api_code INTEGER NULL,
+            reply TEXT NOT NULL DEFAULT '',
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt REAL NULL,
+            claimed_until REAL NULL,
+            updated_at REAL NOT NULL,
+            error TEXT NOT NULL DEFAULT '',
+            PRIMARY KEY (queue_id, rcpt)
+        )""",
+        "CREATE INDEX IF NOT EXISTS recipients_due ON recipients (state, next_attempt)",
+        "CREATE INDEX IF NOT EXISTS recipients_updated ON recipients (updated_at)",
+        """CREATE TABLE IF NOT EXISTS dedup (
+            message_key TEXT NOT NULL,
+            rcpt TEXT NOT NULL,
+            queue_id TEXT NOT NULL,
+            state TEXT NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (message_key, rcpt)
+        )""",
+        "CREATE INDEX IF NOT EXISTS dedup_updated ON dedup (updated_at)",
+        # Small key/value table; also the target of the /readyz write probe.
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)",
+    ),
+    (
+        # When the recipient entered the spool (or `queue retry` put it back):
+        # delivery.max_age counts from here.
+        "ALTER TABLE recipients ADD COLUMN spooled_at REAL NULL",
+        # The claimer token of the process holding the claim (take_ownership).
+        "ALTER TABLE recipients ADD COLUMN claimed_by TEXT NULL",
+    ),
+)
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+MESSAGE_COLUMNS: Final = (
+    "queue_id, message_key, mail_from, client, user, subject, size, received_at, mode, content"
+)
+RECIPIENT_COLUMNS: Final = (
+    "queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt, "
+    "updated_at, error, spooled_at"
+)
