@@ -463,6 +463,9 @@ class DeliveryConfig(_Model):
     # repr=False: a database URL may carry a password.
     store: str | None = Field(default=None, repr=False)
     dedup_ttl: Duration = 86400.0
+    # Byte-identical messages without Message-ID or Idempotency-Key are only
+    # deduplicated this long: the same alert text sent twice is two alerts.
+    anonymous_dedup_ttl: Duration = 3600.0
     # A spool claim's lease on the store's clock, renewed while the attempt runs.
     claim_lease: Duration = Field(default=60.0, gt=0)
     max_age: Duration = 3 * 86400.0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import ipaddress
 import json
 import logging
@@ -39,14 +38,15 @@ from .api import ApiClient
 from .breaker import Breakers, BreakerState, Transition
 from .config import ApiConfig, Config, RouteConfig
 from .flow import InFlow
+from .identity import message_key
 from .logs import log_event
-from .message import ParsedMessage, content_hash
+from .message import ParsedMessage
 from .metrics import Metrics, api_code_label
 from .outcomes import ApiRequest, ApiResult, RecipientState, ResultKind
 from .ratelimit import RateLimiter
 from .replies import Reply
 from .rules import Envelope, Router
-from .store import Ledger, MessageRecord, Notice, RecipientRecord, StoreError
+from .store import Guard, GuardState, Ledger, MessageRecord, Notice, RecipientRecord, StoreError
 from .templating import (
     ClientInfo,
     HeaderOverrideError,
@@ -67,11 +67,13 @@ __all__ = [
     "Plan",
     "RecipientOutcome",
     "aggregate",
+    "duplicate_outcome",
     "failure_notice",
     "log_api_call",
     "message_key",
     "next_delay",
     "plan_recipient",
+    "session_lease",
     "state_for",
 ]
 
@@ -81,6 +83,12 @@ log = logging.getLogger("smtp_bridge.delivery")
 NOTICE_MODE = "notice"
 #: The route name failure notices are logged and counted under.
 NOTICE_ROUTE = "failure-notice"
+#: Seconds a session's guard outlives its longest possible calls.
+GUARD_MARGIN = 10.0
+#: How often a copy waiting for another copy's call looks at the ledger again.
+GUARD_POLL = 0.1
+#: Backoff between tries of an outcome write that failed (the call was made).
+RECORD_RETRY = (0.2, 0.5, 1.0, 2.0, 5.0)
 #: Jitter: each retry delay is the ``delivery.backoff`` step times a factor in this range.
 JITTER = (0.8, 1.2)
 
@@ -133,17 +141,6 @@ class RecipientOutcome:
         return RecipientRecord(**values)
 
 
-def message_key(parsed: ParsedMessage, raw: bytes) -> str:
-    """The dedup identity of a message: Idempotency-Key, else Message-ID, else content."""
-    idem = parsed.headers.get("Idempotency-Key", "").strip()
-    if idem:
-        return "idem:" + hashlib.sha256(idem.encode("utf-8", "surrogateescape")).hexdigest()
-    if parsed.message_id:
-        digest = hashlib.sha256(parsed.message_id.encode("utf-8", "surrogateescape")).hexdigest()
-        return "mid:" + digest
-    return "sha:" + content_hash(raw)
-
-
 def aggregate(outcomes: Sequence[RecipientOutcome]) -> Reply:
     """One SMTP reply for a multi-recipient message (DESIGN 2), in every mode.
 
@@ -163,7 +160,14 @@ def aggregate(outcomes: Sequence[RecipientOutcome]) -> Reply:
         accepted = next((o.reply for o in delivered if o.api_code == 200), None)
         if accepted is not None:
             return accepted
-        return replies.QUEUED if any(o.spooled for o in delivered) else replies.OK
+        if any(o.spooled for o in delivered):
+            return replies.QUEUED
+        # Every recipient was another copy's: say which (already queued wins, since
+        # something is still to be sent).
+        copies = [o.reply for o in delivered if o.state is RecipientState.DUPLICATE]
+        if copies:
+            return replies.ALREADY_QUEUED if replies.ALREADY_QUEUED in copies else copies[0]
+        return replies.OK
     return outcomes[0].reply
 
 
@@ -227,6 +231,18 @@ class Plan:
         )
 
 
+def duplicate_outcome(rcpt: str, held: GuardState | None, route: str = "") -> RecipientOutcome:
+    """A recipient another copy of the message has: delivered already, or queued."""
+    reply = replies.ALREADY_DELIVERED if held is GuardState.DELIVERED else replies.ALREADY_QUEUED
+    return RecipientOutcome(rcpt, RecipientState.DUPLICATE, reply, route)
+
+
+def session_lease(config: Config) -> float:
+    """How long a session's guard holds: longer than its calls can take (a 40006
+    resend included), so only a session that died loses it."""
+    return max(config.delivery.claim_lease, 2 * config.api.timeout + GUARD_MARGIN)
+
+
 def plan_recipient(
     parsed: ParsedMessage,
     rcpt: str,
@@ -238,11 +254,14 @@ def plan_recipient(
     client: ClientInfo | None = None,
     previous: RecipientState | None = None,
     queue_id: str = "",
+    previous_holder: str = "",
 ) -> Plan:
     """Decide one recipient without IO: an API request to send, or an outcome.
 
     Shared by the daemon, the queue workers and ``smtp-bridge route`` so the
-    dry run shows exactly what the daemon would send.
+    dry run shows exactly what the daemon would send. ``previous`` UNKNOWN: the
+    last call (by ``previous_holder``, a queue id) may have been sent, so this one
+    is logged as a possible duplicate.
     """
     client = client or ClientInfo("")
     envelope = Envelope(mail_from, rcpt, user, _ip(client.ip))
@@ -264,17 +283,14 @@ def plan_recipient(
         )
     if previous is RecipientState.DELIVERED:
         log_event(log, "duplicate_skipped", queue_id=queue_id, rcpt=rcpt, route=route.name)
-        return Plan(
-            rcpt,
-            route,
-            outcome=RecipientOutcome(rcpt, RecipientState.DELIVERED, replies.OK, route.name),
-        )
+        return Plan(rcpt, route, outcome=duplicate_outcome(rcpt, GuardState.DELIVERED, route.name))
     if previous is RecipientState.UNKNOWN:
         log_event(
             log,
             "possible_duplicate",
             level=logging.WARNING,
             queue_id=queue_id,
+            previous_queue_id=previous_holder or queue_id,
             rcpt=rcpt,
             route=route.name,
         )
@@ -527,6 +543,8 @@ class Delivery:
         self.flow = InFlow()
         # (message key, lower-cased rcpt) -> done when its delivery is recorded.
         self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
+        #: Outcome writes that failed after the calls, retried until on record.
+        self._recording: set[asyncio.Task[None]] = set()
 
     @property
     def api(self) -> ApiClient:
@@ -604,34 +622,29 @@ class Delivery:
         spool_all = self.mode == "queue" or (
             self.mode == "hybrid" and self.gate.blocked(app_key) is not None
         )
+        guards: dict[str, Guard] = {}
         try:
             if spool_all:
                 previous = await self.store.previous_outcomes(key, message.rcpts)
             else:
-                # The message is on record before anything is sent: no ledger, no
-                # dedup guarantee, so a store that takes no writes keeps the mail
-                # with the client (451) and nothing goes out.
+                # The message and the guards of its recipients are on record before
+                # anything is sent: a store that takes no writes keeps the mail with
+                # the client (451) and nothing goes out.
                 record = self._message_record(message, key, now, content=None)
-                previous = await self.store.open_message(record, message.rcpts)
+                admission = await self.store.open_message(
+                    record, message.rcpts, lease=session_lease(config)
+                )
+                self._note_reuse(message, admission.message_id_reused_by)
+                guards = await self._wait_for_copies(message, key, admission.guards, config)
+                previous = {}
         except StoreError:
             return self._store_failed(message, message.rcpts)
         plans = [
-            plan_recipient(
-                message.parsed,
-                rcpt,
-                config=config,
-                router=router,
-                mail_from=message.mail_from,
-                user=message.user,
-                client=message.client,
-                previous=previous.get(rcpt.lower()),
-                queue_id=message.queue_id,
-            )
-            for rcpt in message.rcpts
+            self._plan(message, rcpt, config, router, previous, guards) for rcpt in message.rcpts
         ]
         if spool_all:
             # Queue mode, or hybrid while the breaker is open: no call now, the
-            # whole message goes to the spool before the 250 (DESIGN 2 and 5).
+            # whole message goes to the spool before the 250 (docs/guarantees.md).
             outcomes = await self._spool_all(message, plans, key, now)
             if outcomes is None:
                 return self._store_failed(message, [p.rcpt for p in plans])
@@ -640,7 +653,7 @@ class Delivery:
             outcomes = await self._record_outcomes(message, plans, ran, key, config)
         if not per_recipient and any(o.reply.is_success for o in outcomes):
             # Permanent failures beside deliveries: the reply will be 250, so
-            # these are dead letters the operator must see (DESIGN 2).
+            # these are dead letters the operator must see (docs/guarantees.md).
             outcomes = [
                 await self._bury(message, o, key, config) if o.state is RecipientState.FAILED else o
                 for o in outcomes
@@ -650,6 +663,91 @@ class Delivery:
                 route=outcome.route or "-", outcome=outcome.state.value
             ).inc()
         return outcomes
+
+    def _plan(
+        self,
+        message: IncomingMessage,
+        rcpt: str,
+        config: Config,
+        router: Router,
+        previous: dict[str, RecipientState],
+        guards: dict[str, Guard],
+    ) -> Plan:
+        """One recipient's plan, given what the ledger said of it."""
+        guard = guards.get(rcpt.lower())
+        before = previous.get(rcpt.lower())
+        holder = ""
+        if guard is not None and not guard.acquired and guard.state is GuardState.SENDING:
+            # Still in flight elsewhere after waiting as long as its lease: keep the mail.
+            return Plan(
+                rcpt,
+                outcome=RecipientOutcome(rcpt, RecipientState.RETRYING, replies.SAME_IN_FLIGHT),
+            )
+        if guard is not None and not guard.acquired:
+            # Another copy has it: delivered already, or waiting in its spool.
+            log_event(
+                log,
+                "duplicate_skipped",
+                queue_id=message.queue_id,
+                previous_queue_id=guard.holder,
+                rcpt=rcpt,
+                held=guard.state.value if guard.state else "",
+            )
+            return Plan(rcpt, outcome=duplicate_outcome(rcpt, guard.state))
+        if guard is not None and guard.possibly_sent:
+            before, holder = RecipientState.UNKNOWN, guard.holder
+        return plan_recipient(
+            message.parsed,
+            rcpt,
+            config=config,
+            router=router,
+            mail_from=message.mail_from,
+            user=message.user,
+            client=message.client,
+            previous=before,
+            queue_id=message.queue_id,
+            previous_holder=holder,
+        )
+
+    async def _wait_for_copies(
+        self, message: IncomingMessage, key: str, guards: dict[str, Guard], config: Config
+    ) -> dict[str, Guard]:
+        """Recipients whose call another copy has in flight: wait for its end, then ask again.
+
+        Never longer than that copy's lease can last (then it is presumed dead and
+        the guard is ours, as a possible duplicate); if it is still held after
+        that, the recipient gets ``SAME_IN_FLIGHT`` (451), the client retries.
+        """
+        lease = session_lease(config)
+        deadline = time.monotonic() + lease + GUARD_MARGIN
+        guards = dict(guards)
+        while True:
+            busy = [
+                rcpt
+                for rcpt, guard in guards.items()
+                if not guard.acquired and guard.state is GuardState.SENDING
+            ]
+            if not busy or time.monotonic() >= deadline:
+                return guards
+            local = {self._in_flight.get((key, rcpt)) for rcpt in busy} - {None}
+            if local:
+                await asyncio.wait([f for f in local if f is not None], timeout=GUARD_POLL * 10)
+            else:
+                await asyncio.sleep(GUARD_POLL)
+            guards.update(
+                await self.store.acquire(key, busy, queue_id=message.queue_id, lease=lease)
+            )
+
+    def _note_reuse(self, message: IncomingMessage, earlier: str) -> None:
+        if earlier:
+            log_event(
+                log,
+                "message_id_reused",
+                level=logging.WARNING,
+                queue_id=message.queue_id,
+                previous_queue_id=earlier,
+                message_id=message.parsed.message_id[:200],
+            )
 
     def _store_failed(
         self, message: IncomingMessage, rcpts: Sequence[str]
@@ -700,11 +798,14 @@ class Delivery:
         spooled = any(o.spooled for o in outcomes)
         content = message.raw if spooled else None
         try:
-            await self.store.add_message(
+            admission = await self.store.add_message(
                 self._message_record(message, key, now, content=content), records
             )
         except StoreError:
             return None
+        self._note_reuse(message, admission.message_id_reused_by)
+        outcomes = [self._as_copy(message, o, admission.guards) for o in outcomes]
+        spooled = any(o.spooled for o in outcomes)
         if spooled:
             log_event(
                 log,
@@ -715,6 +816,23 @@ class Delivery:
             )
             self._wake()
         return outcomes
+
+    def _as_copy(
+        self, message: IncomingMessage, outcome: RecipientOutcome, guards: dict[str, Guard]
+    ) -> RecipientOutcome:
+        """A spooled outcome whose guard another copy holds: that copy sends it."""
+        guard = guards.get(outcome.rcpt.lower())
+        if not outcome.spooled or guard is None or guard.acquired:
+            return outcome
+        log_event(
+            log,
+            "duplicate_skipped",
+            queue_id=message.queue_id,
+            previous_queue_id=guard.holder,
+            rcpt=outcome.rcpt,
+            held=guard.state.value if guard.state else "",
+        )
+        return duplicate_outcome(outcome.rcpt, guard.state, outcome.route)
 
     async def _record_outcomes(
         self,
@@ -766,11 +884,60 @@ class Delivery:
             )
         except StoreError:
             log_event(log, "store_error", level=logging.ERROR, queue_id=message.queue_id)
-            return [original for original, _ in ran]  # nothing spooled: every 4xx stands
+            # Nothing spooled: every 4xx stands. What was sent must still reach the
+            # ledger (its guards say SENDING meanwhile, so no copy sends it again).
+            kept = [o.record(message.queue_id, now=now, error=e) for o, e in ran]
+            self._keep_recording(message.queue_id, kept, key)
+            return [original for original, _ in ran]
         if spooled:
             log_event(log, "spooled", queue_id=message.queue_id, rcpts=spooled)
             self._wake()
         return outcomes
+
+    def _keep_recording(self, queue_id: str, records: Sequence[RecipientRecord], key: str) -> None:
+        """Write ``records`` in the background until the store takes them (or close())."""
+        task = asyncio.get_running_loop().create_task(
+            self._record_until_done(queue_id, records, key)
+        )
+        self._recording.add(task)
+        task.add_done_callback(self._recording.discard)
+
+    async def _record_until_done(
+        self, queue_id: str, records: Sequence[RecipientRecord], key: str
+    ) -> None:
+        tries = 0
+        while True:
+            delay = RECORD_RETRY[min(tries, len(RECORD_RETRY) - 1)]
+            tries += 1
+            try:
+                await asyncio.sleep(delay)
+                await self.store.record_outcomes(queue_id, records, message_key=key)
+            except StoreError:
+                continue
+            except asyncio.CancelledError:
+                # Shutdown: one last try, then say what the ledger does not know.
+                try:
+                    await self.store.record_outcomes(queue_id, records, message_key=key)
+                except StoreError:
+                    log_event(
+                        log,
+                        "outcome_unrecorded",
+                        level=logging.ERROR,
+                        queue_id=queue_id,
+                        rcpts=[r.rcpt for r in records],
+                        states=[RecipientState(r.state).value for r in records],
+                    )
+                raise
+            log_event(log, "outcome_recorded_late", queue_id=queue_id, tries=tries)
+            return
+
+    async def close(self) -> None:
+        """Stop retrying outcome writes (each gets a last try, or is logged unrecorded)."""
+        pending = list(self._recording)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def _wake(self) -> None:
         if self.on_spooled is not None:

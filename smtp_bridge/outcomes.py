@@ -70,3 +70,6 @@ class RecipientState(enum.StrEnum):
     FAILED = "failed"
     DEAD = "dead"
     DROPPED = "dropped"
+    #: Not sent by this copy: the same message (same dedup key) was already
+    #: delivered or is already queued under another queue id, named in ``error``.
+    DUPLICATE = "duplicate"

@@ -23,6 +23,9 @@ __all__ = [
     "OK",
     "DROPPED",
     "QUEUED",
+    "ALREADY_DELIVERED",
+    "ALREADY_QUEUED",
+    "SAME_IN_FLIGHT",
     "CONFIG_ERROR",
     "HTTP_CONFIG_ERROR",
     "INTERNAL",
@@ -147,6 +150,12 @@ OK = Reply(250, "2.0.0", "Ok")
 DROPPED = Reply(250, "2.0.0", "Ok, discarded by policy")
 #: queue and hybrid modes: committed to the spool (fsync'd), a worker delivers it.
 QUEUED = Reply(250, "2.0.0", "Ok, queued for delivery")
+#: A client retry of a message whose recipient was delivered: skipped, not sent again.
+ALREADY_DELIVERED = Reply(250, "2.0.0", "Ok, already delivered")
+#: A copy of a message already waiting in the spool: that copy delivers it.
+ALREADY_QUEUED = Reply(250, "2.0.0", "Ok, already queued")
+#: A copy of a message whose call is in flight elsewhere for longer than we wait.
+SAME_IN_FLIGHT = Reply(451, "4.3.0", "The same message is being sent, try again later")
 #: 40001/40002/40003: the bridge's key or template is wrong; never 535, which is
 #: about the client's own login.
 CONFIG_ERROR = Reply(

@@ -29,7 +29,7 @@ from typing import Any, Literal
 from .admin import AdminServer, format_address
 from .api import ApiClient
 from .config import Config, ConfigError, load_config, split_host_port
-from .delivery import Delivery, RecipientOutcome
+from .delivery import Delivery, RecipientOutcome, session_lease
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .sandbox import Sandbox
@@ -191,6 +191,7 @@ class BridgeService:
         self._reload_lock = asyncio.Lock()
         self._api: ApiClient | None = None
         self._worker: QueueWorker | None = None
+        self._delivery: Delivery | None = None
         self._store: StateStore | None = None
         self._admin: AdminServer | None = None
         self._admin_activated = False
@@ -218,10 +219,13 @@ class BridgeService:
             self._store = await open_store(config.delivery)
             # The spool is ours: claims left by a process that died are due again.
             recovered = await self._store.recover_claims()
+            settled = await self._store.resolve_stale(older_than=2 * session_lease(config))
         except StoreError as exc:
             raise StartupError(f"state store: {exc}") from None
         if recovered:
             log_event(log, "spool_recovered", level=logging.WARNING, recipients=recovered)
+        if settled:
+            log_event(log, "stale_settled", level=logging.WARNING, rows=settled)
         self._api = _api_client(config)
         delivery = self._delivery = Delivery(
             self._api, self._store, self.metrics, mode=config.delivery.mode
@@ -336,6 +340,8 @@ class BridgeService:
             await asyncio.wait(list(self._tasks))
         if self._admin is not None:
             await self._admin.stop()
+        if self._delivery is not None:
+            await self._delivery.close()  # outcome writes still failing: a last try each
         if self._api is not None:
             await self._api.aclose()
         if self._store is not None:
@@ -440,7 +446,7 @@ class BridgeService:
                 await old_admin.stop()
                 log_event(log, "admin_closed", address=old_admin.address)
         api_rebuilt = self._api is not None and self._api.settings != _api_settings(config)
-        if api_rebuilt and self._api is not None:
+        if api_rebuilt and self._api is not None and self._delivery is not None:
             previous, self._api = self._api, _api_client(config)
             self._delivery.api = self._api
             # Calls already on the old client finish there (each bounded by api.timeout).
@@ -622,7 +628,7 @@ class BridgeService:
 
     def breaker_is_open(self) -> bool:
         """True while the API circuit breaker of any key is open or probing (DESIGN 5)."""
-        return self._delivery.gate.is_open() if self._worker is not None else False
+        return self._delivery is not None and self._delivery.gate.is_open()
 
     @property
     def worker(self) -> QueueWorker | None:

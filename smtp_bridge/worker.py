@@ -48,19 +48,21 @@ from .config import Config
 from .delivery import (
     NOTICE_MODE,
     NOTICE_ROUTE,
+    RECORD_RETRY,
     Delivery,
     RecipientOutcome,
     failure_notice,
     log_api_call,
     next_delay,
     plan_recipient,
+    session_lease,
     state_for,
 )
 from .logs import log_event
 from .message import parse_message
 from .outcomes import ApiRequest, RecipientState
 from .rules import Router
-from .store import MessageRecord, RecipientRecord, StateStore, StoreError
+from .store import MessageRecord, Notice, RecipientRecord, StateStore, StoreError
 from .templating import ClientInfo
 
 __all__ = ["QueueWorker", "WorkerRuntime"]
@@ -71,6 +73,8 @@ log = logging.getLogger("smtp_bridge.worker")
 PARSE_IN_THREAD_BYTES = 256 * 1024
 #: Seconds between refreshes of the spool gauges.
 STATS_INTERVAL = 2.0
+#: Seconds between looks for what sessions that died left in flight.
+RESOLVE_INTERVAL = 30.0
 #: Seconds between purges of records older than ``delivery.dedup_ttl``.
 PURGE_INTERVAL = 600.0
 
@@ -128,6 +132,7 @@ class QueueWorker:
         self._main: asyncio.Task[None] | None = None
         self._stats_at = float("-inf")
         self._purged_at = float("-inf")
+        self._resolved_at = float("-inf")
         #: Attempts finished (recorded, handed back or failed) since start.
         self.attempts_done = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -272,6 +277,12 @@ class QueueWorker:
         if now - self._stats_at >= STATS_INTERVAL:
             self._stats_at = now
             await self.refresh_gauges()
+        if now - self._resolved_at >= RESOLVE_INTERVAL:
+            self._resolved_at = now
+            config = self._runtime().config
+            settled = await self.store.resolve_stale(older_than=2 * session_lease(config))
+            if settled:
+                log_event(log, "stale_settled", level=logging.WARNING, rows=settled)
         if now - self._purged_at >= PURGE_INTERVAL:
             self._purged_at = now
             removed = await self.store.purge_expired()
@@ -461,9 +472,12 @@ class QueueWorker:
             "attempt": attempts,
         }
         final = outcome.record(record.queue_id, now=now, attempts=attempts, error=error)
-        if outcome.state in (RecipientState.DELIVERED, RecipientState.DROPPED):
-            done = self.store.update_recipient(final, message_key=message.message_key, claim=True)
-            await asyncio.shield(done)
+        if outcome.state in (
+            RecipientState.DELIVERED,
+            RecipientState.DROPPED,
+            RecipientState.DUPLICATE,
+        ):
+            await asyncio.shield(self._recorded(final, message.message_key))
             log_event(log, outcome.state.value, age=round(now - message.received_at, 3), **fields)
             self._count(outcome.route, outcome.state)
             return
@@ -485,9 +499,7 @@ class QueueWorker:
             if state not in (RecipientState.RETRYING, RecipientState.UNKNOWN):
                 state = RecipientState.RETRYING
             waiting = dataclasses.replace(final, state=state, next_attempt=retry_at)
-            await asyncio.shield(
-                self.store.update_recipient(waiting, message_key=message.message_key, claim=True)
-            )
+            await asyncio.shield(self._recorded(waiting, message.message_key))
             log_event(
                 log,
                 "retry_scheduled",
@@ -510,11 +522,7 @@ class QueueWorker:
             now=now,
         )
         dead = dataclasses.replace(final, state=RecipientState.DEAD, error=(error or reason)[:200])
-        await asyncio.shield(
-            self.store.update_recipient(
-                dead, message_key=message.message_key, notice=notice, claim=True
-            )
-        )
+        await asyncio.shield(self._recorded(dead, message.message_key, notice))
         log_event(log, "dead_letter", level=logging.WARNING, reason=reason, **fields)
         self._count(outcome.route, RecipientState.DEAD)
         if notice is not None:
@@ -526,6 +534,58 @@ class QueueWorker:
                 rcpt=record.rcpt,
             )
             self._wake.set()
+
+    async def _recorded(
+        self, record: RecipientRecord, message_key: str, notice: Notice | None = None
+    ) -> None:
+        """Write an attempt's end, retrying until the store takes it.
+
+        The call was made: its outcome must reach the ledger, or the next attempt
+        could not know to skip it. Meanwhile the claim (renewed by _keep_claim)
+        keeps other claimers off. Stopping, it gets one last try; if that fails
+        too the line ``outcome_unrecorded`` says so, and the lease's expiry makes
+        the next attempt a logged possible duplicate.
+        """
+        tries = 0
+        while True:
+            try:
+                kept = await self.store.update_recipient(
+                    record, message_key=message_key, notice=notice, claim=True
+                )
+            except StoreError as exc:
+                tries += 1
+                if self._stopping and tries > 1:
+                    log_event(
+                        log,
+                        "outcome_unrecorded",
+                        level=logging.ERROR,
+                        queue_id=record.queue_id,
+                        rcpt=record.rcpt,
+                        state=RecipientState(record.state).value,
+                        error=str(exc),
+                    )
+                    raise
+                log_event(
+                    log,
+                    "store_error",
+                    level=logging.ERROR,
+                    queue_id=record.queue_id,
+                    rcpt=record.rcpt,
+                    error=str(exc),
+                    retry=tries,
+                )
+                await asyncio.sleep(RECORD_RETRY[min(tries, len(RECORD_RETRY)) - 1])
+                continue
+            if not kept:
+                log_event(
+                    log,
+                    "claim_lost",
+                    level=logging.WARNING,
+                    queue_id=record.queue_id,
+                    rcpt=record.rcpt,
+                    state=RecipientState(record.state).value,
+                )
+            return
 
     async def _interrupted(
         self, record: RecipientRecord, message: MessageRecord, progress: _Progress

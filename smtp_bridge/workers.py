@@ -398,10 +398,13 @@ class _Supervisor:
             for worker in self.workers:
                 self._on_notify(worker)  # pings that queued while this loop was busy
                 process = worker.process
+                # A worker still starting (importing, opening the store) is judged by
+                # READY_TIMEOUT, as systemd judges the daemon only after READY=1.
+                allowed = limit if worker.ready.is_set() else max(limit, READY_TIMEOUT)
                 if (
                     process is not None
                     and process.returncode is None
-                    and now - worker.last_ping > limit
+                    and now - worker.last_ping > allowed
                 ):
                     log_event(
                         log,

@@ -194,7 +194,7 @@ async def test_retry_after_partial_failure_sends_only_the_rest(
         assert requests_per_rcpt(b.sandbox) == {A: 1, B: 1, C: 1}
         qid2 = assert_reply(await data_reply(b, retry, [A, B, C]), replies.OK)
         assert qid2 != qid1
-        assert await states(b, qid2) == {A: S.DELIVERED, B: S.DELIVERED, C: S.DELIVERED}
+        assert await states(b, qid2) == {A: S.DUPLICATE, B: S.DUPLICATE, C: S.DELIVERED}
     assert requests_per_rcpt(b.sandbox) == {A: 1, B: 1, C: 2}
     assert Counter(r["to"] for r in b.delivered()) == {A: 1, B: 1, C: 1}
     skipped = events(log_lines, "duplicate_skipped")
@@ -230,8 +230,9 @@ async def test_delivered_message_resent_in_full_sends_nothing(bridge: Any) -> No
     message = make_message("<twice@example.com>")
     async with bridge() as b:
         assert_reply(await data_reply(b, message, [A, B]), replies.OK)
-        qid = assert_reply(await data_reply(b, message, [A, B]), replies.OK)
-        assert await states(b, qid) == {A: S.DELIVERED, B: S.DELIVERED}
+        # The reply says why nothing was sent; this copy's record says it too.
+        qid = assert_reply(await data_reply(b, message, [A, B]), replies.ALREADY_DELIVERED)
+        assert await states(b, qid) == {A: S.DUPLICATE, B: S.DUPLICATE}
     assert requests_per_rcpt(b.sandbox) == {A: 1, B: 1}
 
 
@@ -277,9 +278,9 @@ async def test_unknown_outcome_is_sent_again_as_possible_duplicate(
         assert [(r.queue_id, r.rcpt) for r in unknown] == [(qid1, B)]
         # At-least-once: the retry sends B again and says it may be a duplicate.
         qid2 = assert_reply(await data_reply(b, message, [A, B]), replies.OK)
-        assert await states(b, qid2) == {A: S.DELIVERED, B: S.DELIVERED}
+        assert await states(b, qid2) == {A: S.DUPLICATE, B: S.DELIVERED}
         # Now delivered: a further retry sends nothing.
-        assert_reply(await data_reply(b, message, [A, B]), replies.OK)
+        assert_reply(await data_reply(b, message, [A, B]), replies.ALREADY_DELIVERED)
     assert requests_per_rcpt(b.sandbox) == {A: 1, B: 2}
     warnings = events(log_lines, "possible_duplicate")
     assert [(e["rcpt"], e["queue_id"], e["level"]) for e in warnings] == [(B, qid2, "warning")]
@@ -368,8 +369,8 @@ async def test_client_disconnect_mid_delivery_does_not_cancel_api_calls(
         assert sorted(r.rcpt for r in delivered) == [A, B]
         # The client retries (it never saw a reply): nothing is sent again.
         line = await data_reply(b, message, [A, B])
-        qid = assert_reply(line, replies.OK)
-        assert await states(b, qid) == {A: S.DELIVERED, B: S.DELIVERED}
+        qid = assert_reply(line, replies.ALREADY_DELIVERED)
+        assert await states(b, qid) == {A: S.DUPLICATE, B: S.DUPLICATE}
         assert Counter(r["to"] for r in slow.sent()) == {A: 1, B: 1}
         assert all(r["code"] == 200 for r in slow.sent())
     calls = events(log_lines, "api_call")
@@ -427,14 +428,20 @@ async def test_api_key_never_in_replies_logs_or_repr(
 
 
 @pytest.mark.parametrize(
-    ("script", "expected_requests"),
+    ("script", "expected_requests", "reply", "retried"),
     [
-        pytest.param(None, {A: 1, B: 1}, id="first-attempt-delivers"),
-        pytest.param({"status": 503, "to": B}, {A: 1, B: 2}, id="first-attempt-fails-for-one"),
+        pytest.param(None, {A: 1, B: 1}, replies.ALREADY_DELIVERED,
+                     {A: S.DUPLICATE, B: S.DUPLICATE}, id="first-attempt-delivers"),
+        pytest.param({"status": 503, "to": B}, {A: 1, B: 2}, replies.OK,
+                     {A: S.DUPLICATE, B: S.DELIVERED}, id="first-attempt-fails-for-one"),
     ],
-)
+)  # fmt: skip
 async def test_retry_while_first_attempt_in_flight_waits_for_it(
-    bridge: Any, script: dict[str, Any] | None, expected_requests: dict[str, int]
+    bridge: Any,
+    script: dict[str, Any] | None,
+    expected_requests: dict[str, int],
+    reply: Reply,
+    retried: dict[str, S],
 ) -> None:
     # A client that gave up on a slow DATA reply and retries at once must not
     # duplicate the calls its first attempt still has in flight.
@@ -449,9 +456,9 @@ async def test_retry_while_first_attempt_in_flight_waits_for_it(
         (first,) = b.service._deliveries
         writer.transport.abort()
         assert not first.done()
-        qid = assert_reply(await data_reply(b, message, [A, B]), replies.OK)
+        qid = assert_reply(await data_reply(b, message, [A, B]), reply)
         assert first.done()
-        assert await states(b, qid) == {A: S.DELIVERED, B: S.DELIVERED}
+        assert await states(b, qid) == retried
     assert requests_per_rcpt(slow) == expected_requests
     assert Counter(r["to"] for r in slow.sent() if r["code"] == 200) == {A: 1, B: 1}
 

@@ -14,7 +14,7 @@ import pytest
 
 import smtp_bridge.store as store_module
 from smtp_bridge.outcomes import RecipientState
-from smtp_bridge.store import MessageRecord, RecipientRecord, StoreError
+from smtp_bridge.store import Guard, GuardState, MessageRecord, RecipientRecord, StoreError
 from smtp_bridge.store.sqlite import SQLiteStore as Store
 from smtp_bridge.store.sqlite.schema import SCHEMA_VERSION
 
@@ -146,6 +146,9 @@ def test_exports() -> None:
     assert set(store_module.__all__) == {
         "FINAL_STATES",
         "STATE_FILE",
+        "Admission",
+        "Guard",
+        "GuardState",
         "Health",
         "Ledger",
         "MessageRecord",
@@ -386,6 +389,7 @@ async def test_counts_every_state(store: Store) -> None:
         "failed": 0,
         "dead": 1,
         "dropped": 0,
+        "duplicate": 0,
     }
 
 
@@ -771,19 +775,25 @@ async def test_open_message_records_the_message_and_answers_what_was_remembered(
         ],
     )
     rcpts = ["A@example.com", "b@example.com", "c@example.com", "d@example.com"]
-    previous = await store.open_message(message("Q1"), rcpts)
-    assert previous == {
-        "a@example.com": RecipientState.DELIVERED,
-        "b@example.com": RecipientState.UNKNOWN,
+    admission = await store.open_message(message("Q1"), rcpts, lease=60)
+    # Delivered by Q0: not Q1's to send. Unknown (Q0's call may have gone out): Q1's,
+    # as a possible duplicate of Q0. Failed, or nothing: Q1's.
+    assert admission.guards == {
+        "a@example.com": Guard(False, GuardState.DELIVERED, "Q0"),
+        "b@example.com": Guard(True, GuardState.UNKNOWN, "Q0"),
+        "c@example.com": Guard(True),
+        "d@example.com": Guard(True),
     }
+    assert admission.guards["b@example.com"].possibly_sent
+    assert admission.message_id_reused_by == ""
     got = await store.get_message("Q1")
     assert got is not None
     assert got[0].content is None
     assert [(r.rcpt, r.state) for r in got[1]] == [(r, RecipientState.RETRYING) for r in rcpts]
-    # Nothing was sent for Q1 yet: its rows do not count as remembered outcomes.
+    # Nothing was sent for Q1 yet: its guards do not count as remembered outcomes.
     assert await store.previous_outcomes("key-1", ["d@example.com"]) == {}
     with pytest.raises(StoreError):
-        await store.open_message(message("Q1"), ["e@example.com"])  # the same queue id
+        await store.open_message(message("Q1"), ["e@example.com"], lease=60)  # same queue id
 
 
 async def test_release_claim_takes_the_attempt_back(store: Store) -> None:
@@ -799,21 +809,22 @@ async def test_release_claim_takes_the_attempt_back(store: Store) -> None:
 
 
 async def test_content_is_dropped_when_done_but_kept_for_dead_letters(store: Store) -> None:
+    # Two different messages (two keys: the same key would make the second a copy).
     for queue_id in ("done", "dead"):
         await store.add_message(
-            message(queue_id, content=SECRET),
+            message(queue_id, key=f"key-{queue_id}", content=SECRET),
             [rcpt(r, queue_id=queue_id, next_attempt=T0) for r in ("a@x.org", "b@x.org")],
         )
     delivered = rcpt("a@x.org", RecipientState.DELIVERED, queue_id="done")
-    await store.update_recipient(delivered, message_key="key-1")
+    await store.update_recipient(delivered, message_key="key-done")
     got = await store.get_message("done")
     assert got is not None and got[0].content == SECRET  # b is still waiting
     failed = rcpt("b@x.org", RecipientState.FAILED, queue_id="done")
-    await store.update_recipient(failed, message_key="key-1")
+    await store.update_recipient(failed, message_key="key-done")
     got = await store.get_message("done")
     assert got is not None and got[0].content is None
     for r, state in (("a@x.org", RecipientState.DELIVERED), ("b@x.org", RecipientState.DEAD)):
-        await store.update_recipient(rcpt(r, state, queue_id="dead"), message_key="key-1")
+        await store.update_recipient(rcpt(r, state, queue_id="dead"), message_key="key-dead")
     got = await store.get_message("dead")
     assert got is not None and got[0].content == SECRET  # `queue retry` may resend it
 

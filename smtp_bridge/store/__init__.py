@@ -18,6 +18,9 @@ from urllib.parse import unquote, urlsplit
 from .base import Health, Ledger, QueueAdmin, Spool, StateStore
 from .records import (
     FINAL_STATES,
+    Admission,
+    Guard,
+    GuardState,
     MessageRecord,
     Notice,
     RecipientRecord,
@@ -31,6 +34,9 @@ if TYPE_CHECKING:
 __all__ = [
     "FINAL_STATES",
     "STATE_FILE",
+    "Admission",
+    "Guard",
+    "GuardState",
     "Health",
     "Ledger",
     "MessageRecord",
@@ -93,7 +99,12 @@ async def open_store(
             raise StoreError(f"no state store at {path} (has the daemon run?)", path=path)
         from .sqlite import SQLiteStore
 
-        return await SQLiteStore.open(path, dedup_ttl=delivery.dedup_ttl, clock=clock)
+        return await SQLiteStore.open(
+            path,
+            dedup_ttl=delivery.dedup_ttl,
+            anonymous_ttl=delivery.anonymous_dedup_ttl,
+            clock=clock,
+        )
     url = delivery.store or ""
     if urlsplit(url).scheme not in _POSTGRES_SCHEMES:
         raise StoreError(f"delivery.store: unsupported scheme in {describe_store(delivery)}")
@@ -107,6 +118,7 @@ async def open_store(
     return await PostgresStore.open(
         url,
         dedup_ttl=delivery.dedup_ttl,
+        anonymous_ttl=delivery.anonymous_dedup_ttl,
         claim_lease=delivery.claim_lease,
         clock=clock,
     )

@@ -26,6 +26,23 @@ The rules (they used to live only inside the SQL):
   while the attempt runs. After the lease, another claimer may take it. A final
   write with ``claim=True`` applies only while the claim is still the writer's
   own, so a claimer whose lease ran out cannot overwrite the one that took over.
+* **One party attempts a (message, recipient) at a time.** The ledger holds a
+  guard per (message key, lower-cased recipient): QUEUED by the spooled row
+  that will send it, SENDING by the session or worker whose call is in flight
+  (a lease on the store's clock), DELIVERED, or UNKNOWN (sent, answer lost).
+  Taking a guard and writing the row it protects happen in one transaction
+  (:meth:`Ledger.open_message`, :meth:`Ledger.add_message`,
+  :meth:`Spool.claim_due`), so two copies, sessions, processes or instances
+  never both hold it. A SENDING guard whose lease ran out, and an UNKNOWN one,
+  may be taken by the next copy, which must log a possible duplicate naming
+  the previous holder (:attr:`Guard.possibly_sent`).
+* **Every call is on record before it is sent.** The guard says SENDING in a
+  committed transaction before the API call leaves; its outcome's write moves it
+  on (DELIVERED; QUEUED when the recipient waits in the spool; released when
+  nothing was sent or it failed for good).
+* **Keys.** A dedup key starting with ``sha:`` (content only: no
+  Idempotency-Key, no Message-ID) is remembered for ``anonymous_ttl``, others
+  for ``dedup_ttl``.
 * **Content lives as long as someone may send it.** A spooled message keeps its
   content until every recipient is delivered, dropped or failed; dead letters
   keep it so ``queue retry`` can resend.
@@ -37,7 +54,7 @@ from collections.abc import Collection, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 from ..outcomes import RecipientState
-from .records import MessageRecord, Notice, RecipientRecord, SpoolStats
+from .records import Admission, Guard, MessageRecord, Notice, RecipientRecord, SpoolStats
 
 __all__ = ["Health", "Ledger", "QueueAdmin", "Spool", "StateStore"]
 
@@ -53,20 +70,28 @@ class Ledger(Protocol):
     async def previous_outcomes(
         self, message_key: str, rcpts: Iterable[str]
     ) -> dict[str, RecipientState]:
-        """For a client retry: lower-cased rcpt -> DELIVERED or UNKNOWN, within ``dedup_ttl``.
+        """For a client retry: lower-cased rcpt -> DELIVERED, or UNKNOWN (sent with the
+        answer lost, or SENDING by a holder whose lease ran out), within the key's TTL.
 
-        Recipients with nothing remembered are absent from the answer.
+        Recipients with nothing to say (none, QUEUED, live SENDING) are absent.
         """
         ...
 
     async def open_message(
-        self, message: MessageRecord, rcpts: Sequence[str]
-    ) -> dict[str, RecipientState]:
+        self, message: MessageRecord, rcpts: Sequence[str], *, lease: float
+    ) -> Admission:
         """Before the calls of direct and hybrid mode, in one commit: the message, its
-        recipients (RETRYING, nothing sent yet), and :meth:`previous_outcomes`.
+        recipients (RETRYING, nothing sent yet), and the guards of the recipients it
+        may send (SENDING for ``lease`` seconds); the others' guards say who has them.
 
         The commit is also the proof that the store takes writes before anything is sent.
         """
+        ...
+
+    async def acquire(
+        self, message_key: str, rcpts: Sequence[str], *, queue_id: str, lease: float
+    ) -> dict[str, Guard]:
+        """Ask again, after waiting, for guards another copy held (SENDING for ``lease``)."""
         ...
 
     async def record_outcomes(
@@ -88,11 +113,14 @@ class Ledger(Protocol):
 
     async def add_message(
         self, message: MessageRecord, recipients: Sequence[RecipientRecord]
-    ) -> None:
+    ) -> Admission:
         """Record a message and its recipients in one transaction (queue mode's spool).
 
-        Recipients already DELIVERED or UNKNOWN are remembered for client retries, as
-        by :meth:`update_recipient`. A ``queue_id`` that exists already is a StoreError.
+        Spooled recipients (RETRYING or UNKNOWN with a ``next_attempt``) take their
+        guard as QUEUED; one whose guard another copy holds is written DUPLICATE
+        (``error`` names the holder) and not spooled, and content no recipient
+        waits for is not kept. Others are written as :meth:`update_recipient`
+        does. A ``queue_id`` that exists already is a StoreError.
         """
         ...
 
@@ -151,6 +179,17 @@ class Spool(Protocol):
         The call may have gone out, so the next attempt logs a possible duplicate.
         Backends that cannot tell a dead claimer from a live one leave it to the
         lease. Returns how many recipients were released.
+        """
+        ...
+
+    async def resolve_stale(self, *, older_than: float) -> int:
+        """Settle what sessions that died left behind (at start, and now and then).
+
+        A session's SENDING guard whose lease ran out becomes UNKNOWN, and so does its
+        recipient row (the call may have been sent); a session's recipient rows left
+        RETRYING without spooled content for ``older_than`` seconds become FAILED
+        (that copy sent nothing and its client was never answered). Never shown as
+        retrying forever. Returns the rows settled.
         """
         ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +11,14 @@ from typing import Final, NamedTuple
 from ..outcomes import RecipientState
 
 __all__ = [
+    "ANONYMOUS_KEY_PREFIX",
+    "Admission",
     "CLAIMABLE_STATES",
     "CONTENT_DONE_STATES",
     "DEDUP_STATES",
     "FINAL_STATES",
+    "Guard",
+    "GuardState",
     "MessageRecord",
     "Notice",
     "RecipientRecord",
@@ -23,7 +28,13 @@ __all__ = [
 
 #: Recipients in these states will never be attempted again.
 FINAL_STATES: Final = frozenset(
-    {RecipientState.DELIVERED, RecipientState.FAILED, RecipientState.DEAD, RecipientState.DROPPED}
+    {
+        RecipientState.DELIVERED,
+        RecipientState.FAILED,
+        RecipientState.DEAD,
+        RecipientState.DROPPED,
+        RecipientState.DUPLICATE,
+    }
 )
 #: States remembered per (message key, recipient) so a client retry does not resend
 #: (docs/guarantees.md, "No duplicates on client retry").
@@ -36,7 +47,46 @@ CONTENT_DONE_STATES: Final = (
     RecipientState.DELIVERED.value,
     RecipientState.DROPPED.value,
     RecipientState.FAILED.value,
+    RecipientState.DUPLICATE.value,
 )
+#: Dedup keys of messages known only by their content (no Idempotency-Key, no
+#: Message-ID): remembered for ``anonymous_ttl``, not ``dedup_ttl``.
+ANONYMOUS_KEY_PREFIX: Final = "sha:"
+
+
+class GuardState(enum.StrEnum):
+    """What the ledger holds for one (message key, recipient): who may attempt it."""
+
+    #: Waiting in the spool under ``holder``; its worker's claim decides.
+    QUEUED = "queued"
+    #: A call is (or may be) in flight by ``holder`` until ``until``; after that the
+    #: holder is presumed dead and its call possibly sent.
+    SENDING = "sending"
+    #: Delivered by ``holder``: never sent again within the TTL.
+    DELIVERED = "delivered"
+    #: Sent by ``holder``, answer lost: the next attempt is a possible duplicate.
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """The ledger's answer for one recipient when a copy asks to attempt it.
+
+    ``acquired``: this copy now holds it (its call, or its spool row, is the one).
+    ``state``/``holder``/``until``: what the ledger held before (None: nothing).
+    ``possibly_sent``: the previous holder's call may have gone out (UNKNOWN, or a
+    SENDING whose lease ran out): an attempt now must be logged as a possible
+    duplicate, naming ``holder``.
+    """
+
+    acquired: bool
+    state: GuardState | None = None
+    holder: str = ""
+    until: float | None = None
+
+    @property
+    def possibly_sent(self) -> bool:
+        return self.acquired and self.state in (GuardState.UNKNOWN, GuardState.SENDING)
 
 
 class StoreError(Exception):
@@ -65,6 +115,8 @@ class MessageRecord:
     received_at: float
     mode: str
     content: bytes | None = None
+    #: The Message-ID header ("" when none), to tell a reused one from a retry.
+    message_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +146,16 @@ class SpoolStats(NamedTuple):
 
     depth: int
     oldest: float | None
+
+
+class Admission(NamedTuple):
+    """What the ledger said when a message was put on record."""
+
+    #: Lower-cased rcpt -> its guard (see :class:`Guard`).
+    guards: dict[str, Guard]
+    #: The queue id of an earlier message with the same Message-ID and other
+    #: content within ``dedup_ttl`` ("" if none): a reused Message-ID.
+    message_id_reused_by: str = ""
 
 
 #: A message and its recipients to spool along with another write (a failure notice).

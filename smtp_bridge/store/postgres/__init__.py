@@ -15,6 +15,12 @@ class PostgresStore:
 
     @classmethod
     async def open(
-        cls, url: str, *, dedup_ttl: float, claim_lease: float, clock: Callable[[], float]
+        cls,
+        url: str,
+        *,
+        dedup_ttl: float,
+        anonymous_ttl: float,
+        claim_lease: float,
+        clock: Callable[[], float],
     ) -> StateStore:
         raise StoreError("the PostgreSQL state store is not built yet")

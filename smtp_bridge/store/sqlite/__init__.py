@@ -22,38 +22,53 @@ from typing import Any, Final, TypeVar
 
 from ...outcomes import RecipientState
 from ..records import (
+    ANONYMOUS_KEY_PREFIX,
     CLAIMABLE_STATES,
     CONTENT_DONE_STATES,
-    DEDUP_STATES,
+    Admission,
+    Guard,
+    GuardState,
     MessageRecord,
     Notice,
     RecipientRecord,
     SpoolStats,
     StoreError,
 )
+from . import ledger
 from .owners import dead_owners, register_owner
 from .schema import MESSAGE_COLUMNS, MIGRATIONS, RECIPIENT_COLUMNS, SCHEMA_VERSION
 from .writer import GroupCommitWriter
 
 __all__ = ["BUSY_TIMEOUT_MS", "SQLiteStore"]
 
+#: A session's call cut by a crash, settled by resolve_stale.
+_CUT: Final = "interrupted: the session ended during the call; it may have been sent"
+#: A session that ended before it sent anything or answered its client.
+_ABANDONED: Final = "interrupted: the session ended before its reply; this copy sent nothing"
+#: The error text of a recipient whose last attempt never recorded its end.
+_INTERRUPTED: Final = "interrupted: the attempt stopped before its answer was recorded"
+
 _T = TypeVar("_T")
 
 #: How long a statement waits for another process (the CLI) to release the lock.
 BUSY_TIMEOUT_MS: Final = 5000
-#: Keeps ``IN (...)`` lists below SQLite's bound-parameter limit.
-_IN_CHUNK: Final = 500
 
 
 class SQLiteStore:
     """The SQLite state store. Create with ``await Store.open(path)``; ``await close()``."""
 
     def __init__(
-        self, path: Path, *, dedup_ttl: float, clock: Callable[[], float] = time.time
+        self,
+        path: Path,
+        *,
+        dedup_ttl: float,
+        anonymous_ttl: float = 3600.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         # Use SQLiteStore.open(): __init__ only sets fields, it starts nothing.
         self._path = path
         self._dedup_ttl = dedup_ttl
+        self._anonymous_ttl = min(anonymous_ttl, dedup_ttl)
         self._clock = clock
         #: The group-commit writer thread; ``writer.commits`` counts its transactions.
         self.writer = GroupCommitWriter(path, self._connect_writer)
@@ -74,6 +89,7 @@ class SQLiteStore:
         path: Path,
         *,
         dedup_ttl: float = 86400.0,
+        anonymous_ttl: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> SQLiteStore:
         """Open (creating if needed) the database file ``path`` and its parent directory.
@@ -88,7 +104,7 @@ class SQLiteStore:
             raise StoreError(
                 f"cannot create state directory {path.parent}: {exc.strerror or exc}", path=path
             ) from exc
-        store = cls(path, dedup_ttl=dedup_ttl, clock=clock)
+        store = cls(path, dedup_ttl=dedup_ttl, anonymous_ttl=anonymous_ttl, clock=clock)
         try:
             await store.writer.start()
         except BaseException:
@@ -143,29 +159,22 @@ class SQLiteStore:
     async def previous_outcomes(
         self, message_key: str, rcpts: Iterable[str]
     ) -> dict[str, RecipientState]:
-        """For a client retry: lower-cased rcpt -> DELIVERED or UNKNOWN, within ``dedup_ttl``.
-
-        Recipients with nothing remembered are absent from the answer.
-        """
+        """For a client retry: lower-cased rcpt -> DELIVERED or UNKNOWN (see base.Ledger)."""
         wanted = sorted({rcpt.lower() for rcpt in rcpts})
         if not wanted:
             return {}
-        cutoff = self._clock() - self._dedup_ttl
+        now = self._clock()
+        ttl = self._ttl(message_key)
         return await self._read(
-            "read previous outcomes", lambda conn: _remembered(conn, message_key, wanted, cutoff)
+            "read previous outcomes",
+            lambda conn: ledger.remembered(conn, message_key, wanted, now, ttl),
         )
 
     async def open_message(
-        self, message: MessageRecord, rcpts: Sequence[str]
-    ) -> dict[str, RecipientState]:
-        """Before the calls of direct and hybrid mode: the message, its recipients
-        (RETRYING, nothing sent yet) and :meth:`previous_outcomes`, in one commit.
-
-        One trip to the writer where a read and a write took two; the commit is
-        also the proof that the store takes writes before anything is sent.
-        """
-        wanted = sorted({rcpt.lower() for rcpt in rcpts})
-        cutoff = self._clock() - self._dedup_ttl
+        self, message: MessageRecord, rcpts: Sequence[str], *, lease: float
+    ) -> Admission:
+        """Before the calls of direct and hybrid mode, in one commit (see base.Ledger)."""
+        now = self._clock()
         rows = [
             RecipientRecord(
                 queue_id=message.queue_id,
@@ -176,12 +185,42 @@ class SQLiteStore:
             for rcpt in rcpts
         ]
 
-        def write(conn: sqlite3.Connection) -> dict[str, RecipientState]:
-            found = _remembered(conn, message.message_key, wanted, cutoff)
+        def write(conn: sqlite3.Connection) -> Admission:
+            reused = self._reused_message_id(conn, message, now)
             self._insert_message(conn, message, rows)
-            return found
+            guards = ledger.acquire(
+                conn,
+                message.message_key,
+                rcpts,
+                holder=message.queue_id,
+                state=GuardState.SENDING,
+                until=now + lease,
+                now=now,
+                ttl=self._ttl(message.message_key),
+            )
+            return Admission(guards, reused)
 
         return await self._write("open message", write)
+
+    async def acquire(
+        self, message_key: str, rcpts: Sequence[str], *, queue_id: str, lease: float
+    ) -> dict[str, Guard]:
+        """Ask again for guards another copy held (see base.Ledger)."""
+        now = self._clock()
+
+        def write(conn: sqlite3.Connection) -> dict[str, Guard]:
+            return ledger.acquire(
+                conn,
+                message_key,
+                rcpts,
+                holder=queue_id,
+                state=GuardState.SENDING,
+                until=now + lease,
+                now=now,
+                ttl=self._ttl(message_key),
+            )
+
+        return await self._write("acquire", write)
 
     async def record_outcomes(
         self,
@@ -215,22 +254,38 @@ class SQLiteStore:
 
     async def add_message(
         self, message: MessageRecord, recipients: Sequence[RecipientRecord]
-    ) -> None:
-        """Record a message and its recipients in one transaction.
-
-        Recipients already DELIVERED or UNKNOWN are remembered for client retries, as by
-        :meth:`update_recipient`. A ``queue_id`` that exists already is a StoreError.
-        """
+    ) -> Admission:
+        """Queue mode's spool: a message and its recipients in one transaction (see base.Ledger)."""
         for record in recipients:
             if record.queue_id != message.queue_id:
                 raise ValueError(
                     f"recipient queue_id {record.queue_id!r} is not {message.queue_id!r}"
                 )
+        now = self._clock()
+        ttl = self._ttl(message.message_key)
 
-        def write(conn: sqlite3.Connection) -> None:
-            self._insert_message(conn, message, recipients)
+        def write(conn: sqlite3.Connection) -> Admission:
+            reused = self._reused_message_id(conn, message, now)
+            spooled = [r.rcpt for r in recipients if _waits_in_spool(r)]
+            guards = ledger.acquire(
+                conn,
+                message.message_key,
+                spooled,
+                holder=message.queue_id,
+                state=GuardState.QUEUED,
+                until=None,
+                now=now,
+                ttl=ttl,
+            )
+            rows = [_as_duplicate(r, guards.get(r.rcpt.lower())) for r in recipients]
+            kept = message
+            copies = any(r.state is RecipientState.DUPLICATE for r in rows)
+            if copies and not any(_waits_in_spool(r) for r in rows):
+                kept = dataclasses.replace(message, content=None)  # another copy sends it
+            self._insert_message(conn, kept, rows)
+            return Admission(guards, reused)
 
-        await self._write("add message", write)
+        return await self._write("add message", write)
 
     async def update_recipient(
         self,
@@ -325,8 +380,27 @@ class SQLiteStore:
         final = list(CONTENT_DONE_STATES)
         marks = ", ".join("?" * len(final))
 
+        anonymous_cutoff = cutoff + self._dedup_ttl - self._anonymous_ttl
+
         def write(conn: sqlite3.Connection) -> int:
-            removed = conn.execute("DELETE FROM dedup WHERE updated_at <= ?", (cutoff,)).rowcount
+            removed = conn.execute(
+                "DELETE FROM dedup WHERE state IN (?, ?) AND updated_at <="
+                " CASE WHEN substr(message_key, 1, ?) = ? THEN ? ELSE ? END",
+                (
+                    GuardState.DELIVERED.value,
+                    GuardState.UNKNOWN.value,
+                    len(ANONYMOUS_KEY_PREFIX),
+                    ANONYMOUS_KEY_PREFIX,
+                    anonymous_cutoff,
+                    cutoff,
+                ),
+            ).rowcount
+            # Guards whose holder's row is gone (purged by hand, or expired).
+            removed += conn.execute(
+                "DELETE FROM dedup WHERE state IN (?, ?) AND NOT EXISTS (SELECT 1 FROM recipients"
+                " AS r WHERE r.queue_id = dedup.queue_id AND lower(r.rcpt) = dedup.rcpt)",
+                (GuardState.QUEUED.value, GuardState.SENDING.value),
+            ).rowcount
             expired = [
                 (queue_id,)
                 for (queue_id,) in conn.execute(
@@ -388,6 +462,15 @@ class SQLiteStore:
                         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,)
                     ).fetchone()
                     messages[queue_id] = _message(row)
+                key = messages[queue_id].message_key
+                prior = ledger.claim(conn, key, rcpt, holder=queue_id, until=now + lease, now=now)
+                if prior is GuardState.SENDING:
+                    # An attempt that never recorded its end: its call may have gone out.
+                    conn.execute(
+                        "UPDATE recipients SET state = ?, error = ?"
+                        " WHERE queue_id = ? AND rcpt = ?",
+                        (RecipientState.UNKNOWN.value, _INTERRUPTED, queue_id, rcpt),
+                    )
                 record = conn.execute(
                     f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE queue_id = ? AND rcpt = ?",
                     (queue_id, rcpt),
@@ -409,6 +492,7 @@ class SQLiteStore:
                 " attempts = max(attempts - 1, 0) WHERE queue_id = ? AND rcpt = ?",
                 (next_attempt, queue_id, rcpt),
             )
+            ledger.requeue(conn, queue_id, rcpt)
 
         await self._write("release claim", write)
 
@@ -423,7 +507,10 @@ class SQLiteStore:
                 " AND claimed_until IS NOT NULL AND claimed_by IS ?",
                 (until, queue_id, rcpt, owner),
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            ledger.extend(conn, queue_id, rcpt, until)
+            return True
 
         return await self._write("renew claim", write)
 
@@ -481,6 +568,47 @@ class SQLiteStore:
             ).rowcount
 
         return await self._write("recover claims", write)
+
+    async def resolve_stale(self, *, older_than: float) -> int:
+        """Settle what sessions that died left behind (see base.Spool); returns rows settled."""
+        now = self._clock()
+        unknown = RecipientState.UNKNOWN.value
+
+        def write(conn: sqlite3.Connection) -> int:
+            cut = conn.execute(
+                "SELECT d.message_key, d.rcpt, d.queue_id FROM dedup AS d"
+                " WHERE d.state = ? AND d.lease_until < ? AND EXISTS (SELECT 1 FROM messages"
+                " AS m WHERE m.queue_id = d.queue_id AND m.content IS NULL)",
+                (GuardState.SENDING.value, now),
+            ).fetchall()
+            for key, rcpt, holder in cut:
+                conn.execute(
+                    "UPDATE dedup SET state = ?, lease_until = NULL, updated_at = ?"
+                    " WHERE message_key = ? AND rcpt = ?",
+                    (GuardState.UNKNOWN.value, now, key, rcpt),
+                )
+                conn.execute(
+                    "UPDATE recipients SET state = ?, error = ?, next_attempt = NULL,"
+                    " updated_at = ? WHERE queue_id = ? AND lower(rcpt) = ? AND state = ?",
+                    (unknown, _CUT, now, holder, rcpt, RecipientState.RETRYING.value),
+                )
+            # Copies that never got to send (waiting for another copy, or cut before).
+            waited = conn.execute(
+                "UPDATE recipients AS r SET state = ?, error = ?, updated_at = ?"
+                " WHERE r.state = ? AND r.next_attempt IS NULL AND r.updated_at < ?"
+                " AND EXISTS (SELECT 1 FROM messages AS m WHERE m.queue_id = r.queue_id"
+                " AND m.content IS NULL)",
+                (
+                    RecipientState.FAILED.value,
+                    _ABANDONED,
+                    now,
+                    RecipientState.RETRYING.value,
+                    now - older_than,
+                ),
+            ).rowcount
+            return len(cut) + waited
+
+        return await self._write("resolve stale", write)
 
     async def next_due(self) -> float | None:
         """When the next spooled recipient becomes claimable, or None if none waits."""
@@ -542,7 +670,8 @@ class SQLiteStore:
             params = list(CLAIMABLE_STATES)
         # The content itself stays on disk: only whether there is any.
         names = [c.strip() for c in MESSAGE_COLUMNS.split(",")]
-        columns = ", ".join([*(f"m.{c}" for c in names[:-1]), "m.content IS NOT NULL"])
+        columns = ", ".join("m.content IS NOT NULL" if c == "content" else f"m.{c}" for c in names)
+        at = names.index("content")
         recipient_columns = ", ".join(f"r.{c.strip()}" for c in RECIPIENT_COLUMNS.split(","))
         sql = (
             f"SELECT {columns}, {recipient_columns}"
@@ -555,7 +684,7 @@ class SQLiteStore:
         def read(conn: sqlite3.Connection) -> list[tuple[MessageRecord, RecipientRecord]]:
             found = []
             for row in conn.execute(sql, params):
-                head = (*row[: width - 1], b"" if row[width - 1] else None)
+                head = (*row[:at], b"" if row[at] else None, *row[at + 1 : width])
                 found.append((_message(head), _recipient(row[width:])))
             return found
 
@@ -575,6 +704,23 @@ class SQLiteStore:
         def write(conn: sqlite3.Connection) -> tuple[int, int]:
             spooled = " AND EXISTS (SELECT 1 FROM messages AS m WHERE m.queue_id = r.queue_id"
             spooled += " AND m.content IS NOT NULL)"
+            back = conn.execute(
+                "SELECT m.message_key, r.rcpt, r.queue_id FROM recipients AS r JOIN messages AS m"
+                f" ON m.queue_id = r.queue_id WHERE r.state = ?{scope}{spooled}",
+                (RecipientState.DEAD.value, *scope_params),
+            ).fetchall()
+            for key, rcpt, holder in back:
+                # Back in the spool: its guard again, unless another copy has it now.
+                ledger.acquire(
+                    conn,
+                    key,
+                    [rcpt],
+                    holder=holder,
+                    state=GuardState.QUEUED,
+                    until=None,
+                    now=now,
+                    ttl=self._ttl(key),
+                )
             revived = conn.execute(
                 "UPDATE recipients AS r SET state = ?, next_attempt = ?, spooled_at = ?,"
                 " claimed_until = NULL, claimed_by = NULL, error = '', updated_at = ?"
@@ -617,6 +763,10 @@ class SQLiteStore:
                 removed = conn.execute(
                     "DELETE FROM recipients WHERE queue_id = ?", (queue_id,)
                 ).rowcount
+                conn.execute(
+                    "DELETE FROM dedup WHERE queue_id = ? AND state IN (?, ?)",
+                    (queue_id, GuardState.QUEUED.value, GuardState.SENDING.value),
+                )
                 conn.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
                 return removed
             removed = conn.execute(
@@ -759,7 +909,7 @@ class SQLiteStore:
                     f"recipient queue_id {record.queue_id!r} is not {message.queue_id!r}"
                 )
         conn.execute(
-            f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 message.queue_id,
                 message.message_key,
@@ -771,6 +921,7 @@ class SQLiteStore:
                 message.received_at,
                 message.mode,
                 message.content,
+                message.message_id,
             ),
         )
         for record in recipients:
@@ -810,46 +961,44 @@ class SQLiteStore:
                 record.spooled_at,
             ),
         )
-        if state in DEDUP_STATES:
-            conn.execute(
-                "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at)"
-                " VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (message_key, rcpt) DO UPDATE SET"
-                " queue_id = excluded.queue_id, state = excluded.state,"
-                " updated_at = excluded.updated_at"
-                # Once delivered, stay delivered while remembered: an UNKNOWN from a
-                # later duplicate send must not make the next retry send again.
-                " WHERE excluded.state = ? OR dedup.state != ?"
-                " OR dedup.updated_at <= excluded.updated_at - ?",
-                (
-                    message_key,
-                    record.rcpt.lower(),
-                    record.queue_id,
-                    state.value,
-                    record.updated_at,
-                    RecipientState.DELIVERED.value,
-                    RecipientState.DELIVERED.value,
-                    self._dedup_ttl,
-                ),
-            )
+        ledger.record_outcome(conn, message_key, record, ttl=self._ttl(message_key))
+
+    def _ttl(self, message_key: str) -> float:
+        return ledger.ttl_for(message_key, self._dedup_ttl, self._anonymous_ttl)
+
+    def _reused_message_id(
+        self, conn: sqlite3.Connection, message: MessageRecord, now: float
+    ) -> str:
+        """The queue id of an earlier message with this Message-ID and other content, or ""."""
+        if not message.message_id:
+            return ""
+        row = conn.execute(
+            "SELECT queue_id FROM messages WHERE message_id = ? AND message_key != ?"
+            " AND received_at > ? ORDER BY received_at DESC LIMIT 1",
+            (message.message_id, message.message_key, now - self._dedup_ttl),
+        ).fetchone()
+        return str(row[0]) if row else ""
 
 
-def _remembered(
-    conn: sqlite3.Connection, message_key: str, wanted: Sequence[str], cutoff: float
-) -> dict[str, RecipientState]:
-    """The dedup rows of ``wanted`` (lower-cased) recipients newer than ``cutoff``."""
-    found: dict[str, RecipientState] = {}
-    for start in range(0, len(wanted), _IN_CHUNK):
-        chunk = wanted[start : start + _IN_CHUNK]
-        marks = ", ".join("?" * len(chunk))
-        rows = conn.execute(
-            "SELECT rcpt, state FROM dedup"
-            f" WHERE message_key = ? AND updated_at > ? AND rcpt IN ({marks})",
-            (message_key, cutoff, *chunk),
-        )
-        for rcpt, state in rows:
-            found[rcpt] = RecipientState(state)
-    return found
+def _waits_in_spool(record: RecipientRecord) -> bool:
+    return record.next_attempt is not None and record.state in (
+        RecipientState.RETRYING,
+        RecipientState.UNKNOWN,
+    )
+
+
+def _as_duplicate(record: RecipientRecord, guard: Guard | None) -> RecipientRecord:
+    """A spooled recipient whose guard another copy holds: this copy will not send it."""
+    if guard is None or guard.acquired or not _waits_in_spool(record):
+        return record
+    state = guard.state.value if guard.state else "held"
+    return dataclasses.replace(
+        record,
+        state=RecipientState.DUPLICATE,
+        next_attempt=None,
+        spooled_at=None,
+        error=f"same message as {guard.holder} ({state})",
+    )
 
 
 def _in_read_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
@@ -863,7 +1012,8 @@ def _in_read_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connect
 
 
 def _message(row: tuple[Any, ...]) -> MessageRecord:
-    queue_id, key, mail_from, client, user, subject, size, received_at, mode, content = row
+    queue_id, key, mail_from, client, user, subject, size, received_at, mode, content = row[:10]
+    message_id = row[10] if len(row) > 10 else ""
     return MessageRecord(
         queue_id=queue_id,
         message_key=key,
@@ -875,6 +1025,7 @@ def _message(row: tuple[Any, ...]) -> MessageRecord:
         received_at=received_at,
         mode=mode,
         content=None if content is None else bytes(content),
+        message_id=message_id,
     )
 
 

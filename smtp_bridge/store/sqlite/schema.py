@@ -8,7 +8,7 @@ __all__ = ["MESSAGE_COLUMNS", "MIGRATIONS", "RECIPIENT_COLUMNS", "SCHEMA_VERSION
 
 #: ``PRAGMA user_version`` of the schema this module writes; ``MIGRATIONS[i]``
 #: takes a database from version ``i`` to ``i + 1``.
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
         """CREATE TABLE IF NOT EXISTS messages (
@@ -60,11 +60,23 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # The claimer token of the process holding the claim (take_ownership).
         "ALTER TABLE recipients ADD COLUMN claimed_by TEXT NULL",
     ),
+    (
+        # The ledger guards who may attempt a (message, recipient): QUEUED and
+        # SENDING rows besides DELIVERED and UNKNOWN; SENDING holds until its lease.
+        "ALTER TABLE dedup ADD COLUMN lease_until REAL NULL",
+        "CREATE INDEX IF NOT EXISTS dedup_state ON dedup (state, lease_until)",
+        "CREATE INDEX IF NOT EXISTS dedup_holder ON dedup (queue_id)",
+        # A reused Message-ID with other content is a new message, logged.
+        "ALTER TABLE messages ADD COLUMN message_id TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX IF NOT EXISTS messages_message_id ON messages (message_id)"
+        " WHERE message_id != ''",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 MESSAGE_COLUMNS: Final = (
-    "queue_id, message_key, mail_from, client, user, subject, size, received_at, mode, content"
+    "queue_id, message_key, mail_from, client, user, subject, size, received_at, mode, content,"
+    " message_id"
 )
 RECIPIENT_COLUMNS: Final = (
     "queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt, "
