@@ -770,6 +770,7 @@ class Delivery:
             received_at=now,
             mode=self.mode,
             content=content,
+            message_id=message.parsed.message_id[:998],
         )
 
     async def _spool_all(

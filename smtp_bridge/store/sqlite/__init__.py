@@ -197,6 +197,7 @@ class SQLiteStore:
                 until=now + lease,
                 now=now,
                 ttl=self._ttl(message.message_key),
+                owner=self._owner,
             )
             return Admission(guards, reused)
 
@@ -218,6 +219,7 @@ class SQLiteStore:
                 until=now + lease,
                 now=now,
                 ttl=self._ttl(message_key),
+                owner=self._owner,
             )
 
         return await self._write("acquire", write)
@@ -540,6 +542,8 @@ class SQLiteStore:
             rows = conn.execute(
                 "SELECT DISTINCT claimed_by FROM recipients"
                 " WHERE claimed_until IS NOT NULL AND claimed_by IS NOT NULL"
+                " UNION SELECT DISTINCT owner FROM dedup WHERE state = ? AND owner IS NOT NULL",
+                (GuardState.SENDING.value,),
             )
             return [token for (token,) in rows]
 
@@ -551,28 +555,38 @@ class SQLiteStore:
         marks = ", ".join("?" * len(dead))
 
         def write(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "UPDATE recipients SET claimed_until = NULL, claimed_by = NULL, state = ?,"
-                " error = ?, next_attempt = min(COALESCE(next_attempt, ?), ?), updated_at = ?"
-                f" WHERE claimed_until IS NOT NULL AND claimed_by IN ({marks})"
-                " AND state IN (?, ?)",
-                (
-                    RecipientState.UNKNOWN.value,
-                    "interrupted: the process stopped during this attempt",
-                    now,
-                    now,
-                    now,
-                    *dead,
-                    *CLAIMABLE_STATES,
-                ),
-            ).rowcount
+            # Sessions of the dead processes: their calls may have gone out.
+            cut = conn.execute(
+                "SELECT message_key, rcpt, queue_id FROM dedup"
+                f" WHERE state = ? AND owner IN ({marks})",
+                (GuardState.SENDING.value, *dead),
+            ).fetchall()
+            for key, rcpt, holder in cut:
+                self._settle_cut(conn, key, rcpt, holder, now)
+            return (
+                len(cut)
+                + conn.execute(
+                    "UPDATE recipients SET claimed_until = NULL, claimed_by = NULL, state = ?,"
+                    " error = ?, next_attempt = min(COALESCE(next_attempt, ?), ?), updated_at = ?"
+                    f" WHERE claimed_until IS NOT NULL AND claimed_by IN ({marks})"
+                    " AND state IN (?, ?)",
+                    (
+                        RecipientState.UNKNOWN.value,
+                        "interrupted: the process stopped during this attempt",
+                        now,
+                        now,
+                        now,
+                        *dead,
+                        *CLAIMABLE_STATES,
+                    ),
+                ).rowcount
+            )
 
         return await self._write("recover claims", write)
 
     async def resolve_stale(self, *, older_than: float) -> int:
         """Settle what sessions that died left behind (see base.Spool); returns rows settled."""
         now = self._clock()
-        unknown = RecipientState.UNKNOWN.value
 
         def write(conn: sqlite3.Connection) -> int:
             cut = conn.execute(
@@ -582,16 +596,7 @@ class SQLiteStore:
                 (GuardState.SENDING.value, now),
             ).fetchall()
             for key, rcpt, holder in cut:
-                conn.execute(
-                    "UPDATE dedup SET state = ?, lease_until = NULL, updated_at = ?"
-                    " WHERE message_key = ? AND rcpt = ?",
-                    (GuardState.UNKNOWN.value, now, key, rcpt),
-                )
-                conn.execute(
-                    "UPDATE recipients SET state = ?, error = ?, next_attempt = NULL,"
-                    " updated_at = ? WHERE queue_id = ? AND lower(rcpt) = ? AND state = ?",
-                    (unknown, _CUT, now, holder, rcpt, RecipientState.RETRYING.value),
-                )
+                self._settle_cut(conn, key, rcpt, holder, now)
             # Copies that never got to send (waiting for another copy, or cut before).
             waited = conn.execute(
                 "UPDATE recipients AS r SET state = ?, error = ?, updated_at = ?"
@@ -962,6 +967,20 @@ class SQLiteStore:
             ),
         )
         ledger.record_outcome(conn, message_key, record, ttl=self._ttl(message_key))
+
+    @staticmethod
+    def _settle_cut(conn: sqlite3.Connection, key: str, rcpt: str, holder: str, now: float) -> None:
+        """A session's call cut by its process's end: UNKNOWN, guard and row alike."""
+        conn.execute(
+            "UPDATE dedup SET state = ?, lease_until = NULL, owner = NULL, updated_at = ?"
+            " WHERE message_key = ? AND rcpt = ?",
+            (GuardState.UNKNOWN.value, now, key, rcpt),
+        )
+        conn.execute(
+            "UPDATE recipients SET state = ?, error = ?, next_attempt = NULL,"
+            " updated_at = ? WHERE queue_id = ? AND lower(rcpt) = ? AND state = ?",
+            (RecipientState.UNKNOWN.value, _CUT, now, holder, rcpt, RecipientState.RETRYING.value),
+        )
 
     def _ttl(self, message_key: str) -> float:
         return ledger.ttl_for(message_key, self._dedup_ttl, self._anonymous_ttl)

@@ -94,6 +94,7 @@ def acquire(
     until: float | None,
     now: float,
     ttl: float,
+    owner: str | None = None,
 ) -> dict[str, Guard]:
     """Take the guard of each free recipient for ``holder`` as ``state`` (SENDING or QUEUED).
 
@@ -120,11 +121,12 @@ def acquire(
             continue
         taken.append(rcpt)
     conn.executemany(
-        "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at, lease_until)"
-        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (message_key, rcpt) DO UPDATE SET"
+        "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at, lease_until, owner)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_key, rcpt) DO UPDATE SET"
         " queue_id = excluded.queue_id, state = excluded.state,"
-        " updated_at = excluded.updated_at, lease_until = excluded.lease_until",
-        [(message_key, rcpt, holder, state.value, now, until) for rcpt in taken],
+        " updated_at = excluded.updated_at, lease_until = excluded.lease_until,"
+        " owner = excluded.owner",
+        [(message_key, rcpt, holder, state.value, now, until, owner) for rcpt in taken],
     )
     return guards
 

@@ -64,6 +64,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # The ledger guards who may attempt a (message, recipient): QUEUED and
         # SENDING rows besides DELIVERED and UNKNOWN; SENDING holds until its lease.
         "ALTER TABLE dedup ADD COLUMN lease_until REAL NULL",
+        # The process (owners/ token) whose session holds a SENDING guard: when it
+        # died, the next start settles the guard at once instead of after its lease.
+        "ALTER TABLE dedup ADD COLUMN owner TEXT NULL",
         "CREATE INDEX IF NOT EXISTS dedup_state ON dedup (state, lease_until)",
         "CREATE INDEX IF NOT EXISTS dedup_holder ON dedup (queue_id)",
         # A reused Message-ID with other content is a new message, logged.
