@@ -1,10 +1,18 @@
 """Prometheus metrics, one registry per service (``smtp_bridge_*``).
 
 A registry per :class:`Metrics` instance, not the global one, so several
-bridges in one process (tests, ``--workers``) never share counters.
+bridges in one process (tests) never share counters. Under ``serve --workers N``
+the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` for its workers: each writes
+its values there (prometheus-client's multiprocess mode) and :meth:`Metrics.render`
+adds up every worker's, so one scrape of the admin port sees the whole daemon.
+Counters are summed; gauges say how they combine (``multiprocess_mode``).
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Final
 
 from prometheus_client import (
     CollectorRegistry,
@@ -13,12 +21,23 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
 
 from . import __version__
 from .outcomes import ApiResult, ResultKind
 
-__all__ = ["Metrics", "api_code_label"]
+__all__ = ["MULTIPROCESS_ENV", "Metrics", "api_code_label", "forget_process"]
+
+#: prometheus-client's switch for multiprocess mode: the directory of the values.
+MULTIPROCESS_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def forget_process(directory: str, pid: int) -> None:
+    """A worker died: its live gauges stop counting (its counters stay in the sums)."""
+    if directory and Path(directory).is_dir():
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
 
 # The *_created series double every counter's output and nobody graphs them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -43,7 +62,10 @@ class Metrics:
             "smtp_bridge_sessions", "SMTP connections by result", ["result"], registry=r
         )
         self.sessions_open = Gauge(
-            "smtp_bridge_sessions_open", "SMTP connections open now", registry=r
+            "smtp_bridge_sessions_open",
+            "SMTP connections open now",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.messages = Counter(
             "smtp_bridge_messages",
@@ -63,19 +85,30 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
             registry=r,
         )
+        # The spool's figures come from the store: every worker reads the same.
         self.queue_depth = Gauge(
-            "smtp_bridge_queue_depth", "Recipients waiting in the spool", registry=r
+            "smtp_bridge_queue_depth",
+            "Recipients waiting in the spool",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.queue_oldest_age = Gauge(
             "smtp_bridge_queue_oldest_age_seconds",
             "Age of the oldest spooled recipient",
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.dead_letters = Gauge(
-            "smtp_bridge_dead_letters", "Recipients given up on (dead letters)", registry=r
+            "smtp_bridge_dead_letters",
+            "Recipients given up on (dead letters)",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.breaker_open = Gauge(
-            "smtp_bridge_breaker_open", "1 while the API circuit breaker is open", registry=r
+            "smtp_bridge_breaker_open",
+            "1 while the API circuit breaker is open (in any worker)",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.config_reloads = Counter(
             "smtp_bridge_config_reloads", "Config reloads by result", ["result"], registry=r
@@ -84,6 +117,7 @@ class Metrics:
             "smtp_bridge_config_last_reload_successful",
             "1 when the last config reload (SIGHUP) was taken, 0 when refused",
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.config_last_reload_ok.set(1)
         self.rcpt_rejected = Counter(
@@ -93,7 +127,11 @@ class Metrics:
             registry=r,
         )
         self.info = Gauge(
-            "smtp_bridge_build_info", "Always 1; the version as a label", ["version"], registry=r
+            "smtp_bridge_build_info",
+            "Always 1; the version as a label",
+            ["version"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.info.labels(version=__version__).set(1)
 
@@ -102,5 +140,10 @@ class Metrics:
         self.api_latency.observe(result.latency)
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of this registry."""
+        """The Prometheus text exposition: this registry's, or every worker's added up."""
+        directory = os.environ.get(MULTIPROCESS_ENV)
+        if directory and Path(directory).is_dir():
+            combined = CollectorRegistry()
+            multiprocess.MultiProcessCollector(combined, directory)  # type: ignore[no-untyped-call]
+            return generate_latest(combined)
         return generate_latest(self.registry)

@@ -11,8 +11,9 @@ records and the spool are common to all). The supervisor:
 - gives each worker its share of the limits meant for the daemon as a whole:
   ``api.rate_limit``, ``api.max_concurrency``, ``smtp.max_connections`` and
   ``smtp.max_connections_per_ip`` divided by N (rounded up), so the configured
-  totals are never exceeded; the admin endpoint runs in worker 0 only, so its
-  /metrics are worker 0's;
+  totals are never exceeded; the admin endpoint runs in worker 0 only, and its
+  /metrics add up every worker's (prometheus-client's multiprocess mode, over
+  a directory of this run that the supervisor makes and removes);
 - stands between the workers and systemd: READY=1 once every worker is ready,
   RELOADING=1 ... READY=1 around a SIGHUP it forwards to every worker,
   STOPPING=1 on SIGTERM/SIGINT, which it forwards too (each worker drains its
@@ -41,6 +42,7 @@ import secrets
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ from typing import Any
 
 from .config import Config, split_host_port
 from .logs import log_event
+from .metrics import MULTIPROCESS_ENV, forget_process
 from .service import IMPLICIT_TLS_KEY, BridgeService, StartupError, listen_fds, sd_notify
 
 __all__ = ["WORKER_ENV", "WorkerSlot", "WorkerService", "serve_workers", "worker_config"]
@@ -177,6 +180,8 @@ class _Supervisor:
         self.stop_event = asyncio.Event()
         self.watchdog = _watchdog_usec()
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Where the workers' metrics live (prometheus-client multiprocess mode).
+        self.metrics_dir = ""
 
     # ------------------------------------------------------------ run
 
@@ -193,9 +198,12 @@ class _Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        metrics_dir = tempfile.TemporaryDirectory(prefix="smtp-bridge-metrics-")
+        self.metrics_dir = metrics_dir.name
         try:
             return await self._run()
         finally:
+            metrics_dir.cleanup()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             for worker in self.workers:
@@ -286,6 +294,7 @@ class _Supervisor:
         for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "WATCHDOG_PID"):
             env.pop(key, None)
         env[WORKER_ENV] = WorkerSlot(worker.index, self.count, self.listen).to_env()
+        env[MULTIPROCESS_ENV] = self.metrics_dir
         env["NOTIFY_SOCKET"] = worker.notify_address
         if self.watchdog:
             env["WATCHDOG_USEC"] = str(self.watchdog)
@@ -337,6 +346,7 @@ class _Supervisor:
                 restart_in=delay,
             )
             sd_notify(f"STATUS={self._status()}")
+            forget_process(self.metrics_dir, worker.process.pid)  # its live gauges
             await asyncio.sleep(delay)
             if self.stopping:
                 return

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import httpx
 import pytest
 
 from smtp_bridge.cli import build_parser
@@ -33,7 +34,9 @@ from smtp_bridge.workers import WorkerSlot, worker_config
 WAIT = 30.0
 
 
-def config_text(state_dir: Path, api_url: str, extra: str = "") -> str:
+def config_text(
+    state_dir: Path, api_url: str, extra: str = "", *, admin_listen: str = "null"
+) -> str:
     return textwrap.dedent(f"""\
         smtp:
           listen: ["127.0.0.1:0"]
@@ -45,7 +48,7 @@ def config_text(state_dir: Path, api_url: str, extra: str = "") -> str:
         delivery:
           state_dir: {json.dumps(str(state_dir))}
         admin:
-          listen: null
+          listen: {admin_listen}
         routes:
           - name: default
             template_id: "E_GENERIC"
@@ -168,10 +171,10 @@ class Supervisor:
 
 @contextlib.asynccontextmanager
 async def supervisor(
-    tmp_path: Path, api_url: str, *, watchdog_usec: int = 0
+    tmp_path: Path, api_url: str, *, watchdog_usec: int = 0, admin_listen: str = "null"
 ) -> AsyncIterator[Supervisor]:
     config = tmp_path / "config.yaml"
-    config.write_text(config_text(tmp_path / "state", api_url))
+    config.write_text(config_text(tmp_path / "state", api_url, admin_listen=admin_listen))
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify.sock"))
     notify.setblocking(False)
@@ -298,3 +301,29 @@ async def test_two_stores_on_one_file_take_turns_and_lose_nothing(tmp_path: Path
     finally:
         await first.close()
         await second.close()
+
+
+async def test_metrics_of_one_scrape_cover_every_worker(tmp_path: Path, sandbox: Sandbox) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    admin_port = probe.getsockname()[1]
+    probe.close()  # a free port for the admin endpoint (worker 0's)
+    async with supervisor(tmp_path, sandbox.url, admin_listen=f"127.0.0.1:{admin_port}") as sup:
+        await sup.notified("READY")
+        listening = await sup.wait_for("listening", 2)
+        port = int(listening[0]["address"].rpartition(":")[2])
+        pids = (await sup.wait_for("workers_ready"))[0]["pids"]
+        assert await send(port, 40) == [0] * 40
+        async with httpx.AsyncClient(timeout=WAIT) as client:
+            text = (await client.get(f"http://127.0.0.1:{admin_port}/metrics")).text
+        sup.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(sup.proc.wait(), WAIT) == 0
+    delivered = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("smtp_bridge_messages_total{") and 'outcome="delivered"' in line
+    ]
+    # Every message, whichever worker took it (SO_REUSEPORT spreads the 40
+    # connections over both): the scrape adds up both workers, not worker 0's half.
+    assert len(set(pids)) == 2
+    assert sum(delivered) == 40, text
