@@ -468,6 +468,10 @@ class Sandbox:
         """Queue script entries in-process, as ``POST /_script`` does."""
         self._scripts.extend(_Script.from_json(dict(entry)) for entry in entries)
 
+    def clear_script(self) -> None:
+        """Forget every scripted behaviour, as ``DELETE /_script`` does."""
+        self._scripts.clear()
+
 
 async def run_sandbox(
     host: str,
