@@ -144,8 +144,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from .delivery import plan_recipient
     from .message import parse_message
+    from .policy import plan_recipient
     from .rules import Router
     from .templating import ClientInfo
 

@@ -7,11 +7,13 @@ the workers' pace (``delivery.in_flow_delay``, :mod:`smtp_bridge.flow`).
 ``hybrid``: as direct, but recipients with a transient or unknown outcome are
 committed to the spool, and the client gets ``250``.
 
-Policy lives here, IO behind the ApiClient and Store seams. The per-recipient
-outcome is recorded in the store before the reply is chosen, so a client retry
-after a 4xx sends only what was not delivered. :class:`Delivery.deliver`
-returns one outcome per recipient, each with its own reply (LMTP answers
-those); :func:`aggregate` makes the one SMTP reply of a message.
+The policy (plans, outcomes, replies, retries, dead letters) is the pure
+:mod:`smtp_bridge.policy`, shared with the queue workers; this module does the
+IO around it, behind the ApiClient and store seams. The per-recipient outcome
+is recorded in the store before the reply is chosen, so a client retry after a
+4xx sends only what was not delivered. :meth:`Delivery.deliver` returns one
+outcome per recipient, each with its own reply (LMTP answers those);
+:func:`~smtp_bridge.policy.aggregate` makes the one SMTP reply of a message.
 
 Every API call, a session's or a worker's, goes through :class:`ApiGate`: the
 circuit breaker of its API key (:mod:`smtp_bridge.breaker`), the process-wide
@@ -23,11 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import ipaddress
-import json
 import logging
 import random
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,61 +35,38 @@ from typing import Any
 from . import replies
 from .api import ApiClient
 from .breaker import Breakers, BreakerState, Transition
-from .config import ApiConfig, Config, RouteConfig
+from .config import ApiConfig, Config
 from .flow import InFlow
 from .identity import message_key
 from .logs import log_event
 from .message import ParsedMessage
 from .metrics import Metrics, api_code_label
 from .outcomes import ApiRequest, ApiResult, RecipientState, ResultKind
+from .policy import (
+    GUARD_MARGIN,
+    Plan,
+    RecipientOutcome,
+    attempted,
+    dead_letter,
+    duplicate_outcome,
+    next_delay,
+    plan_recipient,
+    session_lease,
+)
 from .ratelimit import RateLimiter
 from .replies import Reply
-from .rules import Envelope, Router
-from .store import Guard, GuardState, Ledger, MessageRecord, Notice, RecipientRecord, StoreError
-from .templating import (
-    ClientInfo,
-    HeaderOverrideError,
-    TemplateRenderError,
-    build_context,
-    header_overrides,
-    render_request,
-)
+from .rules import Router
+from .store import Guard, GuardState, Ledger, MessageRecord, RecipientRecord, StoreError
+from .templating import ClientInfo
 
-__all__ = [
-    "ApiGate",
-    "Attempt",
-    "Delivery",
-    "DirectDelivery",
-    "IncomingMessage",
-    "NOTICE_MODE",
-    "NOTICE_ROUTE",
-    "Plan",
-    "RecipientOutcome",
-    "aggregate",
-    "duplicate_outcome",
-    "failure_notice",
-    "log_api_call",
-    "message_key",
-    "next_delay",
-    "plan_recipient",
-    "session_lease",
-    "state_for",
-]
+__all__ = ["ApiGate", "Attempt", "Delivery", "IncomingMessage", "log_api_call"]
 
 log = logging.getLogger("smtp_bridge.delivery")
 
-#: ``messages.mode`` of a spooled failure notice; its content is the API request.
-NOTICE_MODE = "notice"
-#: The route name failure notices are logged and counted under.
-NOTICE_ROUTE = "failure-notice"
-#: Seconds a session's guard outlives its longest possible calls.
-GUARD_MARGIN = 10.0
 #: How often a copy waiting for another copy's call looks at the ledger again.
 GUARD_POLL = 0.1
 #: Backoff between tries of an outcome write that failed (the call was made).
 RECORD_RETRY = (0.2, 0.5, 1.0, 2.0, 5.0)
-#: Jitter: each retry delay is the ``delivery.backoff`` step times a factor in this range.
-JITTER = (0.8, 1.2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,248 +81,6 @@ class IncomingMessage:
     user: str = ""
     client: ClientInfo = field(default_factory=lambda: ClientInfo(""))
     app_key: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class RecipientOutcome:
-    """What became of one recipient, and the reply that tells it (LMTP sends each)."""
-
-    rcpt: str
-    state: RecipientState
-    reply: Reply
-    route: str = ""
-    template_id: str = ""
-    api_code: int | None = None
-    #: API calls made for it (2 after a 40006 resend); what the record's ``attempts`` counts.
-    attempts: int = 0
-    #: The API's Retry-After, when it gave one.
-    retry_after: float | None = None
-    #: Committed to the spool: a worker will deliver it (queue and hybrid modes).
-    spooled: bool = False
-
-    def record(self, queue_id: str, *, now: float, **fields: Any) -> RecipientRecord:
-        """This outcome as the store's row; ``fields`` add or override columns."""
-        values: dict[str, Any] = {
-            "queue_id": queue_id,
-            "rcpt": self.rcpt,
-            "state": self.state,
-            "route": self.route,
-            "template_id": self.template_id,
-            "api_code": self.api_code,
-            "reply": str(self.reply),
-            "attempts": self.attempts,
-            "updated_at": now,
-        }
-        values.update(fields)
-        return RecipientRecord(**values)
-
-
-def aggregate(outcomes: Sequence[RecipientOutcome]) -> Reply:
-    """One SMTP reply for a multi-recipient message (DESIGN 2), in every mode.
-
-    Any transient failure left with the client -> that 4xx. Otherwise anything
-    delivered or spooled -> 250 (hybrid and queue modes spool their transient
-    failures, so those count as accepted). Only permanent failures -> the first
-    one's 5xx.
-    """
-    transient = [o for o in outcomes if o.reply.is_transient]
-    if transient:
-        return transient[0].reply
-    if outcomes and all(o.state is RecipientState.DROPPED for o in outcomes):
-        return replies.DROPPED  # the truth: nothing was sent, and no retry is wanted
-    delivered = [o for o in outcomes if o.reply.is_success]
-    if delivered or not outcomes:
-        # The reply of a call the API accepted, so a `replies: {"200": ...}` override shows.
-        accepted = next((o.reply for o in delivered if o.api_code == 200), None)
-        if accepted is not None:
-            return accepted
-        if any(o.spooled for o in delivered):
-            return replies.QUEUED
-        # Every recipient was another copy's: say which (already queued wins, since
-        # something is still to be sent).
-        copies = [o.reply for o in delivered if o.state is RecipientState.DUPLICATE]
-        if copies:
-            return replies.ALREADY_QUEUED if replies.ALREADY_QUEUED in copies else copies[0]
-        return replies.OK
-    return outcomes[0].reply
-
-
-def state_for(result: ApiResult, reply: Reply) -> RecipientState:
-    """The recorded state of a recipient after one API result and its reply."""
-    if reply.is_success:
-        return RecipientState.DELIVERED
-    if result.kind is ResultKind.UNKNOWN:
-        return RecipientState.UNKNOWN
-    if reply.is_permanent:
-        return RecipientState.FAILED
-    return RecipientState.RETRYING
-
-
-def next_delay(
-    attempts: int,
-    backoff: Sequence[float],
-    *,
-    retry_after: float | None = None,
-    rand: Callable[[], float] = random.random,
-) -> float:
-    """Seconds before the next try after ``attempts`` failed ones (DESIGN 2).
-
-    The ``attempts``-th step of ``delivery.backoff`` (the last one repeats), times
-    a jitter factor so retries of many recipients spread out; never sooner than the
-    API's Retry-After.
-    """
-    if not backoff:
-        raise ValueError("backoff must not be empty")
-    step = backoff[min(max(attempts, 1), len(backoff)) - 1]
-    low, high = JITTER
-    delay = step * (low + (high - low) * rand())
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return delay
-
-
-@dataclass(slots=True)
-class Plan:
-    """What to do for one recipient: send ``request``, or report ``outcome``."""
-
-    rcpt: str
-    route: RouteConfig | None = None
-    request: ApiRequest | None = None
-    outcome: RecipientOutcome | None = None  # decided without an API call
-
-    @property
-    def spoolable(self) -> bool:
-        """A worker could deliver it later: an API request, or a template to retry.
-
-        Refusals by policy (reject routes, whatever their reply), drops, and
-        recipients already delivered are decided for good.
-        """
-        if self.request is not None:
-            return True
-        return (
-            self.outcome is not None
-            and self.route is not None
-            and self.route.action == "relay"
-            and self.outcome.state is RecipientState.RETRYING
-        )
-
-
-def duplicate_outcome(rcpt: str, held: GuardState | None, route: str = "") -> RecipientOutcome:
-    """A recipient another copy of the message has: delivered already, or queued."""
-    reply = replies.ALREADY_DELIVERED if held is GuardState.DELIVERED else replies.ALREADY_QUEUED
-    return RecipientOutcome(rcpt, RecipientState.DUPLICATE, reply, route)
-
-
-def session_lease(config: Config) -> float:
-    """How long a session's guard holds: longer than its calls can take (a 40006
-    resend included), so only a session that died loses it."""
-    return max(config.delivery.claim_lease, 2 * config.api.timeout + GUARD_MARGIN)
-
-
-def plan_recipient(
-    parsed: ParsedMessage,
-    rcpt: str,
-    *,
-    config: Config,
-    router: Router,
-    mail_from: str,
-    user: str = "",
-    client: ClientInfo | None = None,
-    previous: RecipientState | None = None,
-    queue_id: str = "",
-    previous_holder: str = "",
-) -> Plan:
-    """Decide one recipient without IO: an API request to send, or an outcome.
-
-    Shared by the daemon, the queue workers and ``smtp-bridge route`` so the
-    dry run shows exactly what the daemon would send. ``previous`` UNKNOWN: the
-    last call (by ``previous_holder``, a queue id) may have been sent, so this one
-    is logged as a possible duplicate.
-    """
-    client = client or ClientInfo("")
-    envelope = Envelope(mail_from, rcpt, user, _ip(client.ip))
-    found = router.match(envelope, parsed)
-    if found is None:
-        return Plan(
-            rcpt, outcome=RecipientOutcome(rcpt, RecipientState.FAILED, replies.NO_ROUTE_DATA)
-        )
-    route = found.route
-    if route.action == "reject":
-        reply = route.reply or replies.REJECTED
-        state = RecipientState.FAILED if reply.is_permanent else RecipientState.RETRYING
-        return Plan(rcpt, route, outcome=RecipientOutcome(rcpt, state, reply, route.name))
-    if route.action == "drop":
-        return Plan(
-            rcpt,
-            route,
-            outcome=RecipientOutcome(rcpt, RecipientState.DROPPED, replies.DROPPED, route.name),
-        )
-    if previous is RecipientState.DELIVERED:
-        log_event(log, "duplicate_skipped", queue_id=queue_id, rcpt=rcpt, route=route.name)
-        return Plan(rcpt, route, outcome=duplicate_outcome(rcpt, GuardState.DELIVERED, route.name))
-    if previous is RecipientState.UNKNOWN:
-        log_event(
-            log,
-            "possible_duplicate",
-            level=logging.WARNING,
-            queue_id=queue_id,
-            previous_queue_id=previous_holder or queue_id,
-            rcpt=rcpt,
-            route=route.name,
-        )
-    context = build_context(
-        parsed, mail_from=mail_from, rcpt=rcpt, user=user, client=client, match=found.groups
-    )
-    try:
-        overrides = header_overrides(parsed) if route.allow_header_overrides else None
-        assert route.template_id is not None  # relay routes have one (config check)
-        request = render_request(
-            template_id=route.template_id,
-            to=route.to,
-            alias=route.alias,
-            reply_to=route.reply_to,
-            is_random=route.is_random,
-            data=route.data,
-            context=context,
-            overrides=overrides,
-        )
-    except HeaderOverrideError as exc:
-        log_event(
-            log,
-            "bad_override_header",
-            level=logging.WARNING,
-            queue_id=queue_id,
-            rcpt=rcpt,
-            route=route.name,
-            reason=str(exc),
-        )
-        return Plan(
-            rcpt,
-            route,
-            outcome=RecipientOutcome(rcpt, RecipientState.FAILED, replies.DATA_FORMAT, route.name),
-        )
-    except TemplateRenderError as exc:
-        log_event(
-            log,
-            "template_failed",
-            level=logging.ERROR,
-            queue_id=queue_id,
-            rcpt=rcpt,
-            route=route.name,
-            field=exc.field,
-            reason=exc.reason,
-        )
-        return Plan(
-            rcpt,
-            route,
-            outcome=RecipientOutcome(
-                rcpt, RecipientState.RETRYING, replies.TEMPLATE_FAILED, route.name
-            ),
-        )
-    return Plan(rcpt, route, request=request)
-
-
-# --- the gate every API call passes ------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,67 +188,6 @@ class ApiGate:
                 callback()
         self.metrics.breaker_open.set(1 if self.is_open() else 0)
         return Attempt(result, reply, calls)
-
-
-# --- failure notices ---------------------------------------------------------------------
-
-
-def failure_notice(
-    *,
-    config: Config,
-    queue_id: str,
-    mail_from: str,
-    rcpt: str,
-    subject: str,
-    reason: str,
-    user: str = "",
-    client: str = "",
-    now: float | None = None,
-) -> Notice | None:
-    """The failure notice to the envelope sender, as a message to spool (DESIGN 2).
-
-    None when ``delivery.bounce_template_id`` is unset or the sender is null (a
-    notice is never sent for ``<>``, so notices never beget notices). The notice is
-    spooled in the transaction that makes the recipient dead, and a worker sends
-    it with retries like any spooled mail; its content is the API request.
-    """
-    template_id = config.delivery.bounce_template_id
-    if not template_id or not mail_from:
-        return None
-    now = time.time() if now is None else now
-    notice_id = _new_queue_id()
-    data = {"recipient": rcpt, "subject": subject, "reason": reason}
-    content = json.dumps(
-        {"template_id": template_id, "data": data, "origin": queue_id}, ensure_ascii=False
-    ).encode()
-    message = MessageRecord(
-        queue_id=notice_id,
-        message_key=f"notice:{queue_id}:{rcpt.lower()}",
-        mail_from="",
-        client=client,
-        user=user,
-        subject=f"Failure notice: {subject}"[:200],
-        size=len(content),
-        received_at=now,
-        mode=NOTICE_MODE,
-        content=content,
-    )
-    record = RecipientRecord(
-        queue_id=notice_id,
-        rcpt=mail_from,
-        state=RecipientState.RETRYING,
-        route=NOTICE_ROUTE,
-        template_id=template_id,
-        next_attempt=now,
-        updated_at=now,
-        spooled_at=now,
-    )
-    return message, [record]
-
-
-def _new_queue_id() -> str:
-    # The shape of server.new_queue_id: time-ordered, unguessable.
-    return f"{int(time.time() * 1000):011X}{secrets.token_hex(3).upper()}"
 
 
 # --- delivery of one received message -------------------------------------------------------
@@ -967,16 +640,8 @@ class Delivery:
                 request.template_id,
             )
             return outcome, "not sent: circuit breaker open"
-        state = state_for(result, attempt.reply)
-        outcome = RecipientOutcome(
-            plan.rcpt,
-            state,
-            attempt.reply,
-            plan.route.name,
-            request.template_id,
-            result.code,
-            attempts=attempt.calls,
-            retry_after=result.retry_after,
+        outcome = attempted(
+            plan.rcpt, plan.route.name, request, result, attempt.reply, attempt.calls
         )
         log_api_call(message.queue_id, plan.rcpt, plan.route.name, request, result, outcome)
         return outcome, result.message[:200]
@@ -984,29 +649,18 @@ class Delivery:
     async def _bury(
         self, message: IncomingMessage, outcome: RecipientOutcome, key: str, config: Config
     ) -> RecipientOutcome:
-        dead = dataclasses.replace(outcome, state=RecipientState.DEAD)
-        log_event(
-            log,
-            "dead_letter",
-            level=logging.WARNING,
-            queue_id=message.queue_id,
-            rcpt=outcome.rcpt,
-            route=outcome.route,
-            template=outcome.template_id,
-            api_code=outcome.api_code,
-            reply=str(outcome.reply),
-        )
-        record = dead.record(message.queue_id, now=time.time())
-        notice = failure_notice(
+        dead, notice = dead_letter(
+            outcome,
             config=config,
             queue_id=message.queue_id,
             mail_from=message.mail_from,
-            rcpt=outcome.rcpt,
             subject=message.parsed.subject,
             reason=str(outcome.reply),
             user=message.user,
             client=message.client.ip,
+            now=time.time(),
         )
+        record = dead.record(message.queue_id, now=time.time())
         try:
             await self.store.update_recipient(record, message_key=key, notice=notice)
         except StoreError:
@@ -1022,10 +676,6 @@ class Delivery:
                 )
                 self._wake()
         return dead
-
-
-#: The name the direct-mode deliverer had; the class now serves every mode.
-DirectDelivery = Delivery
 
 
 def log_api_call(
@@ -1054,10 +704,3 @@ def log_api_call(
         reply=str(outcome.reply),
         **extra,
     )
-
-
-def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(value)
-    except ValueError:
-        return None

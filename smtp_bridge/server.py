@@ -31,9 +31,11 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from . import replies
 from .auth import Authenticator, AuthThrottle, Credentials
 from .config import Config
-from .delivery import DirectDelivery, IncomingMessage, RecipientOutcome, aggregate
+from .delivery import Delivery, IncomingMessage
+from .ids import new_queue_id
 from .logs import log_context, log_event
 from .message import has_bare_line_end, is_valid_address, normalize_line_ends, parse_message
+from .policy import RecipientOutcome, aggregate
 from .replies import Reply
 from .rules import Envelope, Router
 from .templating import ClientInfo
@@ -45,7 +47,6 @@ __all__ = [
     "BridgeSMTP",
     "ConnectionTracker",
     "Runtime",
-    "new_queue_id",
 ]
 
 log = logging.getLogger("smtp_bridge.smtp")
@@ -98,11 +99,6 @@ def _in_networks(
     ip: IPAddress | None, nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
 ) -> bool:
     return ip is not None and any(ip.version == net.version and ip in net for net in nets)
-
-
-def new_queue_id() -> str:
-    """A short, time-ordered, unguessable id: what operators grep for."""
-    return f"{int(time.time() * 1000):011X}{secrets.token_hex(3).upper()}"
 
 
 def peer_ip(peer: Any) -> IPAddress | None:
@@ -1095,7 +1091,7 @@ class BridgeHandler:
 
     def __init__(
         self,
-        delivery: DirectDelivery,
+        delivery: Delivery,
         track: Callable[[asyncio.Task[list[RecipientOutcome]]], None],
     ) -> None:
         self.delivery = delivery

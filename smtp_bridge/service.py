@@ -29,9 +29,10 @@ from typing import Any, Literal
 from .admin import AdminServer, format_address
 from .api import ApiClient
 from .config import Config, ConfigError, load_config, split_host_port
-from .delivery import Delivery, RecipientOutcome, session_lease
+from .delivery import Delivery
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
+from .policy import RecipientOutcome, session_lease
 from .sandbox import Sandbox
 from .server import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
 from .store import StateStore, StoreError, open_store
@@ -231,7 +232,14 @@ class BridgeService:
             self._api, self._store, self.metrics, mode=config.delivery.mode
         )
         # Workers run in every mode: mail spooled before a change of mode still goes out.
-        worker = self._worker = QueueWorker(delivery, self._store, lambda: self.runtime)
+        worker = self._worker = QueueWorker(
+            delivery.gate,
+            self._store,
+            lambda: self.runtime,
+            mode=config.delivery.mode,
+            flow=delivery.flow,
+            metrics=self.metrics,
+        )
         delivery.on_spooled = worker.wake
         worker.start()
         handler = self.handler = BridgeHandler(delivery, self._track)

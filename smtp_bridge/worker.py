@@ -45,22 +45,22 @@ from typing import Any, Protocol
 from . import replies
 from .auth import Authenticator
 from .config import Config
-from .delivery import (
+from .delivery import RECORD_RETRY, ApiGate, log_api_call
+from .flow import InFlow
+from .logs import log_event
+from .message import parse_message
+from .metrics import Metrics
+from .outcomes import ApiRequest, RecipientState
+from .policy import (
     NOTICE_MODE,
     NOTICE_ROUTE,
-    RECORD_RETRY,
-    Delivery,
     RecipientOutcome,
-    failure_notice,
-    log_api_call,
+    attempted,
+    dead_letter,
     next_delay,
     plan_recipient,
     session_lease,
-    state_for,
 )
-from .logs import log_event
-from .message import parse_message
-from .outcomes import ApiRequest, RecipientState
 from .rules import Router
 from .store import MessageRecord, Notice, RecipientRecord, StateStore, StoreError
 from .templating import ClientInfo
@@ -107,25 +107,28 @@ class QueueWorker:
 
     def __init__(
         self,
-        delivery: Delivery,
+        gate: ApiGate,
         store: StateStore,
         runtime: Callable[[], WorkerRuntime],
         *,
+        mode: str,
+        flow: InFlow,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
         idle_poll: float = 1.0,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        self.delivery = delivery
+        self.mode = mode
         self.store = store
-        self.gate = delivery.gate
-        self.metrics = delivery.metrics
+        self.gate = gate
+        self.metrics = metrics
         self.clock = clock
         self.idle_poll = idle_poll
         self.rand = rand
         self._runtime = runtime
         self._wake = asyncio.Event()
         self.gate.on_closed.append(self.wake)  # a session's probe may close the breaker
-        self.flow = delivery.flow
+        self.flow = flow
         self._tasks: dict[asyncio.Task[None], tuple[str, str]] = {}
         self._probe: asyncio.Task[None] | None = None
         self._stopping = False
@@ -267,7 +270,7 @@ class QueueWorker:
         # In queue mode the workers make every call; otherwise leave half of
         # the API slots to SMTP sessions, which have a client waiting.
         slots = config.api.max_concurrency
-        return slots if self.delivery.mode == "queue" else max(1, slots // 2)
+        return slots if self.mode == "queue" else max(1, slots // 2)
 
     def _lease(self, config: Config) -> float:
         # Renewed every third of itself while the attempt runs (_keep_claim).
@@ -434,16 +437,7 @@ class QueueWorker:
             )
             log_event(log, "breaker_held", reply=str(attempt.reply), **fields)
             return
-        outcome = RecipientOutcome(
-            record.rcpt,
-            state_for(result, attempt.reply),
-            attempt.reply,
-            route,
-            request.template_id,
-            result.code,
-            attempts=attempt.calls,
-            retry_after=result.retry_after,
-        )
+        outcome = attempted(record.rcpt, route, request, result, attempt.reply, attempt.calls)
         log_api_call(
             message.queue_id, record.rcpt, route, request, result, outcome, attempt=record.attempts
         )
@@ -510,20 +504,20 @@ class QueueWorker:
             )
             self._count(outcome.route, state)
             return
-        notice = failure_notice(
+        gone, notice = dead_letter(
+            dataclasses.replace(outcome, rcpt=record.rcpt),
             config=config,
             queue_id=message.queue_id,
             mail_from=message.mail_from,
-            rcpt=record.rcpt,
             subject=message.subject,
             reason=reason,
             user=message.user,
             client=message.client,
             now=now,
+            attempt=attempts,
         )
-        dead = dataclasses.replace(final, state=RecipientState.DEAD, error=(error or reason)[:200])
+        dead = dataclasses.replace(final, state=gone.state, error=(error or reason)[:200])
         await asyncio.shield(self._recorded(dead, message.message_key, notice))
-        log_event(log, "dead_letter", level=logging.WARNING, reason=reason, **fields)
         self._count(outcome.route, RecipientState.DEAD)
         if notice is not None:
             log_event(

@@ -19,7 +19,7 @@ import pytest
 from conftest import RunningBridge, make_config
 
 from smtp_bridge import replies
-from smtp_bridge.delivery import DirectDelivery
+from smtp_bridge.delivery import Delivery
 from smtp_bridge.sandbox import Sandbox
 from smtp_bridge.service import BridgeService
 
@@ -444,7 +444,7 @@ async def test_internal_error_does_not_leak(bridge, monkeypatch, log_lines) -> N
     async def explode(self, *args, **kwargs):
         raise RuntimeError("secret detail")
 
-    monkeypatch.setattr(DirectDelivery, "deliver", explode)
+    monkeypatch.setattr(Delivery, "deliver", explode)
     async with bridge() as b, raw_session(b) as s:
         reply = await s.transaction(ended(message()), ["bob@example.org"])
         assert reply.startswith("451 4.3.0 ")

@@ -25,8 +25,8 @@ import aiosmtplib
 import pytest
 
 from smtp_bridge import cli, replies
-from smtp_bridge.delivery import next_delay
 from smtp_bridge.outcomes import RecipientState
+from smtp_bridge.policy import next_delay
 from smtp_bridge.store import STATE_FILE
 from smtp_bridge.store.sqlite import SQLiteStore as Store
 
