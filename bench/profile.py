@@ -41,7 +41,7 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("queue worker", ("smtp_bridge/worker.py",)),
     ("delivery", ("smtp_bridge/delivery.py",)),
     ("SMTP engine (aiosmtpd + server.py)",
-     ("aiosmtpd/", "smtp_bridge/server.py", "asyncio/streams")),
+     ("aiosmtpd/", "smtp_bridge/smtp/", "asyncio/streams")),
 ]  # fmt: skip
 
 

@@ -27,7 +27,6 @@ import ipaddress
 import json
 import logging
 import random
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from .breaker import Breakers, BreakerState, Transition
 from .config import ApiConfig, Config, RouteConfig
 from .flow import InFlow
 from .identity import message_key
+from .ids import new_queue_id as _new_queue_id
 from .logs import log_event
 from .message import ParsedMessage
 from .metrics import Metrics, api_code_label
@@ -510,11 +510,6 @@ def failure_notice(
         spooled_at=now,
     )
     return message, [record]
-
-
-def _new_queue_id() -> str:
-    # The shape of server.new_queue_id: time-ordered, unguessable.
-    return f"{int(time.time() * 1000):011X}{secrets.token_hex(3).upper()}"
 
 
 # --- delivery of one received message -------------------------------------------------------

@@ -33,7 +33,7 @@ from .delivery import Delivery, RecipientOutcome, session_lease
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .sandbox import Sandbox
-from .server import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
+from .smtp import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
 from .store import StateStore, StoreError, open_store
 from .tls import TlsError
 from .worker import QueueWorker
