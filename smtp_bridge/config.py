@@ -15,7 +15,6 @@ import socket
 import types
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
@@ -35,10 +34,11 @@ from pydantic import (
 from pydantic.config import JsonDict
 
 from .auth import check_hash_format
+from .errors import ConfigError, ConfigIssue, TlsError
 from .patterns import Pattern, compile_pattern
 from .replies import Reply, check_override
 from .templating import CompiledTemplate, compile_template
-from .tls import TlsError, server_context
+from .tls import server_context
 
 __all__ = [
     "AdminConfig",
@@ -66,28 +66,6 @@ DEFAULT_CONFIG_PATH = Path("/etc/smtp-bridge/config.yaml")
 
 
 # ---------------------------------------------------------------- errors
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigIssue:
-    """One problem in a config file, located as precisely as the YAML allows."""
-
-    file: str
-    line: int | None
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
-
-
-class ConfigError(Exception):
-    """All problems found in one config file; ``str()`` lists one per line."""
-
-    def __init__(self, issues: list[ConfigIssue]) -> None:
-        super().__init__("\n".join(str(i) for i in issues))
-        self.issues = issues
 
 
 Loc = tuple[str | int, ...]

@@ -36,6 +36,7 @@ from . import replies
 from .api import ApiClient
 from .breaker import Breakers, BreakerState, Transition
 from .config import ApiConfig, Config, RouteConfig
+from .errors import HeaderOverrideError, StoreError, TemplateRenderError
 from .flow import InFlow
 from .identity import message_key
 from .ids import new_queue_id as _new_queue_id
@@ -46,11 +47,9 @@ from .outcomes import ApiRequest, ApiResult, RecipientState, ResultKind
 from .ratelimit import RateLimiter
 from .replies import Reply
 from .rules import Envelope, Router
-from .store import Guard, GuardState, Ledger, MessageRecord, Notice, RecipientRecord, StoreError
+from .store import Guard, GuardState, Ledger, MessageRecord, Notice, RecipientRecord
 from .templating import (
     ClientInfo,
-    HeaderOverrideError,
-    TemplateRenderError,
     build_context,
     header_overrides,
     render_request,

@@ -28,14 +28,14 @@ from typing import Any, Literal
 
 from .admin import AdminServer, format_address
 from .api import ApiClient
-from .config import Config, ConfigError, load_config, split_host_port
+from .config import Config, load_config, split_host_port
 from .delivery import Delivery, RecipientOutcome, session_lease
+from .errors import ConfigError, StartupError, StoreError, TlsError
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .sandbox import Sandbox
 from .smtp import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
-from .store import StateStore, StoreError, open_store
-from .tls import TlsError
+from .store import StateStore, open_store
 from .worker import QueueWorker
 
 __all__ = [
@@ -54,10 +54,6 @@ log = logging.getLogger("smtp_bridge.service")
 SANDBOX_APP_KEY = "sandbox-key"
 #: Listener keys of ``smtp.tls.implicit_listen`` entries (plain ones: the entry).
 IMPLICIT_TLS_KEY = "tls:"
-
-
-class StartupError(Exception):
-    """The daemon could not start (port in use, store unwritable...): exit code 2."""
 
 
 #: Collections of the youngest generation: every 20,000 allocations, not 700.
@@ -164,7 +160,7 @@ _RESTART_KEYS = (
 class BridgeService:
     """Owns the listeners, the API client, the store and the sandbox if any."""
 
-    #: ``serve --workers`` (workers.py): every worker binds the same addresses
+    #: ``serve --workers`` (supervisor.py): every worker binds the same addresses
     #: with SO_REUSEPORT and the kernel spreads connections across them.
     reuse_port = False
 

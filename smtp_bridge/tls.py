@@ -11,14 +11,12 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from .errors import TlsError
+
 __all__ = ["MINIMUM_VERSION", "TlsError", "server_context"]
 
 #: RFC 8996 deprecates TLS 1.0 and 1.1; RFC 8314 4.1 asks for 1.2 or newer.
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
-
-
-class TlsError(ValueError):
-    """The certificate or key cannot be used; the message says why (no secrets)."""
 
 
 def _no_password() -> bytes:

@@ -58,11 +58,12 @@ from .delivery import (
     session_lease,
     state_for,
 )
+from .errors import StoreError
 from .logs import log_event
 from .message import parse_message
 from .outcomes import ApiRequest, RecipientState
 from .rules import Router
-from .store import MessageRecord, Notice, RecipientRecord, StateStore, StoreError
+from .store import MessageRecord, Notice, RecipientRecord, StateStore
 from .templating import ClientInfo
 
 __all__ = ["QueueWorker", "WorkerRuntime"]

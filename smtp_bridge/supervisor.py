@@ -50,13 +50,14 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, split_host_port
+from .errors import StartupError
 from .logs import log_event
 from .metrics import MULTIPROCESS_ENV, forget_process
-from .service import IMPLICIT_TLS_KEY, BridgeService, StartupError, listen_fds, sd_notify
+from .service import IMPLICIT_TLS_KEY, BridgeService, listen_fds, sd_notify
 
 __all__ = ["WORKER_ENV", "WorkerSlot", "WorkerService", "serve_workers", "worker_config"]
 
-log = logging.getLogger("smtp_bridge.workers")
+log = logging.getLogger("smtp_bridge.supervisor")
 
 #: The supervisor -> worker handshake: JSON ``{"index", "count", "listen"}``.
 WORKER_ENV = "SMTP_BRIDGE_WORKER"
