@@ -374,6 +374,8 @@ def _default_trusted() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
 
 class SmtpConfig(_Model):
     listen: ListenList = Field(default_factory=lambda: ["127.0.0.1:2525"])
+    # "[::]:port" takes IPv4 clients too (IPV6_V6ONLY off); false: IPv6 only.
+    dual_stack: bool = True
     hostname: str = Field(default_factory=socket.getfqdn)
     protocol: Literal["smtp", "lmtp"] = "smtp"
     tls: TlsConfig | None = None
@@ -386,6 +388,9 @@ class SmtpConfig(_Model):
     max_recipients: int = Field(default=50, ge=1)
     max_connections: int = Field(default=1000, ge=1)
     max_connections_per_ip: int = Field(default=20, ge=1)
+    # How often each command may come in one session (RCPT: times max_recipients;
+    # VRFY, HELP: 10); past it 421 4.7.0 and the close. One message = one MAIL.
+    max_commands_per_session: int = Field(default=10_000, ge=1)
     timeout: Duration = 60.0
     # Wall-clock cap per session (slow-drip clients), 0 = none.
     max_session_time: Duration = 600.0

@@ -35,6 +35,7 @@ from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .sandbox import Sandbox
 from .smtp import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
+from .sockets import ipv6_only, is_ipv6_wildcard, listen_socket, takes_ipv4
 from .store import StateStore, open_store
 from .worker import QueueWorker
 
@@ -256,7 +257,7 @@ class BridgeService:
         else:
             for listen, implicit_tls in self._listen_plan(config).items():
                 try:
-                    server = await self._create_server(listen, implicit_tls)
+                    server = await self._create_server(listen, implicit_tls, config)
                 except OSError as exc:
                     raise StartupError(f"cannot listen on {listen}: {_reason(exc)}") from None
                 self._add_listener(listen, server)
@@ -419,7 +420,7 @@ class BridgeService:
         admin_changed = not self._admin_activated and config.admin.listen != old.admin.listen
         try:
             for listen, implicit_tls in added.items():
-                opened[listen] = await self._create_server(listen, implicit_tls)
+                opened[listen] = await self._create_server(listen, implicit_tls, config)
             if admin_changed and config.admin.listen is not None:
                 new_admin = await self._start_admin(config.admin.listen)
         except OSError as exc:
@@ -488,13 +489,23 @@ class BridgeService:
             plan.update(dict.fromkeys(implicit, True))
         return plan
 
-    async def _create_server(self, listen: str, implicit_tls: bool) -> asyncio.Server:
+    async def _create_server(
+        self, listen: str, implicit_tls: bool, config: Config
+    ) -> asyncio.Server:
         # Implicit TLS listeners are plain TCP: each session does its own
         # handshake with the certificate of the runtime it starts with (so a
         # reload renews it, and a PROXY header can come before it).
         host, port = split_host_port(listen.removeprefix(IMPLICIT_TLS_KEY))
+        factory = functools.partial(self._factory, implicit_tls)
+        if is_ipv6_wildcard(host):  # [::]: IPv4 too, unless told otherwise (sockets.py)
+            plain = [k.removeprefix(IMPLICIT_TLS_KEY) for k in self._listen_plan(config)]
+            v6only = ipv6_only(port, config.smtp.dual_stack, plain)
+            sock = listen_socket(host, port, v6only=v6only, reuse_port=self.reuse_port)
+            return await asyncio.get_running_loop().create_server(
+                factory, sock=sock, start_serving=True
+            )
         return await asyncio.get_running_loop().create_server(
-            functools.partial(self._factory, implicit_tls),
+            factory,
             host or None,
             port,
             reuse_address=True,
@@ -518,7 +529,9 @@ class BridgeService:
             address = sock.getsockname()
             self.addresses.append((address[0], address[1]))
             fields: dict[str, Any] = {"activated": True} if activated else {}
-            log_event(log, "listening", address=f"{address[0]}:{address[1]}", **fields)
+            if sock.family == socket.AF_INET6:  # what it truly takes: [::] may take IPv4 too
+                fields["ipv4"] = takes_ipv4(sock)
+            log_event(log, "listening", address=format_address(address), **fields)
 
     def _close_listener(self, key: str) -> None:
         """Stop accepting on ``key``; the sessions it accepted carry on."""
@@ -533,7 +546,7 @@ class BridgeService:
 
     def _status(self) -> str:
         """systemd's STATUS= line: what ``systemctl status`` shows."""
-        where = ", ".join(f"{h}:{p}" for h, p in self.addresses) or "nothing"
+        where = ", ".join(format_address((h, p)) for h, p in self.addresses) or "nothing"
         return f"accepting mail on {where}; {len(self.runtime.config.routes)} routes"
 
     # ------------------------------------------------------------ admin

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import re
 import secrets
 import ssl
 import time
@@ -26,10 +25,11 @@ from ..auth import AuthThrottle
 from ..ids import new_queue_id
 from ..logs import log_context, log_event
 from ..replies import Reply
-from .compat import MALFORMED_ADDRESS_TEXT, TOO_LARGE_TEXTS, Engine
+from .compat import Engine
 from .data import read_data
-from .limits import ConnectionTracker
+from .limits import ConnectionTracker, command_limits
 from .runtime import IPAddress, Runtime, peer_ip, unmapped
+from .wording import on_the_wire
 
 if TYPE_CHECKING:
     from .handler import BridgeHandler
@@ -41,50 +41,6 @@ log = logging.getLogger("smtp_bridge.smtp")
 #: How long a proxied connection may take to send its PROXY header (at most
 #: smtp.timeout); a load balancer sends it at once.
 PROXY_HEADER_TIMEOUT = 10.0
-
-# aiosmtpd's own replies carry no enhanced status code (RFC 3463); clients and
-# operators read those, so add one by reply code. 220 and 354 take none, and
-# neither do EHLO/HELO lines (RFC 2034 section 3).
-_ENHANCED_DEFAULTS = {
-    221: "2.0.0",
-    250: "2.0.0",
-    251: "2.1.5",
-    252: "2.5.0",
-    421: "4.7.0",
-    451: "4.3.0",
-    500: "5.5.2",
-    501: "5.5.4",
-    502: "5.5.1",
-    503: "5.5.1",
-    504: "5.5.4",
-    530: "5.7.0",
-    535: "5.7.8",
-    538: "5.7.11",
-    550: "5.0.0",
-    552: "5.3.4",
-    553: "5.1.3",
-    554: "5.3.0",
-    555: "5.5.4",
-}
-_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(\s|$)")
-_REWRITES = {
-    **dict.fromkeys(TOO_LARGE_TEXTS, str(replies.TOO_LARGE)),
-    MALFORMED_ADDRESS_TEXT: str(replies.MALFORMED_ADDRESS),
-}
-
-
-def _with_enhanced_code(line: str) -> str:
-    if line in _REWRITES:
-        return _REWRITES[line]
-    if len(line) < 3 or not line[:3].isdigit() or _HAS_ENHANCED.match(line):
-        return line
-    if len(line) > 3 and line[3] == "-":
-        return line
-    enhanced = _ENHANCED_DEFAULTS.get(int(line[:3]))
-    if enhanced is None:
-        return line
-    text = line[4:].removeprefix("Error: ") or "Ok"
-    return f"{line[:3]} {enhanced} {text}"
 
 
 class BridgeSMTP(Engine):
@@ -123,8 +79,8 @@ class BridgeSMTP(Engine):
             ident=self.banner_ident,
             tls_context=runtime.tls_context if offer_starttls else None,
             timeout=smtp.timeout,
-            # Reset floods: each command has a budget per session.
-            command_call_limit={"NOOP": 50, "RSET": 50, "VRFY": 10, "HELP": 10, "*": 200},
+            # Each command has a budget per session (smtp.max_commands_per_session).
+            command_call_limit=command_limits(smtp.max_commands_per_session, smtp.max_recipients),
             # TLS-before-AUTH is decided per client (trusted networks are
             # exempt), in smtp_AUTH below, not by aiosmtpd's global switch.
             auth_require_tls=False,
@@ -445,12 +401,8 @@ class BridgeSMTP(Engine):
 
     async def push(self, status: AnyStr) -> None:
         if isinstance(status, str):
-            if not self._raw_replies:
-                status = _with_enhanced_code(status)
-            # aiosmtpd echoes some arguments ("502 Could not VRFY <arg>"), decoded
-            # with surrogateescape from whatever bytes the client sent; strict
-            # UTF-8 would turn them into an internal error (found by test_fuzz).
-            await super().push(status.encode("utf-8", "backslashreplace"))
+            # Enhanced status codes added, client text escaped (wording.py).
+            await super().push(on_the_wire(status, enhance=not self._raw_replies))
         else:
             await super().push(status)
 
