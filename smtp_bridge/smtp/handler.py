@@ -21,6 +21,7 @@ from ..auth import AuthThrottle
 from ..delivery import Delivery, IncomingMessage, RecipientOutcome, aggregate
 from ..logs import log_event
 from ..message import has_bare_line_end, is_valid_address, normalize_line_ends, parse_message
+from ..replies import Reply
 from ..rules import Envelope
 from ..templating import ClientInfo
 from .runtime import Runtime
@@ -49,6 +50,34 @@ class BridgeHandler:
         self._track = track
         self.throttle = AuthThrottle()
         self.metrics = delivery.metrics
+
+    async def before_auth(self, server: BridgeSMTP) -> Reply | None:
+        """AUTH's policy before the exchange: a refusal, or None to go on.
+        (Not named ``auth_*``: aiosmtpd takes those for AUTH mechanisms.)
+
+        Offered at all, over TLS unless the network is trusted, not locked out
+        after repeated failures (421 4.7.0: the session closes); after failures
+        the answer comes more slowly, a tarpit for password guessing, by design.
+        """
+        runtime = server.runtime
+        if not runtime.config.smtp.auth.users:
+            return replies.AUTH_NOT_AVAILABLE
+        if not runtime.auth_offered(server.client_ip, server.tls_active):
+            return replies.AUTH_NEEDS_TLS
+        ip, now = server.client_ip, time.monotonic()
+        if ip is not None and self.throttle.should_disconnect(ip, now):
+            log_event(
+                log,
+                "auth_locked_out",
+                level=logging.WARNING,
+                session=server.session_id,
+                client=str(ip),
+            )
+            return replies.AUTH_TOO_MANY_FAILURES
+        delay = self.throttle.delay_for(ip, now) if ip is not None else 0.0
+        if delay:
+            await asyncio.sleep(delay)
+        return None
 
     async def handle_EHLO(
         self,

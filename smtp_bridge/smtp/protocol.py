@@ -14,14 +14,12 @@ import ipaddress
 import logging
 import secrets
 import ssl
-import time
 from typing import TYPE_CHECKING, Any, AnyStr, cast
 
 from aiosmtpd.proxy_protocol import V2_CMD, ProxyData, get_proxy
 from aiosmtpd.smtp import TLSSetupException, syntax
 
 from .. import replies
-from ..auth import AuthThrottle
 from ..ids import new_queue_id
 from ..logs import log_context, log_event
 from ..replies import Reply
@@ -34,7 +32,7 @@ from .wording import on_the_wire
 if TYPE_CHECKING:
     from .handler import BridgeHandler
 
-__all__ = ["PROXY_HEADER_TIMEOUT", "BridgeLMTP", "BridgeSMTP"]
+__all__ = ["PROXY_HEADER_TIMEOUT", "BridgeSMTP"]
 
 log = logging.getLogger("smtp_bridge.smtp")
 
@@ -444,30 +442,12 @@ class BridgeSMTP(Engine):
         if self.session is None or not self.session.extended_smtp or self.session.authenticated:
             await super().smtp_AUTH(arg)  # aiosmtpd's own sequencing replies
             return
-        runtime = self.runtime
-        if not runtime.config.smtp.auth.users:
-            await self.push(str(replies.AUTH_NOT_AVAILABLE))
-            return
-        if not runtime.auth_offered(self.client_ip, self.tls_active):
-            await self.push(str(replies.AUTH_NEEDS_TLS))
-            return
-        throttle: AuthThrottle = self.event_handler.throttle
-        ip, now = self.client_ip, time.monotonic()
-        if ip is not None and throttle.should_disconnect(ip, now):
-            log_event(
-                log,
-                "auth_locked_out",
-                level=logging.WARNING,
-                session=self.session_id,
-                client=str(ip),
-            )
-            await self.push(str(replies.AUTH_TOO_MANY_FAILURES))
-            if self.transport is not None:
+        refusal = await self.event_handler.before_auth(self)
+        if refusal is not None:
+            await self.push(str(refusal))
+            if refusal.code == 421 and self.transport is not None:  # locked out
                 self.transport.close()
             return
-        delay = throttle.delay_for(ip, now) if ip is not None else 0.0
-        if delay:
-            await asyncio.sleep(delay)  # a tarpit for password guessing, by design
         await super().smtp_AUTH(arg)
 
     # ------------------------------------------------------------ DATA
@@ -550,35 +530,3 @@ class BridgeSMTP(Engine):
     async def _push_data_replies(self, status: str, rcpts: list[str]) -> None:
         """SMTP: one reply for the message (LMTP overrides: one per recipient)."""
         await self.push(status)
-
-
-class BridgeLMTP(BridgeSMTP):
-    """LMTP (RFC 2033), for Postfix's ``lmtp`` transport: LHLO instead of
-    HELO/EHLO, and after DATA one reply per accepted recipient, in RCPT order,
-    each the DESIGN 5 reply of that recipient's own API result."""
-
-    banner_ident = "LMTP"
-    per_recipient_replies = True
-
-    @syntax("LHLO hostname")
-    async def smtp_LHLO(self, hostname: str) -> None:
-        await self._ehlo(hostname, "LHLO")
-
-    async def smtp_EHLO(self, hostname: str) -> None:
-        # RFC 2033 4.1: an LMTP server must not accept HELO or EHLO.
-        await self.push('500 5.5.1 Command "EHLO" not recognized, use LHLO')
-
-    async def smtp_HELO(self, hostname: str) -> None:
-        await self.push('500 5.5.1 Command "HELO" not recognized, use LHLO')
-
-    async def check_helo_needed(self, helo: str = "HELO") -> bool:
-        return await super().check_helo_needed("LHLO")
-
-    async def _push_data_replies(self, status: str, rcpts: list[str]) -> None:
-        # handle_DATA leaves rcpt_replies when each recipient has its own truthful
-        # answer (direct mode); otherwise the message's reply stands for every
-        # recipient (refusals of the whole message, spooled mail).
-        own = self.rcpt_replies or {}
-        for rcpt in rcpts:
-            reply = own.get(rcpt.lower())
-            await self.push(reply.with_id(self.queue_id) if reply is not None else status)
