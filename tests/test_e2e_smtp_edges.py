@@ -10,25 +10,14 @@ import socket
 import aiosmtplib
 import pytest
 from smtp_raw import RawSmtp
+from test_limits import ROUTES, config
 
 from smtp_bridge import replies
 from smtp_bridge.smtp.wording import escape_client_text
 from smtp_bridge.sockets import ipv6_only
 
 WAIT = 15.0
-
-ROUTES = """
-routes:
-  - name: default
-    template_id: "E_GENERIC"
-    data: {subject: "{{ subject }}"}
-"""
-
 MESSAGE = b"From: app@example.com\r\nSubject: Many\r\n\r\nHello\r\n"
-
-
-def config(smtp: str) -> str:
-    return f"smtp: {smtp}\n" + ROUTES
 
 
 async def raw_connection(port: int, host: str = "127.0.0.1") -> RawSmtp:
