@@ -155,6 +155,7 @@ _RESTART_KEYS = (
     ("delivery", "state_dir"),
     ("delivery", "store"),
     ("delivery", "dedup_ttl"),
+    ("smtp", "dual_stack"),  # open listeners keep their socket; new ones take the new value
 )
 
 
