@@ -40,7 +40,7 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("metrics", ("prometheus", "metrics.py")),
     ("queue worker", ("smtp_bridge/worker.py",)),
     ("delivery", ("smtp_bridge/delivery.py",)),
-    ("SMTP engine (aiosmtpd + server.py)",
+    ("SMTP engine (aiosmtpd + smtp/)",
      ("aiosmtpd/", "smtp_bridge/smtp/", "asyncio/streams")),
 ]  # fmt: skip
 

@@ -2,7 +2,7 @@
 
 The context is built from ``smtp.tls.cert`` / ``key`` when the config is
 loaded (so ``check-config`` catches a bad pair) and again for every
-:class:`~smtp_bridge.server.Runtime`, so a SIGHUP reload picks up renewed
+:class:`~smtp_bridge.smtp.runtime.Runtime`, so a SIGHUP reload picks up renewed
 files for new sessions while established ones keep theirs.
 """
 
