@@ -8,6 +8,7 @@ itself keeps ``smtp.py`` apart from ``handlers.py``.
 - :mod:`.limits`: connection and command limits;
 - :mod:`.runtime`: what one session works with (config, router, TLS context);
 - :mod:`.wording`: enhanced status codes, client text escaped in replies;
+- :mod:`.proxy`: the PROXY protocol header;
 - :mod:`.compat`: every private name of aiosmtpd, asyncio and email used, checked
   against the installed aiosmtpd at import.
 """

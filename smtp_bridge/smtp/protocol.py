@@ -10,13 +10,11 @@ aiosmtpd's private names are reached only through :class:`~.compat.Engine`.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import secrets
 import ssl
 from typing import TYPE_CHECKING, Any, AnyStr, cast
 
-from aiosmtpd.proxy_protocol import V2_CMD, ProxyData, get_proxy
 from aiosmtpd.smtp import TLSSetupException, syntax
 
 from .. import replies
@@ -26,7 +24,8 @@ from ..replies import Reply
 from .compat import Engine
 from .data import read_data
 from .limits import ConnectionTracker, command_limits
-from .runtime import IPAddress, Runtime, peer_ip, unmapped
+from .proxy import read_proxy_header
+from .runtime import IPAddress, Runtime, peer_ip
 from .wording import on_the_wire
 
 if TYPE_CHECKING:
@@ -271,28 +270,15 @@ class BridgeSMTP(Engine):
         ``client_ip`` for trusted_networks, limits, AUTH throttling, routes and logs."""
         self.reset_timeout(min(self.timeout_duration, PROXY_HEADER_TIMEOUT))
         proxy = self.client_ip
-        data: ProxyData | None
         self._awaiting_proxy = True  # stays set if the connection ends meanwhile
-        try:
-            data = await get_proxy(self.reader)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            data = None
+        found = await read_proxy_header(self.reader, proxy)
         self._awaiting_proxy = False
-        if data is None or not data.valid:
+        if isinstance(found, str):
             log_event(
-                log,
-                "proxy_header_invalid",
-                level=logging.WARNING,
-                proxy=str(proxy),
-                reason=data.error if data is not None else "connection closed",
+                log, "proxy_header_invalid", level=logging.WARNING, proxy=str(proxy), reason=found
             )
             return False
-        source = data.src_addr
-        client = proxy  # LOCAL (health checks), UNKNOWN, unix sockets: the proxy itself
-        if data.command != V2_CMD.LOCAL and isinstance(
-            source, ipaddress.IPv4Address | ipaddress.IPv6Address
-        ):
-            client = unmapped(source)
+        client, data = found
         self.proxy_ip, self.client_ip = proxy, client
         if not self.tracker.bind(self, client, self.runtime):
             assert self.transport is not None
