@@ -40,8 +40,8 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("metrics", ("prometheus", "metrics.py")),
     ("queue worker", ("smtp_bridge/worker.py",)),
     ("delivery", ("smtp_bridge/delivery.py",)),
-    ("SMTP engine (aiosmtpd + server.py)",
-     ("aiosmtpd/", "smtp_bridge/server.py", "asyncio/streams")),
+    ("SMTP engine (aiosmtpd + smtp/)",
+     ("aiosmtpd/", "smtp_bridge/smtp/", "asyncio/streams")),
 ]  # fmt: skip
 
 

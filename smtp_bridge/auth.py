@@ -1,7 +1,7 @@
 """SMTP AUTH policy: scrypt password hashes, credential lookup, failure throttling.
 
 Pure: no sockets, no disk, no clock (callers pass ``now``). The aiosmtpd glue
-lives in ``server.py``; ``smtp-bridge hash-password`` uses :func:`hash_password`
+lives in ``smtp/handler.py``; ``smtp-bridge hash-password`` uses :func:`hash_password`
 and :func:`read_password_from`.
 
 Hash format (DESIGN 3, ``smtp.auth.users.*.password_hash``)::

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, json_schema, load_config, parse_config
+from .config import DEFAULT_CONFIG_PATH, Config, json_schema, load_config, parse_config
+from .errors import ConfigError, StartupError, StoreError
 from .logs import configure_logging
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def _print_errors(error: ConfigError) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .service import BridgeService, StartupError, settle_heap
+    from .service import BridgeService, settle_heap
 
     configure_logging(args.log_format, args.log_level)
     try:
@@ -78,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     settle_heap()
     if args.workers > 1 or os.environ.get("SMTP_BRIDGE_WORKER"):
-        from .workers import serve_workers
+        from .supervisor import serve_workers
 
         return serve_workers(args, config, config_path, _run)
     service = BridgeService(config, config_path=config_path, sandbox=args.sandbox)
@@ -253,7 +254,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     whole spool of every instance. The daemon sees a retried recipient within a
     second.
     """
-    from .store import StoreError, open_store
+    from .store import open_store
 
     try:
         config = _load(args.config)

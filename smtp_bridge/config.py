@@ -15,7 +15,6 @@ import socket
 import types
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
@@ -35,10 +34,11 @@ from pydantic import (
 from pydantic.config import JsonDict
 
 from .auth import check_hash_format
+from .errors import ConfigError, ConfigIssue, TlsError
 from .patterns import Pattern, compile_pattern
 from .replies import Reply, check_override
 from .templating import CompiledTemplate, compile_template
-from .tls import TlsError, server_context
+from .tls import server_context
 
 __all__ = [
     "AdminConfig",
@@ -66,28 +66,6 @@ DEFAULT_CONFIG_PATH = Path("/etc/smtp-bridge/config.yaml")
 
 
 # ---------------------------------------------------------------- errors
-
-
-@dataclass(frozen=True, slots=True)
-class ConfigIssue:
-    """One problem in a config file, located as precisely as the YAML allows."""
-
-    file: str
-    line: int | None
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
-
-
-class ConfigError(Exception):
-    """All problems found in one config file; ``str()`` lists one per line."""
-
-    def __init__(self, issues: list[ConfigIssue]) -> None:
-        super().__init__("\n".join(str(i) for i in issues))
-        self.issues = issues
 
 
 Loc = tuple[str | int, ...]
@@ -396,6 +374,8 @@ def _default_trusted() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
 
 class SmtpConfig(_Model):
     listen: ListenList = Field(default_factory=lambda: ["127.0.0.1:2525"])
+    # "[::]:port" takes IPv4 clients too (IPV6_V6ONLY off); false: IPv6 only.
+    dual_stack: bool = True
     hostname: str = Field(default_factory=socket.getfqdn)
     protocol: Literal["smtp", "lmtp"] = "smtp"
     tls: TlsConfig | None = None
@@ -408,6 +388,9 @@ class SmtpConfig(_Model):
     max_recipients: int = Field(default=50, ge=1)
     max_connections: int = Field(default=1000, ge=1)
     max_connections_per_ip: int = Field(default=20, ge=1)
+    # How often each command may come in one session (RCPT: times max_recipients;
+    # VRFY, HELP: 10); past it 421 4.7.0 and the close. One message = one MAIL.
+    max_commands_per_session: int = Field(default=10_000, ge=1)
     timeout: Duration = 60.0
     # Wall-clock cap per session (slow-drip clients), 0 = none.
     max_session_time: Duration = 600.0

@@ -36,6 +36,7 @@ from . import replies
 from .api import ApiClient
 from .breaker import Breakers, BreakerState, Transition
 from .config import ApiConfig, Config
+from .errors import StoreError
 from .flow import InFlow
 from .identity import message_key
 from .logs import log_event
@@ -56,7 +57,7 @@ from .policy import (
 from .ratelimit import RateLimiter
 from .replies import Reply
 from .rules import Router
-from .store import Guard, GuardState, Ledger, MessageRecord, RecipientRecord, StoreError
+from .store import Guard, GuardState, Ledger, MessageRecord, RecipientRecord
 from .templating import ClientInfo
 
 __all__ = ["ApiGate", "Attempt", "Delivery", "IncomingMessage", "log_api_call"]

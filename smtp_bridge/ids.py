@@ -1,4 +1,4 @@
-"""The queue id: one generator for SMTP sessions, delivery and failure notices."""
+"""The queue id: one generator for the SMTP sessions and for delivery's own notices."""
 
 from __future__ import annotations
 

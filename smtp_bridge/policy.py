@@ -41,6 +41,7 @@ from .templating import (
 
 __all__ = [
     "GUARD_MARGIN",
+    "JITTER",
     "NOTICE_MODE",
     "NOTICE_ROUTE",
     "Plan",

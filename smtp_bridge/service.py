@@ -28,15 +28,16 @@ from typing import Any, Literal
 
 from .admin import AdminServer, format_address
 from .api import ApiClient
-from .config import Config, ConfigError, load_config, split_host_port
+from .config import Config, load_config, split_host_port
 from .delivery import Delivery
+from .errors import ConfigError, StartupError, StoreError, TlsError
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .policy import RecipientOutcome, session_lease
 from .sandbox import Sandbox
-from .server import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
-from .store import StateStore, StoreError, open_store
-from .tls import TlsError
+from .smtp import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
+from .sockets import ipv6_only, is_ipv6_wildcard, listen_socket, takes_ipv4
+from .store import StateStore, open_store
 from .worker import QueueWorker
 
 __all__ = [
@@ -55,10 +56,6 @@ log = logging.getLogger("smtp_bridge.service")
 SANDBOX_APP_KEY = "sandbox-key"
 #: Listener keys of ``smtp.tls.implicit_listen`` entries (plain ones: the entry).
 IMPLICIT_TLS_KEY = "tls:"
-
-
-class StartupError(Exception):
-    """The daemon could not start (port in use, store unwritable...): exit code 2."""
 
 
 #: Collections of the youngest generation: every 20,000 allocations, not 700.
@@ -159,13 +156,14 @@ _RESTART_KEYS = (
     ("delivery", "state_dir"),
     ("delivery", "store"),
     ("delivery", "dedup_ttl"),
+    ("smtp", "dual_stack"),  # open listeners keep their socket; new ones take the new value
 )
 
 
 class BridgeService:
     """Owns the listeners, the API client, the store and the sandbox if any."""
 
-    #: ``serve --workers`` (workers.py): every worker binds the same addresses
+    #: ``serve --workers`` (supervisor.py): every worker binds the same addresses
     #: with SO_REUSEPORT and the kernel spreads connections across them.
     reuse_port = False
 
@@ -268,7 +266,7 @@ class BridgeService:
         else:
             for listen, implicit_tls in self._listen_plan(config).items():
                 try:
-                    server = await self._create_server(listen, implicit_tls)
+                    server = await self._create_server(listen, implicit_tls, config)
                 except OSError as exc:
                     raise StartupError(f"cannot listen on {listen}: {_reason(exc)}") from None
                 self._add_listener(listen, server)
@@ -431,7 +429,7 @@ class BridgeService:
         admin_changed = not self._admin_activated and config.admin.listen != old.admin.listen
         try:
             for listen, implicit_tls in added.items():
-                opened[listen] = await self._create_server(listen, implicit_tls)
+                opened[listen] = await self._create_server(listen, implicit_tls, config)
             if admin_changed and config.admin.listen is not None:
                 new_admin = await self._start_admin(config.admin.listen)
         except OSError as exc:
@@ -500,13 +498,23 @@ class BridgeService:
             plan.update(dict.fromkeys(implicit, True))
         return plan
 
-    async def _create_server(self, listen: str, implicit_tls: bool) -> asyncio.Server:
+    async def _create_server(
+        self, listen: str, implicit_tls: bool, config: Config
+    ) -> asyncio.Server:
         # Implicit TLS listeners are plain TCP: each session does its own
         # handshake with the certificate of the runtime it starts with (so a
         # reload renews it, and a PROXY header can come before it).
         host, port = split_host_port(listen.removeprefix(IMPLICIT_TLS_KEY))
+        factory = functools.partial(self._factory, implicit_tls)
+        if is_ipv6_wildcard(host):  # [::]: IPv4 too, unless told otherwise (sockets.py)
+            plain = [k.removeprefix(IMPLICIT_TLS_KEY) for k in self._listen_plan(config)]
+            v6only = ipv6_only(port, config.smtp.dual_stack, plain)
+            sock = listen_socket(host, port, v6only=v6only, reuse_port=self.reuse_port)
+            return await asyncio.get_running_loop().create_server(
+                factory, sock=sock, start_serving=True
+            )
         return await asyncio.get_running_loop().create_server(
-            functools.partial(self._factory, implicit_tls),
+            factory,
             host or None,
             port,
             reuse_address=True,
@@ -530,7 +538,9 @@ class BridgeService:
             address = sock.getsockname()
             self.addresses.append((address[0], address[1]))
             fields: dict[str, Any] = {"activated": True} if activated else {}
-            log_event(log, "listening", address=f"{address[0]}:{address[1]}", **fields)
+            if sock.family == socket.AF_INET6:  # what it truly takes: [::] may take IPv4 too
+                fields["ipv4"] = takes_ipv4(sock)
+            log_event(log, "listening", address=format_address(address), **fields)
 
     def _close_listener(self, key: str) -> None:
         """Stop accepting on ``key``; the sessions it accepted carry on."""
@@ -545,7 +555,7 @@ class BridgeService:
 
     def _status(self) -> str:
         """systemd's STATUS= line: what ``systemctl status`` shows."""
-        where = ", ".join(f"{h}:{p}" for h, p in self.addresses) or "nothing"
+        where = ", ".join(format_address((h, p)) for h, p in self.addresses) or "nothing"
         return f"accepting mail on {where}; {len(self.runtime.config.routes)} routes"
 
     # ------------------------------------------------------------ admin

@@ -17,6 +17,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .errors import HeaderOverrideError, TemplateRenderError
 from .message import ParsedMessage, is_valid_address, parse_address
 from .outcomes import ApiRequest
 
@@ -29,19 +30,6 @@ __all__ = [
     "render_data",
     "HeaderOverrideError",
 ]
-
-
-class TemplateRenderError(Exception):
-    """A route's template failed to render; the reply is 451 4.3.5 (DESIGN 5)."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
-        self.field = field
-        self.reason = reason
-
-
-class HeaderOverrideError(Exception):
-    """An opt-in X-Template-* header is malformed: the client's data is at fault."""
 
 
 @functools.lru_cache(maxsize=256)

@@ -2,7 +2,7 @@
 
 The context is built from ``smtp.tls.cert`` / ``key`` when the config is
 loaded (so ``check-config`` catches a bad pair) and again for every
-:class:`~smtp_bridge.server.Runtime`, so a SIGHUP reload picks up renewed
+:class:`~smtp_bridge.smtp.runtime.Runtime`, so a SIGHUP reload picks up renewed
 files for new sessions while established ones keep theirs.
 """
 
@@ -11,14 +11,12 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from .errors import TlsError
+
 __all__ = ["MINIMUM_VERSION", "TlsError", "server_context"]
 
 #: RFC 8996 deprecates TLS 1.0 and 1.1; RFC 8314 4.1 asks for 1.2 or newer.
 MINIMUM_VERSION = ssl.TLSVersion.TLSv1_2
-
-
-class TlsError(ValueError):
-    """The certificate or key cannot be used; the message says why (no secrets)."""
 
 
 def _no_password() -> bytes:

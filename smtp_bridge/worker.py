@@ -46,6 +46,7 @@ from . import replies
 from .auth import Authenticator
 from .config import Config
 from .delivery import RECORD_RETRY, ApiGate, log_api_call
+from .errors import StoreError
 from .flow import InFlow
 from .logs import log_event
 from .message import parse_message
@@ -62,7 +63,7 @@ from .policy import (
     session_lease,
 )
 from .rules import Router
-from .store import MessageRecord, Notice, RecipientRecord, StateStore, StoreError
+from .store import MessageRecord, Notice, RecipientRecord, StateStore
 from .templating import ClientInfo
 
 __all__ = ["QueueWorker", "WorkerRuntime"]

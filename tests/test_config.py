@@ -236,6 +236,7 @@ def test_defaults_when_keys_are_absent() -> None:
     )
     assert (smtp.timeout, smtp.shutdown_timeout) == (60.0, 30.0)
     assert smtp.bare_lf == "normalize"
+    assert smtp.dual_stack is True and smtp.max_commands_per_session == 10_000
 
     assert api.url == "https://www.aotsend.com/index/api/send_email"
     assert api.app_key is None and config.app_key() == ""

@@ -8,8 +8,12 @@ import pkgutil
 import pytest
 
 import smtp_bridge
+from smtp_bridge import smtp
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(smtp_bridge.__path__) if m.name != "__main__")
+MODULES = sorted(
+    [m.name for m in pkgutil.iter_modules(smtp_bridge.__path__) if m.name != "__main__"]
+    + [f"smtp.{m.name}" for m in pkgutil.iter_modules(smtp.__path__)]
+)
 
 
 @pytest.mark.parametrize("name", MODULES)

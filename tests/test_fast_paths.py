@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from smtp_bridge import message
 from smtp_bridge.message import ParsedMessage, has_bare_line_end, parse_message
-from smtp_bridge.server import BridgeSMTP
+from smtp_bridge.smtp.protocol import BridgeSMTP
 
 DATA = Path(__file__).parent / "data"
 

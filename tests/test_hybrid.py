@@ -13,6 +13,7 @@ from test_queue import ROUTES, attempts_done, make_message, queue_id_of, record,
 
 from smtp_bridge import replies
 from smtp_bridge.outcomes import RecipientState
+from smtp_bridge.policy import JITTER
 
 HYBRID = "delivery: {mode: hybrid, backoff: [50ms]}\n" + ROUTES
 #: Retries an hour away: the spooled state can be looked at before the worker acts.
@@ -59,7 +60,8 @@ async def test_transient_answer_gets_250_and_is_delivered_later(bridge: Any) -> 
         message, rcpts = await record(b, queue_id)
         assert message.content is not None  # spooled before the 250
         assert rcpts["bob@example.org"].state is S.RETRYING
-        assert rcpts["bob@example.org"].next_attempt > message.received_at + 3000  # backoff
+        # backoff: 1h times the jitter factor, never less than its lower bound
+        assert rcpts["bob@example.org"].next_attempt >= message.received_at + 3600 * JITTER[0]
         await hurry(b, queue_id)
         await attempts_done(b, 1)
         sent = await requests(b, 2)

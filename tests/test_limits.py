@@ -186,7 +186,8 @@ async def test_session_time_cap_ends_a_slow_upload_unanswered(bridge) -> None:
 
 @pytest.mark.parametrize("command", ["NOOP", "RSET"])
 async def test_command_flood_gets_421(bridge, command: str) -> None:
-    async with bridge(config("{}")) as b, connect(b) as conn:
+    # smtp.max_commands_per_session (default 10,000: a budget per message) at 50.
+    async with bridge(config("{max_commands_per_session: 50}")) as b, connect(b) as conn:
         await conn.cmd("EHLO client.test")
         conn.writer.write(f"{command}\r\n".encode() * 60)
         replies_seen = [await conn.line() for _ in range(50)]

@@ -28,7 +28,11 @@ __all__ = ["MEANINGS", "ConfigKey", "config_keys", "render_configuration"]
 #: a key missing here falls back to the comment above its field in config.py.
 MEANINGS: dict[str, str] = {
     "smtp": "The SMTP (or LMTP) front door.",
-    "smtp.listen": "Addresses to listen on; `[::]:25` means IPv6 and IPv4.",
+    "smtp.listen": "Addresses to listen on; `[::]:25` means IPv6 and IPv4 (see `dual_stack`).",
+    "smtp.dual_stack": (
+        "`[::]` listeners take IPv4 clients too (`IPV6_V6ONLY` off); false: IPv6 only."
+        " `0.0.0.0:port` listed beside `[::]:port` keeps one socket per family."
+    ),
     "smtp.hostname": "Banner and EHLO name.",
     "smtp.protocol": (
         "`lmtp`: LHLO, and after DATA one reply per recipient (Postfix's lmtp transport)."
@@ -58,6 +62,10 @@ MEANINGS: dict[str, str] = {
     "smtp.max_recipients": "More RCPT TO in one message get `452 4.5.3`.",
     "smtp.max_connections": "Connections open at once, in total (`421 4.7.0` beyond).",
     "smtp.max_connections_per_ip": "Connections per client address; trusted networks are exempt.",
+    "smtp.max_commands_per_session": (
+        "Times each command may come in one session: the messages one connection may carry"
+        " (RCPT: times `max_recipients`; VRFY, HELP: 10); beyond, `421 4.7.0` and closed."
+    ),
     "smtp.timeout": "Idle time between commands (`421 4.4.2`); `api.timeout` must be shorter.",
     "smtp.max_session_time": "Wall-clock cap of one session (`421 4.4.2`); 0 = none.",
     "smtp.shutdown_timeout": "On SIGTERM, how long sessions in progress may finish.",

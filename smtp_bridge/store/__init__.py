@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote, urlsplit
 
+from ..errors import StoreError
 from .base import Health, Ledger, QueueAdmin, Spool, StateStore
 from .records import (
     FINAL_STATES,
@@ -25,7 +26,6 @@ from .records import (
     Notice,
     RecipientRecord,
     SpoolStats,
-    StoreError,
 )
 
 if TYPE_CHECKING:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final, NamedTuple
 
+from ..errors import StoreError
 from ..outcomes import RecipientState
 
 __all__ = [
@@ -87,18 +87,6 @@ class Guard:
     @property
     def possibly_sent(self) -> bool:
         return self.acquired and self.state in (GuardState.UNKNOWN, GuardState.SENDING)
-
-
-class StoreError(Exception):
-    """A state-store failure (cannot open or reach, disk full, read-only, locked, closed).
-
-    The message names the store (a file, or a database URL without its password)
-    and the engine's error, never message content.
-    """
-
-    def __init__(self, message: str, *, path: Path | None = None) -> None:
-        super().__init__(message)
-        self.path = path
 
 
 @dataclass(frozen=True, slots=True)

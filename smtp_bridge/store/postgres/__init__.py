@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ...errors import StoreError
 from ..base import StateStore
-from ..records import StoreError
 
 __all__ = ["PostgresStore"]
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
+from ...errors import StoreError
 from ...outcomes import RecipientState
 from ..records import (
     ANONYMOUS_KEY_PREFIX,
@@ -32,7 +33,6 @@ from ..records import (
     Notice,
     RecipientRecord,
     SpoolStats,
-    StoreError,
 )
 from . import ledger
 from .owners import dead_owners, register_owner

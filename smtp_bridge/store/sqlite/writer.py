@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from ..records import StoreError
+from ...errors import StoreError
 
 __all__ = ["MAX_BATCH", "GroupCommitWriter"]
 

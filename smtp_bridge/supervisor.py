@@ -50,13 +50,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, split_host_port
+from .errors import StartupError
 from .logs import log_event
 from .metrics import MULTIPROCESS_ENV, forget_process
-from .service import IMPLICIT_TLS_KEY, BridgeService, StartupError, listen_fds, sd_notify
+from .service import IMPLICIT_TLS_KEY, BridgeService, listen_fds, sd_notify
+from .sockets import ipv6_only, is_ipv6_wildcard
 
 __all__ = ["WORKER_ENV", "WorkerSlot", "WorkerService", "serve_workers", "worker_config"]
 
-log = logging.getLogger("smtp_bridge.workers")
+log = logging.getLogger("smtp_bridge.supervisor")
 
 #: The supervisor -> worker handshake: JSON ``{"index", "count", "listen"}``.
 WORKER_ENV = "SMTP_BRIDGE_WORKER"
@@ -457,7 +459,11 @@ class _Supervisor:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                # As the workers will bind it (sockets.py): [::] takes IPv4 too.
+                v6only = not is_ipv6_wildcard(host) or ipv6_only(
+                    0, self.config.smtp.dual_stack, self.config.smtp.listen
+                )
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
             try:
                 sock.bind((address[0], port, *address[2:]))
             except OSError:
