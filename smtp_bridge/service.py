@@ -550,9 +550,12 @@ class BridgeService:
             checks={
                 "listening": self._check_listening,
                 "store": self._check_store,
+                "connections": self._check_connections,
                 "breaker": self._check_breaker,
             },
             refresh=self._refresh_metrics,
+            # Queue and hybrid mode spool while the breaker is open: still ready (DESIGN 6).
+            advisory=() if self._delivery.mode == "direct" else ("breaker",),
         )
         address = await admin.start(listen, sock=sock)
         log_event(log, "admin_listening", address=address)
@@ -569,6 +572,11 @@ class BridgeService:
         if self._store is None:
             return "not open"
         return None if await self._store.check_writable() else "not writable"
+
+    async def _check_connections(self) -> str | None:
+        # Every new connection would get 421: send the mail elsewhere.
+        full = self.tracker.total >= self.runtime.config.smtp.max_connections
+        return "full" if full else None
 
     async def _check_breaker(self) -> str | None:
         return "open" if self.breaker_is_open() else None

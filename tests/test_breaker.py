@@ -68,10 +68,11 @@ def test_429_opens_for_its_retry_after() -> None:
     assert answer(breaker, throttled, 10) is Transition.OPENED
     assert breaker.blocked(12) == replies.THROTTLED
     assert breaker.blocked(12.5) is None
-    # Without Retry-After: the interval.
+    # Without Retry-After one 429 only slows the key down (aimd): no pause.
     breaker = Breaker(failures=5, interval=30)
-    answer(breaker, ApiResult(ResultKind.HTTP, http_status=429), 0)
-    assert breaker.retry_in(0) == 30
+    assert answer(breaker, ApiResult(ResultKind.HTTP, http_status=429), 0) is Transition.NONE
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.retry_in(0) == 0
 
 
 def test_one_probe_after_the_interval_and_success_closes() -> None:
@@ -93,7 +94,7 @@ def test_failed_probe_opens_again_for_an_interval() -> None:
     answer(breaker, DOWN, 0)
     probe = breaker.admit(30)
     assert probe is not None
-    assert breaker.record(probe, BALANCE, replies.BALANCE, 31) is Transition.NONE
+    assert breaker.record(probe, BALANCE, replies.BALANCE, 31) is Transition.REOPENED
     assert breaker.state is BreakerState.OPEN
     assert breaker.blocked(31) == replies.BALANCE
     assert breaker.retry_in(31) == 30
