@@ -2,9 +2,9 @@
 
 A rate limit says "slower", not "stop" (DESIGN 5, end). As TCP treats its
 congestion window: a 429 halves the key's allowed concurrency (multiplicative
-decrease, never below 1), and each call the API answers without throttling adds
-``1/limit`` of a slot, so the limit climbs back by one per round of calls
-(additive increase) up to ``api.max_concurrency``. With ``api.rate_limit`` set,
+decrease, never below 1), and every ``limit`` calls the API answers without
+throttling (a round) add one slot back (additive increase), up to
+``api.max_concurrency``. With ``api.rate_limit`` set,
 the key's calls per second follow the same factor while it is slowed down.
 Calls over the limit wait their turn (first come, first served); none is
 refused for it.
@@ -25,7 +25,7 @@ import asyncio
 import hashlib
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from .ratelimit import TokenBucket
 
@@ -56,11 +56,7 @@ def _label(digest: str, default_digest: str) -> str:
 
 
 class Pace:
-    """The allowed concurrency and rate of one key, bounded by ``[1, ceiling]``.
-
-    ``window`` is a float so additive increase can add a fraction per call;
-    :attr:`limit` is the whole number of calls allowed at once.
-    """
+    """The allowed concurrency and rate of one key, bounded by ``[1, ceiling]``."""
 
     def __init__(self, ceiling: int, rate: float = 0.0) -> None:
         if ceiling < 1:
@@ -69,29 +65,26 @@ class Pace:
             raise ValueError(f"rate must be >= 0, got {rate!r}")
         self.ceiling = ceiling
         self.max_rate = float(rate)
-        self.window = float(ceiling)
-        #: Bumped by every drop; a call's result counts only in its own epoch.
+        #: Calls allowed at once now.
+        self.limit = ceiling
+        #: Bumped by every drop; a call's 429 counts only in its own epoch.
         self.epoch = 0
+        self._credit = 0  # answers without a 429 since the limit last moved
 
     def __repr__(self) -> str:
         return f"Pace(limit={self.limit}, ceiling={self.ceiling}, epoch={self.epoch})"
 
     @property
-    def limit(self) -> int:
-        """Calls allowed at once now."""
-        return max(1, min(self.ceiling, int(self.window)))
-
-    @property
     def slowed(self) -> bool:
         """True while below the ceiling (a 429 has not been worked off yet)."""
-        return self.window < self.ceiling
+        return self.limit < self.ceiling
 
     @property
     def rate(self) -> float:
         """Calls a second allowed now; 0 = no rate limit of the key's own."""
         if self.max_rate <= 0:
             return 0.0
-        return self.max_rate * min(1.0, self.window / self.ceiling)
+        return self.max_rate * self.limit / self.ceiling
 
     def throttled(self, epoch: int) -> bool:
         """A 429 to a call of ``epoch``: drop the pace if it is this epoch's first.
@@ -101,27 +94,32 @@ class Pace:
         """
         if epoch != self.epoch:
             return False
-        self.window = max(1.0, self.window * DECREASE)
+        self.limit = max(1, int(self.limit * DECREASE))
         self.epoch += 1
+        self._credit = 0
         return True
 
     def succeeded(self) -> None:
-        """The API answered without throttling: a fraction of a slot back."""
-        if self.window < self.ceiling:
-            self.window = min(float(self.ceiling), self.window + 1.0 / self.window)
+        """The API answered without throttling: one slot more per round of ``limit`` such."""
+        if self.limit >= self.ceiling:
+            return
+        self._credit += 1
+        if self._credit >= self.limit:
+            self._credit = 0
+            self.limit += 1
 
     def configure(self, ceiling: int, rate: float) -> None:
         """New ``api.max_concurrency`` / ``api.rate_limit`` (a reload).
 
         A key at full pace follows the new ceiling; a slowed key keeps its
-        window, at most the new ceiling.
+        limit, at most the new ceiling.
         """
         if ceiling < 1:
             raise ValueError(f"ceiling must be >= 1, got {ceiling!r}")
         full = not self.slowed
         self.ceiling = ceiling
         self.max_rate = max(0.0, float(rate))
-        self.window = float(ceiling) if full else min(self.window, float(ceiling))
+        self.limit = ceiling if full else min(self.limit, ceiling)
 
 
 class KeyPace:
@@ -133,12 +131,18 @@ class KeyPace:
     """
 
     def __init__(
-        self, pace: Pace, label: str, *, clock: Callable[[], float] = time.monotonic
+        self,
+        pace: Pace,
+        label: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.pace = pace
         self.label = label
         self.in_flight = 0
         self._clock = clock
+        self._sleep = sleep
         self._bucket = TokenBucket(pace.rate)
         self._waiters: deque[asyncio.Future[None]] = deque()
 
@@ -173,7 +177,7 @@ class KeyPace:
             if self.pace.slowed and self.pace.rate > 0:
                 delay = self._bucket.reserve(self._clock())
                 if delay > 0:
-                    await asyncio.sleep(delay)
+                    await self._sleep(delay)
         except BaseException:
             self.release()
             raise
