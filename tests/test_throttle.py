@@ -82,6 +82,17 @@ async def test_one_429_answers_that_recipient_451_and_other_mail_keeps_flowing(
         assert TEST_KEY not in log_lines.text()
 
 
+async def test_hybrid_spools_the_throttled_recipient_and_goes_on(bridge: Any) -> None:
+    async with bridge("delivery: {mode: hybrid, backoff: [50ms]}\n" + ROUTES) as b:
+        b.sandbox.script({"to": CAROL, "status": 429})
+        code, text = await send(b, "throttled", CAROL)
+        assert code == 250, text  # taken: spooled for a worker
+        assert not b.service.breaker_is_open()
+        assert (await send(b, "other", "bob@example.org"))[0] == 250
+        await spool_drained(b)  # the worker's retry of carol is delivered
+        assert sorted(r["to"] for r in b.delivered()) == ["bob@example.org", CAROL]
+
+
 async def test_at_the_lowest_pace_mail_waits_for_the_slot_and_is_delivered(
     bridge: Any, http: httpx.AsyncClient
 ) -> None:
