@@ -154,6 +154,15 @@ class KeyPace:
         """Calls waiting for a slot now."""
         return sum(not f.done() for f in self._waiters)
 
+    def try_acquire(self) -> int | None:
+        """A slot at once, and its epoch; None when the caller must :meth:`acquire` (wait)."""
+        if self._waiters or self.in_flight >= self.pace.limit:
+            return None
+        if self.pace.slowed and self.pace.rate > 0:
+            return None  # the key's own rate may ask for a wait
+        self.in_flight += 1
+        return self.pace.epoch
+
     async def acquire(self) -> int:
         """Wait for a slot (first come, first served), then for the key's rate; the epoch.
 

@@ -449,8 +449,10 @@ class ApiGate:
         pace = self.paces.get(app_key)
         wait = self._settings.timeout if self._settings is not None else None
         try:
-            async with asyncio.timeout(wait):
-                epoch = await pace.acquire()
+            epoch = pace.try_acquire()
+            if epoch is None:
+                async with asyncio.timeout(wait):
+                    epoch = await pace.acquire()
         except TimeoutError:
             breaker.release(ticket)
             log_event(

@@ -104,7 +104,8 @@ async def steps(n: int = 5) -> None:
 async def test_calls_over_the_limit_wait_their_turn_not_refused() -> None:
     pace = KeyPace(Pace(2), "default")
     pace.throttled(pace.pace.epoch)  # limit 1
-    first = await pace.acquire()
+    first = pace.try_acquire()
+    assert first is not None and pace.try_acquire() is None  # the one slot is taken
     second = asyncio.create_task(pace.acquire())
     third = asyncio.create_task(pace.acquire())
     await steps()
