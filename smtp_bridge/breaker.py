@@ -2,8 +2,9 @@
 
 One :class:`Breaker` per API key. It opens on an answer that says every call
 would fail the same way (40001, 40002, 40007), for an HTTP 429's Retry-After
-(at most ``max_retry_after``), after ``throttles`` (3) 429s in a row that came
-although the key had already slowed down, or after ``failures`` consecutive
+(at most ``max_retry_after``), after ``throttles`` (3) 429s in a row, each to
+a call sent after the one before had lowered the key's pace (the API kept
+refusing while the bridge slowed down), or after ``failures`` consecutive
 transport failures (never sent, unknown, HTTP 5xx). One 429 without
 Retry-After does not open it: the key's pace (:mod:`smtp_bridge.aimd`) drops
 instead, and mail keeps flowing, slower. While it is open no call goes out:
