@@ -545,6 +545,8 @@ class BridgeService:
     async def _start_admin(
         self, listen: str | None, *, sock: socket.socket | None = None
     ) -> AdminServer:
+        # Queue and hybrid mode spool while the breaker is open: still ready (DESIGN 6).
+        mode = self._delivery.mode if self._delivery else self.runtime.config.delivery.mode
         admin = AdminServer(
             self.metrics,
             checks={
@@ -554,8 +556,7 @@ class BridgeService:
                 "breaker": self._check_breaker,
             },
             refresh=self._refresh_metrics,
-            # Queue and hybrid mode spool while the breaker is open: still ready (DESIGN 6).
-            advisory=() if self._delivery.mode == "direct" else ("breaker",),
+            advisory=() if mode == "direct" else ("breaker",),
         )
         address = await admin.start(listen, sock=sock)
         log_event(log, "admin_listening", address=address)
