@@ -4,6 +4,9 @@ It runs on the daemon's own event loop (aiohttp), so a stuck loop shows as a
 failing /healthz, not as a health thread that keeps answering "ok" for a dead
 daemon. Readiness is a set of named checks the service supplies; each answers
 ``None`` when fine or a short reason, and /readyz says which ones failed.
+Readiness means "a load balancer may send me mail": an *advisory* check (the
+breaker in queue and hybrid mode, where mail is still spooled safely) is
+reported under ``warnings`` and does not make the instance unready.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -49,9 +52,12 @@ class AdminServer:
         checks: Mapping[str, ReadinessCheck],
         refresh: Callable[[], Awaitable[None]] | None = None,
         check_timeout: float = CHECK_TIMEOUT,
+        advisory: Collection[str] = (),
     ) -> None:
         self.metrics = metrics
         self._checks = dict(checks)
+        #: Checks whose problems are reported (``warnings``) but leave /readyz 200.
+        self.advisory = frozenset(advisory)
         self._refresh = refresh
         self._timeout = check_timeout
         self._runner: web.AppRunner | None = None
@@ -120,8 +126,10 @@ class AdminServer:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         checks = await self.readiness()
-        failed = [name for name, verdict in checks.items() if verdict != "ok"]
-        body = {"ready": not failed, "failed": failed, "checks": checks}
+        problems = [name for name, verdict in checks.items() if verdict != "ok"]
+        failed = [name for name in problems if name not in self.advisory]
+        warnings = [name for name in problems if name in self.advisory]
+        body = {"ready": not failed, "failed": failed, "warnings": warnings, "checks": checks}
         return web.Response(
             text=json.dumps(body) + "\n",
             status=503 if failed else 200,

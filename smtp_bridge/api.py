@@ -189,20 +189,29 @@ def _clean_message(text: str, app_key: str) -> str:
     return cleaned[:_MAX_MESSAGE]
 
 
-def _parse_retry_after(value: str | None) -> float | None:
-    """RFC 9110 10.2.3: delta-seconds or an HTTP-date; clamped to >= 0."""
+#: What a Retry-After of more digits than that reads as (some 30 000 years);
+#: the gate cuts every Retry-After to ``api.max_retry_after`` anyway.
+_RETRY_AFTER_HUGE = 1e12
+
+
+def _parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """RFC 9110 10.2.3: delta-seconds or an HTTP-date; clamped to >= 0.
+
+    Not capped here (:func:`smtp_bridge.breaker.cap_retry_after` is, with a log
+    line), only kept finite: ``float()`` of a 400-digit number would overflow.
+    """
     if value is None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(int(value))
+        return float(int(value)) if len(value) <= 12 else _RETRY_AFTER_HUGE
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:  # "-0000": UTC by RFC 5322 3.3
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def _parse_api_body(body: bytes, app_key: str) -> tuple[int, str] | None:

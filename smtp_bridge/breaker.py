@@ -1,12 +1,17 @@
 """The API circuit breaker (DESIGN 5, end): pure policy, the time is always passed in.
 
 One :class:`Breaker` per API key. It opens on an answer that says every call
-would fail the same way (40001, 40002, 40007), for an HTTP 429's Retry-After,
-or after ``failures`` consecutive transport failures (never sent, unknown,
-HTTP 5xx). While it is open no call goes out: direct mode answers the reply
-that opened it, hybrid mode spools, queue workers pause. After ``interval``
-exactly one call is let through as the probe; a delivery closes the breaker, a
-failure of the same kind opens it again, and any other answer (a bad recipient,
+would fail the same way (40001, 40002, 40007), for an HTTP 429's Retry-After
+(at most ``max_retry_after``), after ``throttles`` (3) 429s in a row, each to
+a call sent after the one before had lowered the key's pace (the API kept
+refusing while the bridge slowed down), or after ``failures`` consecutive
+transport failures (never sent, unknown, HTTP 5xx). One 429 without
+Retry-After does not open it: the key's pace (:mod:`smtp_bridge.aimd`) drops
+instead, and mail keeps flowing, slower. While it is open no call goes out:
+direct mode answers the reply that opened it, hybrid mode spools, queue workers
+pause. After the pause exactly one call is let through as the probe; a
+delivery closes the breaker, a failure of the same kind opens it again (a new
+pause: :attr:`Transition.REOPENED`), and any other answer (a bad recipient,
 say) proves nothing and frees the probe slot for the next call.
 
 Every admitted call holds a :class:`Ticket`; only the results of tickets from
@@ -17,6 +22,7 @@ period.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 from collections.abc import Iterator
@@ -26,7 +32,34 @@ from . import replies
 from .outcomes import ApiResult
 from .replies import Reply
 
-__all__ = ["Breaker", "BreakerState", "Breakers", "Ticket", "Transition"]
+__all__ = [
+    "MAX_RETRY_AFTER",
+    "THROTTLE_RUN",
+    "Breaker",
+    "BreakerState",
+    "Breakers",
+    "Ticket",
+    "Transition",
+    "cap_retry_after",
+]
+
+#: 429s in a row (each after the key's pace had dropped for the one before)
+#: that pause the key: the API keeps refusing although the bridge slowed down.
+THROTTLE_RUN = 3
+
+#: The longest pause a Retry-After may ask for (``api.max_retry_after``'s default).
+MAX_RETRY_AFTER = 300.0
+
+
+def cap_retry_after(result: ApiResult, limit: float) -> ApiResult:
+    """``result`` with its Retry-After cut to ``limit`` seconds (the same object if within).
+
+    A proxy or WAF in front of the API may send any number; a pause of hours
+    (or 1e20 seconds) would hold the mail until a restart.
+    """
+    if result.retry_after is None or result.retry_after <= limit:
+        return result
+    return dataclasses.replace(result, retry_after=limit)
 
 
 class BreakerState(enum.StrEnum):
@@ -42,6 +75,8 @@ class Transition(enum.StrEnum):
 
     NONE = "none"
     OPENED = "opened"
+    #: A failed probe: open again, for a new pause (:attr:`Breaker.pause`).
+    REOPENED = "reopened"
     CLOSED = "closed"
 
 
@@ -56,24 +91,44 @@ class Ticket:
 class Breaker:
     """The breaker of one API key. Methods take ``now`` (monotonic seconds)."""
 
-    def __init__(self, *, failures: int = 5, interval: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        failures: int = 5,
+        interval: float = 30.0,
+        throttles: int = THROTTLE_RUN,
+        max_retry_after: float = MAX_RETRY_AFTER,
+    ) -> None:
         if failures < 1:
             raise ValueError(f"failures must be >= 1, got {failures!r}")
         if interval < 0:
             raise ValueError(f"interval must be >= 0, got {interval!r}")
+        if throttles < 1:
+            raise ValueError(f"throttles must be >= 1, got {throttles!r}")
+        if max_retry_after < 0:
+            raise ValueError(f"max_retry_after must be >= 0, got {max_retry_after!r}")
         self.failures = failures
         self.interval = interval
+        self.throttles = throttles
+        self.max_retry_after = max_retry_after
         self.state = BreakerState.CLOSED
         #: The reply that opened the breaker: what callers answer meanwhile.
         self.reply: Reply | None = None
         #: When the next probe may go (OPEN), or when a lost probe is given up.
         self.retry_at = 0.0
+        #: The length of the current (or last) pause, seconds: what the log says.
+        self.pause = 0.0
         self.consecutive = 0
+        #: 429s in a row, each counted only if it was "fresh" (see :meth:`record`).
+        self.throttled = 0
         self._period = 0
         self._probe_since: float | None = None
 
     def __repr__(self) -> str:
-        return f"Breaker(state={self.state.value}, consecutive={self.consecutive})"
+        return (
+            f"Breaker(state={self.state.value}, consecutive={self.consecutive}, "
+            f"throttled={self.throttled})"
+        )
 
     # -- asking ---------------------------------------------------------------
 
@@ -121,13 +176,29 @@ class Breaker:
         if ticket.probe and ticket.period == self._period:
             self._probe_since = None
 
-    def record(self, ticket: Ticket, result: ApiResult, reply: Reply, now: float) -> Transition:
-        """Count the answer to ``ticket``'s call; ``reply`` is what it maps to."""
+    def record(
+        self, ticket: Ticket, result: ApiResult, reply: Reply, now: float, *, fresh: bool = True
+    ) -> Transition:
+        """Count the answer to ``ticket``'s call; ``reply`` is what it maps to.
+
+        ``fresh`` (HTTP 429 only): the call was sent at the key's current pace.
+        A 429 to a call sent before the pace last dropped says nothing the drop
+        did not already hear, so it does not lengthen the run of 429s.
+        """
         if ticket.period != self._period:
             return Transition.NONE  # a call from before the last change of state
+        throttled = replies.is_throttled(result)
         opens = replies.opens_breaker(result)
         transport = replies.is_transport_failure(result)
         if self.state is BreakerState.CLOSED:
+            if throttled:
+                if result.retry_after is not None:
+                    return self._open(result, reply, now)
+                if fresh:
+                    self.throttled += 1
+                    if self.throttled >= self.throttles:
+                        return self._open(result, reply, now)
+                return Transition.NONE
             if opens:
                 return self._open(result, reply, now)
             if transport:
@@ -136,16 +207,18 @@ class Breaker:
                     return self._open(result, reply, now)
                 return Transition.NONE
             self.consecutive = 0
+            self.throttled = 0  # the API answered at this pace
             return Transition.NONE
         # Half-open, and this is the probe (only the probe holds this period's ticket).
         if result.delivered:
             self.state = BreakerState.CLOSED
             self.reply = None
             self.consecutive = 0
+            self.throttled = 0
             self._probe_since = None
             self._period += 1
             return Transition.CLOSED
-        if opens or transport:
+        if opens or transport or throttled:
             return self._open(result, reply, now)
         self._probe_since = None  # inconclusive: the next call is the probe
         return Transition.NONE
@@ -153,14 +226,17 @@ class Breaker:
     def _open(self, result: ApiResult, reply: Reply, now: float) -> Transition:
         was_open = self.state is not BreakerState.CLOSED
         wait = self.interval
-        if result.http_status == 429 and result.retry_after is not None:
-            wait = result.retry_after  # "opens it for its Retry-After" (DESIGN 5)
+        if replies.is_throttled(result) and result.retry_after is not None:
+            # "a Retry-After pauses the key", capped: a proxy may ask for a day.
+            wait = min(result.retry_after, self.max_retry_after)
         self.state = BreakerState.OPEN
         self.reply = reply
+        self.pause = wait
         self.retry_at = now + wait
+        self.throttled = 0
         self._probe_since = None
         self._period += 1
-        return Transition.NONE if was_open else Transition.OPENED
+        return Transition.REOPENED if was_open else Transition.OPENED
 
     def _probe_timeout(self) -> float:
         # A probe whose answer never comes (its task died) must not hold the
@@ -171,22 +247,37 @@ class Breaker:
 class Breakers:
     """One :class:`Breaker` per API key, keyed by a digest so no key is kept twice."""
 
-    def __init__(self, *, failures: int = 5, interval: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        failures: int = 5,
+        interval: float = 30.0,
+        max_retry_after: float = MAX_RETRY_AFTER,
+    ) -> None:
         self.failures = failures
         self.interval = interval
+        self.max_retry_after = max_retry_after
         self._by_key: dict[str, Breaker] = {}
 
-    def configure(self, *, failures: int, interval: float) -> None:
+    def configure(
+        self, *, failures: int, interval: float, max_retry_after: float = MAX_RETRY_AFTER
+    ) -> None:
         """New settings (a reload) for every breaker, current ones included."""
         self.failures, self.interval = failures, interval
+        self.max_retry_after = max_retry_after
         for breaker in self._by_key.values():
             breaker.failures, breaker.interval = failures, interval
+            breaker.max_retry_after = max_retry_after
 
     def get(self, app_key: str) -> Breaker:
         digest = hashlib.sha256(app_key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
         breaker = self._by_key.get(digest)
         if breaker is None:
-            breaker = self._by_key[digest] = Breaker(failures=self.failures, interval=self.interval)
+            breaker = self._by_key[digest] = Breaker(
+                failures=self.failures,
+                interval=self.interval,
+                max_retry_after=self.max_retry_after,
+            )
         return breaker
 
     def __iter__(self) -> Iterator[Breaker]:

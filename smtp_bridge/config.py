@@ -431,6 +431,8 @@ class ApiConfig(_Model):
     rate_limit: float = Field(default=0, ge=0)
     breaker_failures: int = Field(default=5, ge=1)
     breaker_interval: Duration = 30.0
+    # The longest pause a Retry-After may ask for; longer ones are cut (with a warning).
+    max_retry_after: Duration = Field(default=300.0, gt=0)
 
     @field_validator("url")
     @classmethod

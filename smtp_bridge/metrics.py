@@ -106,9 +106,19 @@ class Metrics:
         )
         self.breaker_open = Gauge(
             "smtp_bridge_breaker_open",
-            "1 while the API circuit breaker is open (in any worker)",
+            "1 while the API circuit breaker of any key is open or probing (in any worker)",
             registry=r,
             multiprocess_mode="livemax",
+        )
+        # The key label is "default" (api.app_key) or "sha256:" + 12 hex digits of
+        # the key's digest: never the key itself. Each worker has its share of
+        # api.max_concurrency and its own pace: the sum is the daemon's.
+        self.api_concurrency = Gauge(
+            "smtp_bridge_api_concurrency_limit",
+            "API calls an API key may have in flight now (lowered by HTTP 429, AIMD)",
+            ["key"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.config_reloads = Counter(
             "smtp_bridge_config_reloads", "Config reloads by result", ["result"], registry=r

@@ -50,6 +50,14 @@ class TokenBucket:
             self.rate = float(rate)
             self._tat = None
 
+    def retune(self, rate: float) -> None:
+        """A new rate that takes effect from the next reservation on, keeping the
+        schedule: unlike :meth:`set_rate`, a change does not free a call at once
+        (a key slowed down by a 429 must not get a burst for it)."""
+        if rate < 0:
+            raise ValueError(f"rate must be >= 0, got {rate!r}")
+        self.rate = float(rate)
+
 
 class RateLimiter:
     """Waits for the bucket; ``clock`` is injectable for tests."""

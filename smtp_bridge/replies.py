@@ -64,6 +64,7 @@ __all__ = [
     "check_override",
     "parse_overrides",
     "opens_breaker",
+    "is_throttled",
     "is_transport_failure",
     "is_permanent",
 ]
@@ -349,9 +350,16 @@ _BREAKER_CODES = frozenset({40001, 40002, 40007})
 
 
 def opens_breaker(result: ApiResult) -> bool:
-    """True for answers that open the breaker at once: 40001, 40002, 40007, HTTP 429."""
-    if result.kind is ResultKind.API:
-        return result.code in _BREAKER_CODES
+    """True for answers that open the breaker at once: 40001, 40002, 40007.
+
+    Not HTTP 429 (:func:`is_throttled`): a rate limit slows the key down, and
+    pauses it only for a Retry-After or a run of them (DESIGN 5, end).
+    """
+    return result.kind is ResultKind.API and result.code in _BREAKER_CODES
+
+
+def is_throttled(result: ApiResult) -> bool:
+    """True for HTTP 429: the API asks for a slower pace."""
     return result.kind is ResultKind.HTTP and result.http_status == 429
 
 

@@ -563,14 +563,18 @@ class BridgeService:
     async def _start_admin(
         self, listen: str | None, *, sock: socket.socket | None = None
     ) -> AdminServer:
+        # Queue and hybrid mode spool while the breaker is open: still ready (DESIGN 6).
+        mode = self._delivery.mode if self._delivery else self.runtime.config.delivery.mode
         admin = AdminServer(
             self.metrics,
             checks={
                 "listening": self._check_listening,
                 "store": self._check_store,
+                "connections": self._check_connections,
                 "breaker": self._check_breaker,
             },
             refresh=self._refresh_metrics,
+            advisory=() if mode == "direct" else ("breaker",),
         )
         address = await admin.start(listen, sock=sock)
         log_event(log, "admin_listening", address=address)
@@ -587,6 +591,11 @@ class BridgeService:
         if self._store is None:
             return "not open"
         return None if await self._store.check_writable() else "not writable"
+
+    async def _check_connections(self) -> str | None:
+        # Every new connection would get 421: send the mail elsewhere.
+        full = self.tracker.total >= self.runtime.config.smtp.max_connections
+        return "full" if full else None
 
     async def _check_breaker(self) -> str | None:
         return "open" if self.breaker_is_open() else None

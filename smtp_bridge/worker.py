@@ -12,14 +12,15 @@ expires, or at once by the next daemon that recovers the spool's claims
 
 Each attempt plans the recipient with the routes of the *current* config (a
 reload that fixes a template helps mail already spooled), sends through the
-same :class:`~smtp_bridge.delivery.ApiGate` as SMTP sessions (breaker, rate
-limit, reply table) and then either records the delivery, schedules the next
-try (``delivery.backoff`` with jitter, never before Retry-After, never after
+same :class:`~smtp_bridge.delivery.ApiGate` as SMTP sessions (breaker, the
+key's pace after HTTP 429s, rate limit, reply table) and then either records
+the delivery, schedules the next try (``delivery.backoff`` with jitter, never
+before Retry-After, which the gate cuts to ``api.max_retry_after``, never after
 ``max_age``) or makes a dead letter, spooling a failure notice to the sender
 in the same transaction when ``delivery.bounce_template_id`` is set.
 
 While the breaker of the default API key is open the workers claim nothing;
-when its interval is over they claim one recipient, the probe, and resume
+when its pause is over they claim one recipient, the probe, and resume
 once it is delivered. New work wakes them at once (:meth:`QueueWorker.wake`);
 they also look at the spool every ``idle_poll`` seconds for changes made by
 another process (``smtp-bridge queue retry``).

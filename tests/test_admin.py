@@ -105,7 +105,8 @@ async def test_healthz_and_readyz(bridge: Any, http: httpx.AsyncClient, log_line
         assert ready.json() == {
             "ready": True,
             "failed": [],
-            "checks": {"listening": "ok", "store": "ok", "breaker": "ok"},
+            "warnings": [],
+            "checks": {"listening": "ok", "store": "ok", "connections": "ok", "breaker": "ok"},
         }
         assert (await http.get(f"http://{address}/nope")).status_code == 404
 

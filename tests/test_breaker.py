@@ -20,7 +20,14 @@ import pytest
 from test_queue import ROUTES, attempts_done, make_message, requests, spool_drained
 
 from smtp_bridge import replies
-from smtp_bridge.breaker import Breaker, Breakers, BreakerState, Transition
+from smtp_bridge.breaker import (
+    THROTTLE_RUN,
+    Breaker,
+    Breakers,
+    BreakerState,
+    Transition,
+    cap_retry_after,
+)
 from smtp_bridge.outcomes import ApiResult, ResultKind
 from smtp_bridge.ratelimit import RateLimiter, TokenBucket
 
@@ -68,10 +75,83 @@ def test_429_opens_for_its_retry_after() -> None:
     assert answer(breaker, throttled, 10) is Transition.OPENED
     assert breaker.blocked(12) == replies.THROTTLED
     assert breaker.blocked(12.5) is None
-    # Without Retry-After: the interval.
+    # Without Retry-After one 429 only slows the key down (aimd): no pause.
     breaker = Breaker(failures=5, interval=30)
-    answer(breaker, ApiResult(ResultKind.HTTP, http_status=429), 0)
-    assert breaker.retry_in(0) == 30
+    assert answer(breaker, ApiResult(ResultKind.HTTP, http_status=429), 0) is Transition.NONE
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.retry_in(0) == 0
+
+
+THROTTLED = ApiResult(ResultKind.HTTP, http_status=429)
+
+
+def throttle(breaker: Breaker, now: float, *, fresh: bool = True) -> Transition:
+    ticket = breaker.admit(now)
+    assert ticket is not None
+    return breaker.record(ticket, THROTTLED, replies.THROTTLED, now, fresh=fresh)
+
+
+def test_only_a_run_of_fresh_429s_pauses_the_key() -> None:
+    breaker = Breaker(failures=5, interval=30)
+    assert THROTTLE_RUN == 3
+    assert throttle(breaker, 0) is Transition.NONE
+    assert throttle(breaker, 0, fresh=False) is Transition.NONE  # sent at the old pace
+    assert throttle(breaker, 0) is Transition.NONE
+    assert breaker.state is BreakerState.CLOSED and breaker.throttled == 2
+    assert answer(breaker, BAD_RCPT, 0) is Transition.NONE  # the API answered at this pace
+    assert breaker.throttled == 0
+    assert [throttle(breaker, 1) for _ in range(3)] == [
+        Transition.NONE,
+        Transition.NONE,
+        Transition.OPENED,
+    ]
+    assert breaker.blocked(1) == replies.THROTTLED
+    assert (breaker.pause, breaker.retry_in(1)) == (30, 30)  # breaker_interval
+
+
+def test_transport_failures_and_429s_keep_their_own_counts() -> None:
+    breaker = Breaker(failures=2, interval=30)
+    assert answer(breaker, DOWN, 0) is Transition.NONE
+    assert throttle(breaker, 0) is Transition.NONE  # neither resets the other
+    assert answer(breaker, DOWN, 0) is Transition.OPENED
+
+
+def test_retry_after_is_capped_with_the_time_passed_in() -> None:
+    breaker = Breaker(failures=5, interval=30, max_retry_after=300)
+    huge = ApiResult(ResultKind.HTTP, http_status=429, retry_after=1e20)
+    assert answer(breaker, huge, 100) is Transition.OPENED
+    assert (breaker.pause, breaker.retry_at) == (300, 400)
+    assert breaker.admit(399.9) is None
+    assert breaker.admit(400) is not None  # the probe, five minutes later
+    short = Breaker(max_retry_after=300)
+    answer(short, ApiResult(ResultKind.HTTP, http_status=429, retry_after=7), 0)
+    assert short.retry_in(0) == 7  # within the cap: as asked
+
+
+def test_cap_retry_after() -> None:
+    asked = ApiResult(ResultKind.HTTP, http_status=429, retry_after=3600.0)
+    assert cap_retry_after(asked, 300).retry_after == 300
+    assert cap_retry_after(asked, 300).http_status == 429
+    within = ApiResult(ResultKind.HTTP, http_status=429, retry_after=60.0)
+    assert cap_retry_after(within, 300) is within
+    assert cap_retry_after(THROTTLED, 300) is THROTTLED  # no Retry-After at all
+
+
+def test_a_failed_probe_reopens_for_a_new_pause_and_says_so() -> None:
+    breaker = Breaker(failures=1, interval=30, max_retry_after=300)
+    answer(breaker, DOWN, 0)
+    probe = breaker.admit(30)
+    assert probe is not None
+    asked = ApiResult(ResultKind.HTTP, http_status=429, retry_after=86400.0)
+    assert breaker.record(probe, asked, replies.THROTTLED, 31) is Transition.REOPENED
+    assert (breaker.pause, breaker.retry_in(31)) == (300, 300)  # a day asked, capped
+    probe = breaker.admit(331)
+    assert probe is not None
+    assert breaker.record(probe, THROTTLED, replies.THROTTLED, 331) is Transition.REOPENED
+    assert breaker.pause == 30  # a 429 without Retry-After fails the probe too
+    probe = breaker.admit(361)
+    assert probe is not None
+    assert breaker.record(probe, OK, replies.OK, 361) is Transition.CLOSED
 
 
 def test_one_probe_after_the_interval_and_success_closes() -> None:
@@ -93,7 +173,7 @@ def test_failed_probe_opens_again_for_an_interval() -> None:
     answer(breaker, DOWN, 0)
     probe = breaker.admit(30)
     assert probe is not None
-    assert breaker.record(probe, BALANCE, replies.BALANCE, 31) is Transition.NONE
+    assert breaker.record(probe, BALANCE, replies.BALANCE, 31) is Transition.REOPENED
     assert breaker.state is BreakerState.OPEN
     assert breaker.blocked(31) == replies.BALANCE
     assert breaker.retry_in(31) == 30

@@ -320,7 +320,7 @@ BREAKER = [
     ("40007", api(40007), True, False),
     ("40005", api(40005), False, False),
     ("200", api(200), False, False),
-    ("http-429", http(429), True, False),
+    ("http-429", http(429), False, False),  # slows the key down (aimd), opens nothing
     ("http-500", http(500), False, True),
     ("http-503", http(503), False, True),
     ("http-404", http(404), False, False),
@@ -336,6 +336,7 @@ BREAKER = [
 def test_breaker_inputs(result: ApiResult, opens: bool, transport: bool) -> None:
     assert replies.opens_breaker(result) is opens
     assert replies.is_transport_failure(result) is transport
+    assert replies.is_throttled(result) is (result.http_status == 429)
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,9 @@ def render_replies() -> str:
         out.append(f"| {what} | `{key}` | `{reply}` | `{name}` | {cell(notes.get(name, ''))} |\n")
     out += [
         "\nA 40006 (bad `reply_to`) is first resent once without `reply_to`; only a second\n",
-        "40006 reaches the table. 40001, 40002 and 40007 open the circuit breaker at once.\n\n",
+        "40006 reaches the table. 40001, 40002 and 40007 open the circuit breaker at once.\n",
+        "An HTTP 429 lowers the API key's pace (AIMD) and other mail goes on; only three\n",
+        "in a row, or a Retry-After (at most `api.max_retry_after`), pause the key.\n\n",
         "The `replies:` section of the config overrides a row by its key; a failure must\n",
         "stay `4xx`/`5xx` and code 200 must stay `2xx` (checked at load).\n\n",
         "## Every reply constant\n\n",
