@@ -1,4 +1,4 @@
-"""The admin HTTP endpoint on ``admin.listen``: /healthz, /readyz and /metrics.
+"""The admin HTTP endpoint on ``admin.listen``: /healthz, /readyz, /metrics and the console.
 
 It runs on the daemon's own event loop (aiohttp), so a stuck loop shows as a
 failing /healthz, not as a health thread that keeps answering "ok" for a dead
@@ -19,6 +19,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.exposition import choose_encoder
 
 from .config import split_host_port
+from .console import Console, ConsoleSources
+from .console.security import Guard
 from .logs import log_event
 from .metrics import Metrics
 
@@ -49,8 +51,13 @@ class AdminServer:
         checks: Mapping[str, ReadinessCheck],
         refresh: Callable[[], Awaitable[None]] | None = None,
         check_timeout: float = CHECK_TIMEOUT,
+        console: ConsoleSources | None = None,
+        token: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.metrics = metrics
+        #: Token, Host, CSP and CSRF checks on every path (console/security.py).
+        self.guard = Guard(token)
+        self.console = Console(console, self.guard) if console is not None else None
         self._checks = dict(checks)
         self._refresh = refresh
         self._timeout = check_timeout
@@ -58,7 +65,10 @@ class AdminServer:
         self.address: str | None = None
 
     def app(self) -> web.Application:
-        app = web.Application()
+        # client_max_size: the console's "Try a message" takes an .eml upload.
+        app = web.Application(middlewares=[self.guard.middleware], client_max_size=11 << 20)
+        if self.console is not None:
+            self.console.add_routes(app, self.readiness)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import replies
+from . import history, replies
 from .api import ApiClient
 from .breaker import Breakers, BreakerState, Transition
 from .config import ApiConfig, Config, RouteConfig
@@ -1054,6 +1054,7 @@ def log_api_call(
         reply=str(outcome.reply),
         **extra,
     )
+    history.record_attempt(queue_id, rcpt, route, request, result, outcome)  # the console's
 
 
 def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

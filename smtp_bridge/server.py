@@ -28,7 +28,7 @@ from aiosmtpd.proxy_protocol import V2_CMD, ProxyData, get_proxy
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session, TLSSetupException, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from . import replies
+from . import history, replies
 from .auth import Authenticator, AuthThrottle, Credentials
 from .config import Config
 from .delivery import DirectDelivery, IncomingMessage, RecipientOutcome, aggregate
@@ -1261,6 +1261,7 @@ class BridgeHandler:
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         self.metrics.replies.labels(code=str(reply.code)).inc()
+        history.record_reply(message, outcomes, reply.with_id(queue_id))  # the console's
         return reply.with_id(queue_id)
 
     async def handle_exception(self, error: Exception) -> str:

@@ -26,15 +26,18 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Literal
 
+from . import history
 from .admin import AdminServer, format_address
 from .api import ApiClient
 from .config import Config, ConfigError, load_config, split_host_port
+from .console import BreakerView, ConsoleSources
 from .delivery import Delivery, RecipientOutcome, session_lease
+from .history import HistoryRecorder
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .sandbox import Sandbox
 from .server import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
-from .store import StateStore, StoreError, open_store
+from .store import History, StateStore, StoreError, open_store
 from .tls import TlsError
 from .worker import QueueWorker
 
@@ -148,6 +151,8 @@ def _config_secrets(config: Config) -> list[str]:
         found.append(user.password_hash.get_secret_value())
         if user.app_key is not None:
             found.append(user.app_key.get_secret_value())
+    if config.admin.token is not None:
+        found.append(config.admin.token.get_secret_value())
     return [s for s in found if s]
 
 
@@ -202,6 +207,8 @@ class BridgeService:
         self._reload_pending = False
         self.handler: BridgeHandler | None = None
         self.metrics = Metrics()
+        #: The console's history recorder (None before startup or without a History store).
+        self.history: HistoryRecorder | None = None
 
     # ------------------------------------------------------------ phases
 
@@ -226,6 +233,14 @@ class BridgeService:
             log_event(log, "spool_recovered", level=logging.WARNING, recipients=recovered)
         if settled:
             log_event(log, "stale_settled", level=logging.WARNING, rows=settled)
+        if isinstance(self._store, History):
+            self.history = HistoryRecorder(
+                self._store,
+                retention=config.admin.history,
+                encoding=lambda: self.runtime.config.api.encoding,
+            )
+            history.install(self.history)
+            self.history.start()
         self._api = _api_client(config)
         delivery = self._delivery = Delivery(
             self._api, self._store, self.metrics, mode=config.delivery.mode
@@ -275,6 +290,8 @@ class BridgeService:
                     f"cannot listen on {config.admin.listen} (admin.listen): {_reason(exc)}"
                 ) from None
         self._ready = True
+        if self.use_sandbox:
+            self._greet()
         sd_notify(f"READY=1\nSTATUS={self._status()}")
         if self._reload_pending:  # SIGHUP during startup: the file may have changed
             self._spawn(self.reload())
@@ -344,6 +361,9 @@ class BridgeService:
             await self._delivery.close()  # outcome writes still failing: a last try each
         if self._api is not None:
             await self._api.aclose()
+        if self.history is not None:
+            history.uninstall(self.history)
+            await self.history.close()
         if self._store is not None:
             await self._store.close()
         if self.sandbox is not None:
@@ -553,10 +573,41 @@ class BridgeService:
                 "breaker": self._check_breaker,
             },
             refresh=self._refresh_metrics,
+            console=ConsoleSources(
+                store=lambda: self._store,
+                config=lambda: self.runtime.config,
+                breakers=self._breaker_views,
+                sandbox=lambda: self.sandbox,
+                history_failures=lambda: self.history.failures if self.history else 0,
+            ),
+            token=self._admin_token,
         )
         address = await admin.start(listen, sock=sock)
         log_event(log, "admin_listening", address=address)
         return admin
+
+    def _greet(self) -> None:
+        """``serve --sandbox``: tell a newcomer, on stdout, where to send and where to look."""
+        smtp = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.addresses)
+        lines = [f"smtp-bridge sandbox: send mail to {smtp or '(no listener)'}"]
+        if self._admin is not None and self._admin.address is not None:
+            url = f"http://{self._admin.address}/"
+            lines.append(f"smtp-bridge console: {url}  (the sandbox outbox: {url}sandbox)")
+            log_event(log, "console_url", url=url)
+        print("\n".join(lines), flush=True)
+
+    def _admin_token(self) -> str | None:
+        token = self.runtime.config.admin.token
+        return token.get_secret_value() if token is not None else None
+
+    def _breaker_views(self) -> list[BreakerView]:
+        if self._worker is None:
+            return []
+        now = self._delivery.gate.clock()
+        return [
+            BreakerView(key, breaker.state.value, breaker.retry_in(now))
+            for key, breaker in self._delivery.gate.breakers.by_key()
+        ]
 
     async def _check_listening(self) -> str | None:
         if self._stopping or self._stop.is_set():
