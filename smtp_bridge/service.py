@@ -37,7 +37,8 @@ from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .sandbox import Sandbox
 from .server import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
-from .store import History, StateStore, StoreError, open_store
+from .store import StateStore, StoreError, open_store
+from .store.history import History
 from .tls import TlsError
 from .worker import QueueWorker
 
