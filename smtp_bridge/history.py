@@ -175,7 +175,8 @@ class HistoryRecorder:
                     route=outcome.route,
                     template_id=outcome.template_id,
                     api_code=outcome.api_code,
-                    state=outcome.state.value,
+                    # Spooled: a worker's attempts follow as rows of their own.
+                    state="queued" if outcome.spooled else outcome.state.value,
                     reply=str(outcome.reply),
                 )
             )

@@ -119,7 +119,7 @@ async def test_history_store_search_page_activity_and_trim(tmp_path: Path) -> No
 
         buckets = await store.history_activity(1000.0, 60.0)
         assert [(b.start, b.messages, b.delivered, b.failed) for b in buckets] == [
-            (1000.0, 1, 0, 1),
+            (1000.0, 1, 0, 0),  # a decision without a call is not an API answer
             (1060.0, 1, 1, 1),
         ]
 

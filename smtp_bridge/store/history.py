@@ -67,7 +67,7 @@ class HistoryAttempt:
     #: The API's own message text (its ``msg``), short.
     api_message: str = ""
     latency_ms: float = 0.0
-    #: ``RecipientState`` after this attempt.
+    #: ``RecipientState`` after this attempt, or ``queued`` (spooled at DATA, no call yet).
     state: str = ""
     #: The SMTP reply this outcome makes.
     reply: str = ""
@@ -118,8 +118,9 @@ class History(Protocol):
 
     async def history_activity(self, since: float, bucket: float) -> list[ActivityBucket]:
         """Messages received and attempts made since ``since``, in ``bucket``-second
-        slices (only the non-empty ones, oldest first): ``delivered`` counts attempts
-        whose state is delivered, ``failed`` every other attempt."""
+        slices (only the non-empty ones, oldest first): of the attempts that called the
+        API (``result`` not empty), ``delivered`` counts those whose state is delivered,
+        ``failed`` the others."""
         ...
 
     async def trim_history(self, before: float) -> int:

@@ -151,7 +151,7 @@ def activity(conn: sqlite3.Connection, since: float, bucket: float) -> list[Acti
     for slot, delivered, total in conn.execute(
         "SELECT CAST((at - ?) / ? AS INTEGER) AS slot,"
         " sum(state = 'delivered'), count(*)"
-        " FROM history_attempts WHERE at >= ? GROUP BY slot",
+        " FROM history_attempts WHERE at >= ? AND result != '' GROUP BY slot",
         (since, bucket, since),
     ):
         counts = found.setdefault(slot, [0, 0, 0])
