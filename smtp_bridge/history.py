@@ -241,7 +241,6 @@ class HistoryRecorder:
         self._trimmer = asyncio.get_running_loop().create_task(self._trim_loop())
 
     async def _trim_loop(self) -> None:
-        interval = min(TRIM_INTERVAL, max(self.retention / 10, 1.0)) if self.enabled else 0
         while True:
             try:
                 await self.trim()
@@ -249,9 +248,9 @@ class HistoryRecorder:
                 log_event(
                     log, "history_trim_failed", level=logging.WARNING, error=type(exc).__name__
                 )
-            if not interval:
-                return  # history off: one trim empties what an earlier run kept
-            await asyncio.sleep(interval)
+            # A tenth of the retention (a short one in tests), at most every 5 minutes;
+            # with history off, the first trim emptied what an earlier run kept.
+            await asyncio.sleep(min(TRIM_INTERVAL, max(self.retention / 10, 1.0)))
 
     async def close(self) -> None:
         """Stop trimming; write what is buffered."""

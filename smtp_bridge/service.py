@@ -455,6 +455,8 @@ class BridgeService:
 
         # Commit: from here on nothing can fail the reload.
         self.runtime = runtime
+        if self.history is not None:
+            self.history.retention = config.admin.history  # the next trim keeps to it
         previous_secrets, self._secrets = self._secrets, register_secrets(_config_secrets(config))
         unregister_secrets(previous_secrets)
         for listen, server in opened.items():

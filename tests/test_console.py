@@ -347,3 +347,29 @@ async def test_without_a_token_a_dns_name_is_refused(bridge: Any, http: httpx.As
         assert rebound.status_code == 421
         local = await http.get(base(b) + "/", headers={"Host": "localhost"})
         assert local.status_code == 200
+
+
+# ---------------------------------------------------------------- retention
+
+
+async def test_the_recorder_trims_to_the_retention(tmp_path: Path) -> None:
+    from smtp_bridge.history import HistoryRecorder
+
+    now = [10_000.0]
+    store = await SQLiteStore.open(tmp_path / "state.sqlite3")
+    try:
+        await store.record_history(
+            [
+                HistoryMessage("OLD", 10_000.0 - 7200, "a@x", ("b@x",)),
+                HistoryMessage("NEW", 10_000.0 - 60, "a@x", ("b@x",)),
+            ],
+            [HistoryAttempt("OLD", "b@x", 10_000.0 - 7200, state="delivered")],
+        )
+        recorder = HistoryRecorder(store, retention=3600.0, clock=lambda: now[0])
+        assert await recorder.trim() == 2
+        assert [e.message.queue_id for e in await store.search_history()] == ["NEW"]
+        recorder.retention = 0  # admin.history: 0 (a reload) keeps none
+        assert await recorder.trim() == 1
+        assert await store.search_history() == []
+    finally:
+        await store.close()
