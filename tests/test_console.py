@@ -373,3 +373,29 @@ async def test_the_recorder_trims_to_the_retention(tmp_path: Path) -> None:
         assert await store.search_history() == []
     finally:
         await store.close()
+
+
+async def test_a_version_2_store_gains_the_history_tables(tmp_path: Path) -> None:
+    import contextlib
+    import sqlite3
+
+    from smtp_bridge.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
+
+    path = tmp_path / "state.sqlite3"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        for statements in MIGRATIONS[:2]:
+            for statement in statements:
+                conn.execute(statement)
+        conn.execute("PRAGMA user_version = 2")
+        conn.execute(
+            "INSERT INTO messages VALUES ('Q1', 'k', 'a@x', '', '', 's', 1, 1.0, 'queue', NULL)"
+        )
+    store = await SQLiteStore.open(path)
+    try:
+        assert (await store.get_message("Q1")) is not None  # kept
+        await store.record_history([HistoryMessage("Q1", 1.0, "a@x", ("b@x",))], [])
+        assert [e.message.queue_id for e in await store.search_history()] == ["Q1"]
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
