@@ -604,12 +604,13 @@ class BridgeService:
         return token.get_secret_value() if token is not None else None
 
     def _breaker_views(self) -> list[BreakerView]:
-        if self._worker is None:
+        if self._delivery is None:
             return []
-        now = self._delivery.gate.clock()
+        gate = self._delivery.gate
+        now = gate.clock()
         return [
             BreakerView(key, breaker.state.value, breaker.retry_in(now))
-            for key, breaker in self._delivery.gate.breakers.by_key()
+            for key, breaker in gate.breakers.by_key()
         ]
 
     async def _check_listening(self) -> str | None:
