@@ -1,4 +1,4 @@
-"""The admin HTTP endpoint on ``admin.listen``: /healthz, /readyz and /metrics.
+"""The admin HTTP endpoint on ``admin.listen``: /healthz, /readyz, /metrics and the console.
 
 It runs on the daemon's own event loop (aiohttp), so a stuck loop shows as a
 failing /healthz, not as a health thread that keeps answering "ok" for a dead
@@ -22,6 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.exposition import choose_encoder
 
 from .config import split_host_port
+from .console import Console, ConsoleSources
+from .console.security import Guard
 from .logs import log_event
 from .metrics import Metrics
 
@@ -53,8 +55,13 @@ class AdminServer:
         refresh: Callable[[], Awaitable[None]] | None = None,
         check_timeout: float = CHECK_TIMEOUT,
         advisory: Collection[str] = (),
+        console: ConsoleSources | None = None,
+        token: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.metrics = metrics
+        #: Token, Host, CSP and CSRF checks on every path (console/security.py).
+        self.guard = Guard(token)
+        self.console = Console(console, self.guard) if console is not None else None
         self._checks = dict(checks)
         #: Checks whose problems are reported (``warnings``) but leave /readyz 200.
         self.advisory = frozenset(advisory)
@@ -64,7 +71,10 @@ class AdminServer:
         self.address: str | None = None
 
     def app(self) -> web.Application:
-        app = web.Application()
+        # client_max_size: the console's "Try a message" takes an .eml upload.
+        app = web.Application(middlewares=[self.guard.middleware], client_max_size=11 << 20)
+        if self.console is not None:
+            self.console.add_routes(app, self.readiness)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)

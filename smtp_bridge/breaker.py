@@ -283,6 +283,11 @@ class Breakers:
     def __iter__(self) -> Iterator[Breaker]:
         return iter(list(self._by_key.values()))
 
+    def by_key(self) -> list[tuple[str, Breaker]]:
+        """(the first 12 hex digits of the key's digest, its breaker): the console's
+        name for a key, never the key itself."""
+        return [(digest[:12], breaker) for digest, breaker in self._by_key.items()]
+
     def any_open(self) -> bool:
         """True while any key's breaker is not closed (open or probing)."""
         return any(b.state is not BreakerState.CLOSED for b in self._by_key.values())

@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +35,7 @@ smtp:
 delivery:
   state_dir: {state_dir}
 admin:
-  listen: null
+  listen: "127.0.0.1:9025"
 routes:
   - name: everything
     template_id: "sandbox-template"
@@ -51,7 +51,17 @@ def _default_state_dir() -> Path:
     return Path(base) / "smtp-bridge"
 
 
+#: Sets the default of ``--config`` (DESIGN 6).
+CONFIG_ENV = "SMTP_BRIDGE_CONFIG"
+
+
+def _config_arg(path: str | None) -> str | None:
+    """``--config``, else ``$SMTP_BRIDGE_CONFIG``, else None (the built-in default)."""
+    return path or os.environ.get(CONFIG_ENV) or None
+
+
 def _load(path: str | None, *, sandbox: bool = False) -> Config:
+    path = _config_arg(path)
     if path is None and sandbox and not DEFAULT_CONFIG_PATH.exists():
         text = SANDBOX_CONFIG.format(state_dir=json.dumps(str(_default_state_dir())))
         return parse_config(text, filename="<built-in sandbox config>")
@@ -72,10 +82,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_errors(exc)
         return EXIT_CONFIG
+    given = _config_arg(args.config)
     config_path = (
-        Path(args.config)
-        if args.config
-        else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+        Path(given) if given else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
     )
     settle_heap()
     if args.workers > 1 or os.environ.get("SMTP_BRIDGE_WORKER"):
@@ -111,7 +120,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _print_errors(exc)
         return EXIT_CONFIG
-    print(f"ok: {args.config or DEFAULT_CONFIG_PATH}: {len(config.routes)} routes")
+    print(f"ok: {_config_arg(args.config) or DEFAULT_CONFIG_PATH}: {len(config.routes)} routes")
     for route in config.routes:
         print(f"  {_describe_route(route)}")
     if config.api.app_key is None:
@@ -145,10 +154,7 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_route(args: argparse.Namespace) -> int:
-    from .message import parse_message
-    from .policy import plan_recipient
-    from .rules import Router
-    from .templating import ClientInfo
+    from .dryrun import NoRecipients, dry_run
 
     try:
         config = _load(args.config)
@@ -160,36 +166,29 @@ def cmd_route(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"smtp-bridge: cannot read {args.message}: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
-    parsed = parse_message(raw)
-    rcpts = args.rcpt or [a.address for a in (*parsed.to, *parsed.cc) if a.address]
-    if not rcpts:
+    try:
+        results = dry_run(
+            raw,
+            config,
+            rcpts=args.rcpt,
+            mail_from=args.mail_from,
+            user=args.user,
+            client=args.client,
+        )
+    except NoRecipients:
         print("smtp-bridge: no recipients: give --rcpt", file=sys.stderr)
         return EXIT_CONFIG
-    router = Router(config.routes)
-    mail_from = args.mail_from if args.mail_from is not None else parsed.sender.address
-    client = ClientInfo(args.client)
     status = EXIT_OK
-    for rcpt in rcpts:
-        plan = plan_recipient(
-            parsed,
-            rcpt,
-            config=config,
-            router=router,
-            mail_from=mail_from,
-            user=args.user,
-            client=client,
-        )
-        print(f"rcpt: {rcpt}")
-        print(f"  route: {plan.route.name if plan.route else '(none)'}")
-        if plan.request is not None:
-            from .api import request_fields
-
-            fields = request_fields(plan.request, "***", config.api.encoding)
-            print(f"  POST {config.api.url} ({config.api.encoding})")
-            print("  " + json.dumps(fields, ensure_ascii=False, indent=2).replace("\n", "\n  "))
-        elif plan.outcome is not None:
-            print(f"  no API call: {plan.outcome.reply}")
-            status = status if plan.outcome.reply.is_success else EXIT_CONFIG
+    for result in results:
+        print(f"rcpt: {result.rcpt}")
+        print(f"  route: {result.route or '(none)'}")
+        if result.request is not None:
+            print(f"  POST {result.url} ({result.encoding})")
+            text = json.dumps(result.request, ensure_ascii=False, indent=2)
+            print("  " + text.replace("\n", "\n  "))
+        else:
+            print(f"  no API call: {result.reply}")
+            status = status if result.success else EXIT_CONFIG
     return status
 
 
@@ -300,8 +299,26 @@ def _recipient_json(record: Any) -> dict[str, Any]:
     }
 
 
+def _table(
+    header: Sequence[str], rows: Sequence[Sequence[str]], right: Collection[int] = ()
+) -> str:
+    """Columns as wide as their widest cell; the last one is not padded."""
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    lines = []
+    for row in (header, *rows):
+        cells = [
+            str(cell).rjust(width) if i in right else str(cell).ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        cells[-1] = str(row[-1])
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
 async def _queue_list(store: QueueAdmin, args: argparse.Namespace) -> int:
-    rows = await store.list_queue(dead=args.dead, limit=args.limit)
+    from . import queue_ops
+
+    rows = await queue_ops.list_queue(store, dead=args.dead, limit=args.limit)
     if args.json:
         print(
             json.dumps(
@@ -323,25 +340,41 @@ async def _queue_list(store: QueueAdmin, args: argparse.Namespace) -> int:
     if not rows:
         print("No dead letters." if args.dead else "The spool is empty.")
         return EXIT_OK
-    when = "DIED" if args.dead else "NEXT TRY"
-    print(f"{'QUEUE ID':<17} {'STATE':<9} {'TRIES':>5}  {when:<20} {'RECIPIENT':<30} LAST REPLY")
+    header = ("QUEUE ID", "STATE", "TRIES", "DIED" if args.dead else "NEXT TRY", "RECIPIENT")
+    table = []
     for message, record in rows:
         moment = record.updated_at if args.dead else record.next_attempt
         reply = record.reply or record.error or "-"
         if args.dead and message.content is None:
             reply += "  (not retryable: content not kept)"
-        print(
-            f"{message.queue_id:<17} {record.state:<9} {record.attempts:>5}  {_when(moment):<20}"
-            f" {record.rcpt:<30} {reply}"
+        table.append(
+            (message.queue_id, str(record.state), str(record.attempts), _when(moment), record.rcpt)
+            + (reply,)
         )
+    print(_table((*header, "LAST REPLY"), table, right={2}))
     messages = len({m.queue_id for m, _ in rows})
     what = "dead letters" if args.dead else "recipients in the spool"
     print(f"{len(rows)} {what} ({messages} messages)")
     return EXIT_OK
 
 
+def _progress(verb: str) -> Callable[[int, int], None] | None:
+    """A progress line on a terminal (stderr), redrawn in place; None elsewhere."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done: int, total: int) -> None:
+        end = "\n" if done == total else ""
+        print(f"\r{verb} {done}/{total} messages ({done * 100 // max(total, 1)}%)", end=end,
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    return show
+
+
 async def _queue_show(store: QueueAdmin, args: argparse.Namespace) -> int:
-    found = await store.get_message(args.queue_id)
+    from . import queue_ops
+
+    found = await queue_ops.show(store, args.queue_id)
     if found is None:
         print(f"smtp-bridge: no message {args.queue_id}", file=sys.stderr)
         return EXIT_CONFIG
@@ -383,27 +416,47 @@ async def _queue_show(store: QueueAdmin, args: argparse.Namespace) -> int:
 
 
 async def _queue_retry(store: QueueAdmin, args: argparse.Namespace) -> int:
-    if args.queue_id is not None and await store.get_message(args.queue_id) is None:
-        print(f"smtp-bridge: no message {args.queue_id}", file=sys.stderr)
+    from . import queue_ops
+
+    ids = None if args.all_dead else [args.queue_id]
+    result = await queue_ops.retry(
+        store, ids, progress=_progress("retried") if ids is None else None
+    )
+    if result.missing:
+        print(f"smtp-bridge: no message {result.missing[0]}", file=sys.stderr)
         return EXIT_CONFIG
-    queued, stuck = await store.retry(args.queue_id)
+    if args.json:
+        print(json.dumps({"queued": result.queued, "not_retryable": result.stuck}))
+        return EXIT_OK
     where = args.queue_id or "dead letters"
-    print(f"{where}: {queued} recipients due for delivery now")
-    if stuck:
-        print(f"{stuck} dead letters cannot be retried: their content was not kept (direct mode)")
+    print(f"{where}: {result.queued} recipients due for delivery now")
+    if result.stuck:
+        print(
+            f"{result.stuck} dead letters cannot be retried: their content was not kept"
+            " (direct mode)"
+        )
     return EXIT_OK
 
 
 async def _queue_purge(store: QueueAdmin, args: argparse.Namespace) -> int:
+    from . import queue_ops
+
     if args.queue_id is not None:
-        if await store.get_message(args.queue_id) is None:
+        result = await queue_ops.purge(store, [args.queue_id])
+        if result.missing:
             print(f"smtp-bridge: no message {args.queue_id}", file=sys.stderr)
             return EXIT_CONFIG
-        removed = await store.purge(args.queue_id)
-        print(f"{args.queue_id}: purged ({removed} recipients)")
+        if args.json:
+            print(json.dumps({"purged": result.removed}))
+        else:
+            print(f"{args.queue_id}: purged ({result.removed} recipients)")
         return EXIT_OK
-    removed = await store.purge(dead=True)
-    print(f"purged {removed} dead letters")
+    result = await queue_ops.purge(store, None)
+    print(
+        json.dumps({"purged": result.removed})
+        if args.json
+        else f"purged {result.removed} dead letters"
+    )
     return EXIT_OK
 
 
@@ -434,8 +487,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smtp-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", "-c", help=f"config file (default {DEFAULT_CONFIG_PATH})")
+    # Options may stand before or after a subcommand's own words (DESIGN 6): they are
+    # declared on the command and again on each of its actions; there with SUPPRESS,
+    # so an action's parser sets them only when they are given to it.
+    def with_config(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
+        p.add_argument(
+            "--config",
+            "-c",
+            default=argparse.SUPPRESS if nested else None,
+            help=f"config file (default ${CONFIG_ENV}, else {DEFAULT_CONFIG_PATH})",
+        )
+
+    def with_json(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
+        p.add_argument(
+            "--json",
+            action="store_true",
+            default=argparse.SUPPRESS if nested else False,
+            help="JSON instead of a table",
+        )
 
     def with_logging(p: argparse.ArgumentParser) -> None:
         p.add_argument("--log-format", choices=["json", "text"], default="json")
@@ -445,7 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(serve)
     with_logging(serve)
     serve.add_argument(
-        "--sandbox", action="store_true", help="start the embedded fake API and send to it"
+        "--sandbox",
+        action="store_true",
+        help="start the embedded fake API and send to it (no config: console on :9025)",
     )
     serve.add_argument(
         "--workers",
@@ -492,14 +563,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue = commands.add_parser("queue", help="list, show, retry or purge spooled mail")
     with_config(queue)
+    with_json(queue)
     actions = queue.add_subparsers(dest="action", required=True)
     q_list = actions.add_parser("list", help="recipients waiting in the spool (or dead letters)")
     q_list.add_argument("--dead", action="store_true", help="list dead letters instead")
     q_list.add_argument("--limit", type=int, default=1000, help="at most this many (1000)")
-    q_list.add_argument("--json", action="store_true", help="JSON instead of a table")
     q_show = actions.add_parser("show", help="one message and its recipients")
     q_show.add_argument("queue_id")
-    q_show.add_argument("--json", action="store_true", help="JSON instead of text")
     q_retry = actions.add_parser("retry", help="send dead letters (or a waiting message) now")
     which = q_retry.add_mutually_exclusive_group(required=True)
     which.add_argument("queue_id", nargs="?", help="the message's queue id")
@@ -508,8 +578,22 @@ def build_parser() -> argparse.ArgumentParser:
     which = q_purge.add_mutually_exclusive_group(required=True)
     which.add_argument("queue_id", nargs="?", help="the message's queue id")
     which.add_argument("--dead", action="store_true", help="every dead letter")
+    for action in (q_list, q_show, q_retry, q_purge):
+        with_config(action, nested=True)
+        with_json(action, nested=True)
     queue.set_defaults(func=cmd_queue)
+
+    completion = commands.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=["bash", "zsh"])
+    completion.set_defaults(func=cmd_completion)
     return parser
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .completion import completion_script
+
+    print(completion_script(build_parser(), args.shell), end="")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

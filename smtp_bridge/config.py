@@ -480,8 +480,34 @@ class DeliveryConfig(_Model):
         return value
 
 
+def _is_loopback(listen: str) -> bool:
+    host = split_host_port(listen)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # "", "0.0.0.0"'s friends and host names: reachable from elsewhere
+
+
 class AdminConfig(_Model):
+    secret_fields = ("token",)
+
     listen: ListenAddress | None = "127.0.0.1:9025"
+    # The console's and /metrics' password: a bearer token or HTTP Basic password.
+    token: OptionalSecret = None
+    # How long the console keeps a message's history; 0 keeps none.
+    history: Duration = Field(default=7 * 86400.0, ge=0)
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> AdminConfig:
+        if self.listen is not None and self.token is None and not _is_loopback(self.listen):
+            message = (
+                f"required when listen ({self.listen}) is not a loopback address: the console"
+                " can retry and purge mail (admin.token or admin.token_file)"
+            )
+            raise _Problems([(("token",), message)])
+        return self
 
 
 class MatchConfig(_Model):

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import replies
+from . import history, replies
 from .aimd import KeyPace, Paces
 from .api import ApiClient
 from .breaker import MAX_RETRY_AFTER, Breaker, Breakers, BreakerState, Transition, cap_retry_after
@@ -805,3 +805,4 @@ def log_api_call(
         reply=str(outcome.reply),
         **extra,
     )
+    history.record_attempt(queue_id, rcpt, route, request, result, outcome)  # the console's

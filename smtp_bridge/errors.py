@@ -17,7 +17,9 @@ nothing else (httpx's ``_exceptions.py`` is the model)::
         +-- TemplateRenderError  templating.py  a route's template failed for one
         |                                       recipient: 451 4.3.5; .field, .reason
         +-- HeaderOverrideError  templating.py  a malformed opt-in X-Template-* header:
-                                                554 5.6.0 (the client's data is at fault)
+        |                                       554 5.6.0 (the client's data is at fault)
+        +-- NoRecipients         dryrun.py      a dry run (``route``, the console) has no
+            (also ValueError)                   --rcpt and no To/Cc address to try
 
 IO failures of the API are not exceptions: ``ApiClient.send`` always returns an
 ``ApiResult`` and ``replies.reply_for`` turns it into the SMTP reply.
@@ -33,6 +35,7 @@ __all__ = [
     "ConfigError",
     "ConfigIssue",
     "HeaderOverrideError",
+    "NoRecipients",
     "StartupError",
     "StoreError",
     "TemplateRenderError",
@@ -97,3 +100,7 @@ class TemplateRenderError(BridgeError):
 
 class HeaderOverrideError(BridgeError):
     """An opt-in X-Template-* header is malformed: the client's data is at fault."""
+
+
+class NoRecipients(BridgeError, ValueError):
+    """Neither ``--rcpt`` nor a To/Cc address in the message (a dry run)."""

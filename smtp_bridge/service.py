@@ -26,11 +26,14 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Literal
 
+from . import history
 from .admin import AdminServer, format_address
 from .api import ApiClient
 from .config import Config, load_config, split_host_port
+from .console import BreakerView, ConsoleSources
 from .delivery import Delivery
 from .errors import ConfigError, StartupError, StoreError, TlsError
+from .history import HistoryRecorder
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .policy import RecipientOutcome, session_lease
@@ -38,6 +41,7 @@ from .sandbox import Sandbox
 from .smtp import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
 from .sockets import ipv6_only, is_ipv6_wildcard, listen_socket, takes_ipv4
 from .store import StateStore, open_store
+from .store.history import History
 from .worker import QueueWorker
 
 __all__ = [
@@ -146,6 +150,8 @@ def _config_secrets(config: Config) -> list[str]:
         found.append(user.password_hash.get_secret_value())
         if user.app_key is not None:
             found.append(user.app_key.get_secret_value())
+    if config.admin.token is not None:
+        found.append(config.admin.token.get_secret_value())
     return [s for s in found if s]
 
 
@@ -201,6 +207,8 @@ class BridgeService:
         self._reload_pending = False
         self.handler: BridgeHandler | None = None
         self.metrics = Metrics()
+        #: The console's history recorder (None before startup or without a History store).
+        self.history: HistoryRecorder | None = None
 
     # ------------------------------------------------------------ phases
 
@@ -225,6 +233,14 @@ class BridgeService:
             log_event(log, "spool_recovered", level=logging.WARNING, recipients=recovered)
         if settled:
             log_event(log, "stale_settled", level=logging.WARNING, rows=settled)
+        if isinstance(self._store, History):
+            self.history = HistoryRecorder(
+                self._store,
+                retention=config.admin.history,
+                encoding=lambda: self.runtime.config.api.encoding,
+            )
+            history.install(self.history)
+            self.history.start()
         self._api = _api_client(config)
         delivery = self._delivery = Delivery(
             self._api, self._store, self.metrics, mode=config.delivery.mode
@@ -281,6 +297,8 @@ class BridgeService:
                     f"cannot listen on {config.admin.listen} (admin.listen): {_reason(exc)}"
                 ) from None
         self._ready = True
+        if self.use_sandbox:
+            self._greet()
         sd_notify(f"READY=1\nSTATUS={self._status()}")
         if self._reload_pending:  # SIGHUP during startup: the file may have changed
             self._spawn(self.reload())
@@ -350,6 +368,9 @@ class BridgeService:
             await self._delivery.close()  # outcome writes still failing: a last try each
         if self._api is not None:
             await self._api.aclose()
+        if self.history is not None:
+            history.uninstall(self.history)
+            await self.history.close()
         if self._store is not None:
             await self._store.close()
         if self.sandbox is not None:
@@ -440,6 +461,8 @@ class BridgeService:
 
         # Commit: from here on nothing can fail the reload.
         self.runtime = runtime
+        if self.history is not None:
+            self.history.retention = config.admin.history  # the next trim keeps to it
         previous_secrets, self._secrets = self._secrets, register_secrets(_config_secrets(config))
         unregister_secrets(previous_secrets)
         for listen, server in opened.items():
@@ -575,10 +598,42 @@ class BridgeService:
             },
             refresh=self._refresh_metrics,
             advisory=() if mode == "direct" else ("breaker",),
+            console=ConsoleSources(
+                store=lambda: self._store,
+                config=lambda: self.runtime.config,
+                breakers=self._breaker_views,
+                sandbox=lambda: self.sandbox,
+                history_failures=lambda: self.history.failures if self.history else 0,
+            ),
+            token=self._admin_token,
         )
         address = await admin.start(listen, sock=sock)
         log_event(log, "admin_listening", address=address)
         return admin
+
+    def _greet(self) -> None:
+        """``serve --sandbox``: tell a newcomer, on stdout, where to send and where to look."""
+        smtp = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.addresses)
+        lines = [f"smtp-bridge sandbox: send mail to {smtp or '(no listener)'}"]
+        if self._admin is not None and self._admin.address is not None:
+            url = f"http://{self._admin.address}/"
+            lines.append(f"smtp-bridge console: {url}  (the sandbox outbox: {url}sandbox)")
+            log_event(log, "console_url", url=url)
+        print("\n".join(lines), flush=True)
+
+    def _admin_token(self) -> str | None:
+        token = self.runtime.config.admin.token
+        return token.get_secret_value() if token is not None else None
+
+    def _breaker_views(self) -> list[BreakerView]:
+        if self._delivery is None:
+            return []
+        gate = self._delivery.gate
+        now = gate.clock()
+        return [
+            BreakerView(key, breaker.state.value, breaker.retry_in(now))
+            for key, breaker in gate.breakers.by_key()
+        ]
 
     async def _check_listening(self) -> str | None:
         if self._stopping or self._stop.is_set():

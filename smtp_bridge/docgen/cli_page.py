@@ -42,7 +42,7 @@ def _render_command(
         if action.choices:
             helptext = f"{helptext} one of: " + ", ".join(f"`{c}`" for c in action.choices)
         default = action.default
-        if default is None or default is False or not action.option_strings:
+        if default in (None, False, argparse.SUPPRESS) or not action.option_strings:
             shown = ""
         else:
             shown = f"`{default}`" if default != "" else '`""`'

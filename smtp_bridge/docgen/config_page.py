@@ -107,7 +107,9 @@ MEANINGS: dict[str, str] = {
         "Queue mode flow control: longest wait for a delivery token after DATA; 0 = off."
     ),
     "admin": "The admin HTTP endpoint.",
-    "admin.listen": "`/healthz`, `/readyz`, `/metrics`; `null` turns it off.",
+    "admin.listen": "The console at `/`, `/healthz`, `/readyz`, `/metrics`; `null` turns it off.",
+    "admin.token": ("Bearer token or HTTP Basic password for every path; required off loopback."),
+    "admin.history": "How long the console keeps a message's history; `0` keeps none.",
     "routes": "First match wins; a route without conditions matches everything.",
     "routes[].name": "Unique; in logs and metrics.",
     "routes[].match": "All given conditions must hold; a list means any of its patterns.",

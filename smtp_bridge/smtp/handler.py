@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from .. import replies
+from .. import history, replies
 from ..auth import AuthThrottle
 from ..delivery import Delivery, IncomingMessage
 from ..logs import log_event
@@ -238,6 +238,7 @@ class BridgeHandler:
             elapsed_ms=round((time.perf_counter() - started) * 1000, 1),
         )
         self.metrics.replies.labels(code=str(reply.code)).inc()
+        history.record_reply(message, outcomes, reply.with_id(queue_id))  # the console's
         return reply.with_id(queue_id)
 
     async def handle_exception(self, error: Exception) -> str:

@@ -22,6 +22,7 @@ from typing import Any, Final, TypeVar
 
 from ...errors import StoreError
 from ...outcomes import RecipientState
+from ..history import ActivityBucket, HistoryAttempt, HistoryEntry, HistoryMessage
 from ..records import (
     ANONYMOUS_KEY_PREFIX,
     CLAIMABLE_STATES,
@@ -34,7 +35,7 @@ from ..records import (
     RecipientRecord,
     SpoolStats,
 )
-from . import ledger
+from . import history, ledger
 from .owners import dead_owners, register_owner
 from .schema import MESSAGE_COLUMNS, MIGRATIONS, RECIPIENT_COLUMNS, SCHEMA_VERSION
 from .writer import GroupCommitWriter
@@ -797,6 +798,36 @@ class SQLiteStore:
             return result
 
         return await self._read("count recipients", read)
+
+    # -- the console's history (store/history.py) ------------------------------------------
+
+    async def record_history(
+        self, messages: Sequence[HistoryMessage], attempts: Sequence[HistoryAttempt]
+    ) -> None:
+        """Upsert ``messages`` and append ``attempts``, in the writer's next batch."""
+        await self._write("record history", lambda conn: history.record(conn, messages, attempts))
+
+    async def search_history(
+        self, query: str = "", *, limit: int = 50, before: float | None = None
+    ) -> list[HistoryEntry]:
+        """Messages newest first matching ``query``, with each recipient's latest attempt."""
+        return await self._read(
+            "search history", lambda conn: history.search(conn, query, limit, before)
+        )
+
+    async def history_message(
+        self, queue_id: str
+    ) -> tuple[HistoryMessage | None, list[HistoryAttempt]]:
+        """One message's history row and its attempts, oldest first."""
+        return await self._read("read history", lambda conn: history.message_page(conn, queue_id))
+
+    async def history_activity(self, since: float, bucket: float) -> list[ActivityBucket]:
+        """Messages and attempts per ``bucket`` seconds since ``since``."""
+        return await self._read("read activity", lambda conn: history.activity(conn, since, bucket))
+
+    async def trim_history(self, before: float) -> int:
+        """Forget history older than ``before``."""
+        return await self._write("trim history", lambda conn: history.trim(conn, before))
 
     async def check_writable(self) -> bool:
         """A cheap write probe for /readyz: True when a transaction commits."""

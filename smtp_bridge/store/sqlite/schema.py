@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["MESSAGE_COLUMNS", "MIGRATIONS", "RECIPIENT_COLUMNS", "SCHEMA_VERSION"]
+__all__ = [
+    "HISTORY_ATTEMPT_COLUMNS",
+    "HISTORY_MESSAGE_COLUMNS",
+    "MESSAGE_COLUMNS",
+    "MIGRATIONS",
+    "RECIPIENT_COLUMNS",
+    "SCHEMA_VERSION",
+]
 
 #: ``PRAGMA user_version`` of the schema this module writes; ``MIGRATIONS[i]``
 #: takes a database from version ``i`` to ``i + 1``.
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
         """CREATE TABLE IF NOT EXISTS messages (
@@ -74,6 +81,41 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX IF NOT EXISTS messages_message_id ON messages (message_id)"
         " WHERE message_id != ''",
     ),
+    (
+        # The console's history (store/history.py): envelope and outcomes, never the body.
+        """CREATE TABLE IF NOT EXISTS history_messages (
+            queue_id TEXT PRIMARY KEY,
+            received_at REAL NOT NULL,
+            mail_from TEXT NOT NULL,
+            rcpts TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            client TEXT NOT NULL,
+            user TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            reply TEXT NOT NULL,
+            instance TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS history_messages_received ON history_messages (received_at)",
+        """CREATE TABLE IF NOT EXISTS history_attempts (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            queue_id TEXT NOT NULL,
+            rcpt TEXT NOT NULL,
+            at REAL NOT NULL,
+            route TEXT NOT NULL,
+            template_id TEXT NOT NULL,
+            result TEXT NOT NULL,
+            api_code INTEGER NULL,
+            http_status INTEGER NULL,
+            api_message TEXT NOT NULL,
+            latency_ms REAL NOT NULL,
+            state TEXT NOT NULL,
+            reply TEXT NOT NULL,
+            request TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS history_attempts_message ON history_attempts (queue_id, at)",
+        "CREATE INDEX IF NOT EXISTS history_attempts_at ON history_attempts (at)",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -84,4 +126,12 @@ MESSAGE_COLUMNS: Final = (
 RECIPIENT_COLUMNS: Final = (
     "queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt, "
     "updated_at, error, spooled_at"
+)
+HISTORY_MESSAGE_COLUMNS: Final = (
+    "queue_id, received_at, mail_from, rcpts, subject, message_id, client, user, size, reply, "
+    "instance"
+)
+HISTORY_ATTEMPT_COLUMNS: Final = (
+    "queue_id, rcpt, at, route, template_id, result, api_code, http_status, api_message, "
+    "latency_ms, state, reply, request"
 )

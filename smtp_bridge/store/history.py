@@ -1,0 +1,128 @@
+"""The console's message history: a role of its own beside the ledger and the spool.
+
+What the operator asks most is "what happened to the mail app X sent at 10:42?".
+The history answers it from the state store, so every instance sharing a
+PostgreSQL store shows one view. It keeps a message's envelope, subject, route,
+outcomes, API answers, the request as sent (``app_key`` as ``***``) and the
+client's SMTP reply, never the body, for ``admin.history``.
+
+Rules every backend keeps:
+
+* **Writes never hold mail up.** Callers do not await :meth:`History.record_history`
+  before answering the client (:mod:`smtp_bridge.history` buffers and sends it
+  behind the reply); a failed write loses history, never mail.
+* **A message row is replaced whole.** Recording the same ``queue_id`` again keeps
+  the last row; attempts are only ever added.
+* **Search is case-insensitive substring** on sender, recipients and subject, and
+  exact on queue id and Message-ID (with or without its angle brackets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "ActivityBucket",
+    "History",
+    "HistoryAttempt",
+    "HistoryEntry",
+    "HistoryMessage",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryMessage:
+    """One accepted message as the console shows it: the envelope, never the body."""
+
+    queue_id: str
+    received_at: float
+    mail_from: str
+    rcpts: tuple[str, ...]
+    subject: str = ""
+    message_id: str = ""
+    client: str = ""
+    user: str = ""
+    size: int = 0
+    #: The SMTP reply the client got to DATA.
+    reply: str = ""
+    #: Which instance took it (the host name): several share one store.
+    instance: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryAttempt:
+    """One API call for one recipient (or a decision without a call: no route, dedup)."""
+
+    queue_id: str
+    rcpt: str
+    at: float
+    route: str = ""
+    template_id: str = ""
+    #: ``ResultKind`` value: ok, api_error, not_sent, unknown, http_error... ("" without a call)
+    result: str = ""
+    api_code: int | None = None
+    http_status: int | None = None
+    #: The API's own message text (its ``msg``), short.
+    api_message: str = ""
+    latency_ms: float = 0.0
+    #: ``RecipientState`` after this attempt, or ``queued`` (spooled at DATA, no call yet).
+    state: str = ""
+    #: The SMTP reply this outcome makes.
+    reply: str = ""
+    #: The request as sent, JSON, with ``app_key`` as ``***``.
+    request: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """A message and each recipient's latest attempt: a line of the console's list."""
+
+    message: HistoryMessage
+    latest: dict[str, HistoryAttempt] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityBucket:
+    """One slice of the console's plot."""
+
+    start: float
+    messages: int = 0
+    delivered: int = 0
+    failed: int = 0
+
+
+@runtime_checkable
+class History(Protocol):
+    """What the console reads and :mod:`smtp_bridge.history` writes."""
+
+    async def record_history(
+        self, messages: Sequence[HistoryMessage], attempts: Sequence[HistoryAttempt]
+    ) -> None:
+        """In one transaction: upsert ``messages`` by queue id, append ``attempts``."""
+        ...
+
+    async def search_history(
+        self, query: str = "", *, limit: int = 50, before: float | None = None
+    ) -> list[HistoryEntry]:
+        """Messages newest first (``received_at < before`` when given), matching ``query``
+        (every message when empty), each with its recipients' latest attempts."""
+        ...
+
+    async def history_message(
+        self, queue_id: str
+    ) -> tuple[HistoryMessage | None, list[HistoryAttempt]]:
+        """One message (None if unknown) and all its attempts, oldest first."""
+        ...
+
+    async def history_activity(self, since: float, bucket: float) -> list[ActivityBucket]:
+        """Messages received and attempts made since ``since``, in ``bucket``-second
+        slices (only the non-empty ones, oldest first): of the attempts that called the
+        API (``result`` not empty), ``delivered`` counts those whose state is delivered,
+        ``failed`` the others."""
+        ...
+
+    async def trim_history(self, before: float) -> int:
+        """Forget messages received and attempts made before ``before``; rows removed."""
+        ...
