@@ -1,4 +1,4 @@
-"""PostgreSQL for tests: one throwaway cluster per session, a fresh database per test.
+"""PostgreSQL for tests: one throwaway cluster per session, an empty database per test.
 
 Loaded as a pytest plugin by ``tests/conftest.py``. The cluster runs from the
 binaries of Debian's ``postgresql`` package (``/usr/lib/postgresql/*/bin``),
@@ -73,6 +73,8 @@ class PgCluster:
             self._user = "postgres"
             shutil.chown(root, user="postgres")
         self.running = False
+        #: Databases wiped after their test, ready for the next one.
+        self._clean: list[str] = []
 
     def _run(self, *args: str) -> None:
         command = [*args]
@@ -103,6 +105,9 @@ class PgCluster:
         options = (
             f"-c listen_addresses={self.host} -p {self.port} -k {self.root} -c fsync=on"
             " -c max_connections=200"
+            # After an immediate stop, recovery first syncs the data directory:
+            # one syncfs() instead of an fsync of each of its thousands of files.
+            " -c recovery_init_sync_method=syncfs"
         )
         self._run(
             str(self.bindir / "pg_ctl"),
@@ -117,10 +122,10 @@ class PgCluster:
         )
         self.running = True
 
-    def stop(self) -> None:
-        """Stop the server at once (connections are cut, as by a crash)."""
+    def stop(self, mode: str = "immediate") -> None:
+        """Stop the server; ``immediate`` cuts every connection at once, as a crash does."""
         pg_ctl = str(self.bindir / "pg_ctl")
-        self._run(pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        self._run(pg_ctl, "-D", str(self.data), "-m", mode, "-w", "stop")
         self.running = False
 
     def url(self, database: str = "postgres", *, password: str | None = None) -> str:
@@ -129,13 +134,44 @@ class PgCluster:
         return f"postgresql://{auth}@{self.host}:{self.port}/{database}"
 
     def create_database(self) -> str:
-        """A new empty database; returns its name."""
+        """An empty database: a used one wiped clean, or a new one; returns its name.
+
+        Wiping (DROP SCHEMA public CASCADE) is cheap where every CREATE DATABASE
+        copies some 300 catalog files that each later checkpoint must fsync: with
+        a new database per test, restarting the cluster in an outage test took
+        9 s instead of well under 1.
+        """
         import psycopg
 
+        if self._clean:
+            return self._clean.pop()
         name = f"t_{secrets.token_hex(6)}"
         with psycopg.connect(self.url(), autocommit=True, connect_timeout=10) as conn:
             conn.execute(f"CREATE DATABASE {name}")  # type: ignore[arg-type]
         return name
+
+    def give_back(self, name: str) -> None:
+        """Wipe database ``name`` for the next test (left alone if that fails)."""
+        import psycopg
+
+        if not self.running:
+            return
+        try:
+            with psycopg.connect(self.url(), autocommit=True, connect_timeout=10) as conn:
+                # Connections a failed test left open would hold locks on its tables.
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (name,),
+                )
+            with psycopg.connect(self.url(name), autocommit=True, connect_timeout=10) as conn:
+                conn.execute("SET lock_timeout = '5s'")
+                conn.execute("DROP SCHEMA public CASCADE")
+                conn.execute("CREATE SCHEMA public AUTHORIZATION pg_database_owner")
+                conn.execute("GRANT USAGE ON SCHEMA public TO PUBLIC")
+        except psycopg.Error:
+            return
+        self._clean.append(name)
 
 
 @pytest.fixture(scope="session")
@@ -161,14 +197,16 @@ def pg_cluster() -> Iterator[PgCluster]:
         finally:
             if cluster.running:
                 with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
-                    cluster.stop()
+                    cluster.stop()  # throwaway: no shutdown checkpoint
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture
-def pg_url(pg_cluster: PgCluster) -> str:
-    """A fresh database of the session's cluster, as a ``postgresql://`` URL."""
+def pg_url(pg_cluster: PgCluster) -> Iterator[str]:
+    """An empty database of the session's cluster, as a ``postgresql://`` URL."""
     if not pg_cluster.running:
         pg_cluster.start()  # an earlier test stopped it and failed before starting it again
-    return pg_cluster.url(pg_cluster.create_database())
+    name = pg_cluster.create_database()
+    yield pg_cluster.url(name)
+    pg_cluster.give_back(name)
