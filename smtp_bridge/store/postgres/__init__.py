@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
+import psycopg
+
 from ...outcomes import RecipientState
 from ..records import (
     CLAIMABLE_STATES,
@@ -116,12 +118,15 @@ class PostgresStore(QueueAdminMixin):
             min_size=min_size,
             max_size=max_size,
         )
+        # The schema first, on a connection of its own: its error says why
+        # (refused, authentication, no such database), the pool's only "timeout".
+        async with await store._db.connect() as conn:
+            try:
+                await migrate(conn, store.name)
+                skew = await _clock_skew(conn)
+            except psycopg.Error as exc:
+                raise store._db.error("migrate schema", exc) from exc
         await store._db.open()
-        try:
-            skew = await store._db.run("migrate schema", store._migrate)
-        except BaseException:
-            await store._db.close()
-            raise
         if abs(skew) > _SKEW_WARNING:
             _log.warning(
                 "state store %s: this host's clock is %.1fs off the database server's;"
@@ -130,13 +135,6 @@ class PostgresStore(QueueAdminMixin):
                 skew,
             )
         return store
-
-    async def _migrate(self, conn: Conn) -> float:
-        await conn.commit()  # migrate() runs its own transaction
-        await migrate(conn, self._db.name)
-        cursor = await conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
-        row = await cursor.fetchone()
-        return time.time() - float(row[0]) if row is not None else 0.0
 
     async def close(self) -> None:
         """Let running calls finish, then stop listening and close every connection."""
@@ -492,6 +490,13 @@ class PostgresStore(QueueAdminMixin):
         if record.updated_at:
             return record
         return dataclasses.replace(record, updated_at=self._clock())
+
+
+async def _clock_skew(conn: Conn) -> float:
+    """Seconds this host's clock is ahead of the database server's."""
+    cursor = await conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
+    row = await cursor.fetchone()
+    return time.time() - float(row[0]) if row is not None else 0.0
 
 
 async def _remembered(

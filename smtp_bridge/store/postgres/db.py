@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
@@ -52,7 +52,8 @@ def secrets_of(url: str) -> list[str]:
     parts = urlsplit(url)
     found = [parts.password] if parts.password else []
     found += [value for key, value in parse_qsl(parts.query) if key == "password" and value]
-    return found
+    # libpq may quote it decoded or as written: scrub both.
+    return sorted({*found, *(unquote(value) for value in found)}, key=len, reverse=True)
 
 
 class Database:
@@ -86,6 +87,15 @@ class Database:
         self._idle.set()
         self.closed = False
 
+    async def connect(self) -> Conn:
+        """One connection outside the pool (the migrations); libpq's reason if it fails."""
+        try:
+            return await psycopg.AsyncConnection.connect(self.url, **self.connect_kwargs)
+        except psycopg.Error as exc:
+            raise StoreError(
+                f"cannot open state store {self.name}: {self.scrub(str(exc))}"
+            ) from exc
+
     async def open(self) -> None:
         """Open the pool: its first connection must come within ``timeout``."""
         try:
@@ -93,8 +103,7 @@ class Database:
         except (PoolTimeout, psycopg.Error) as exc:
             await self.pool.close()
             raise StoreError(
-                f"cannot open state store {self.name}: no connection within"
-                f" {self.timeout:g}s ({self.scrub(str(exc))})"
+                f"cannot open state store {self.name}: no connection within {self.timeout:g}s"
             ) from exc
 
     async def close(self) -> None:
@@ -114,7 +123,11 @@ class Database:
 
     def error(self, what: str, exc: BaseException) -> StoreError:
         """The StoreError for ``what`` failing with ``exc``."""
-        error = StoreError(f"state store {self.name}: {what} failed: {self.scrub(str(exc))}")
+        if isinstance(exc, PoolTimeout):
+            reason = f"no connection to the database within {self.timeout:g}s"
+        else:
+            reason = self.scrub(str(exc))
+        error = StoreError(f"state store {self.name}: {what} failed: {reason}")
         error.__cause__ = exc
         return error
 
