@@ -207,6 +207,8 @@ class PostgresStore(QueueAdminMixin):
         rows = [self._stamped(record) for record in recipients]
 
         async def write(conn: Conn) -> None:
+            # Recipients before their message, the order update_recipient locks them in.
+            await put_recipients(conn, rows, message_key, self._dedup_ttl)
             if spool is not None:
                 cursor = await conn.execute(
                     "UPDATE messages SET content = %s, mode = %s WHERE queue_id = %s",
@@ -217,7 +219,6 @@ class PostgresStore(QueueAdminMixin):
                         f"state store {self.name}: record outcomes failed: no message {queue_id}"
                     )
                 await conn.execute(NOTIFY)
-            await put_recipients(conn, rows, message_key, self._dedup_ttl)
 
         await self._db.run("record outcomes", write)
 
