@@ -31,14 +31,19 @@ import psycopg
 
 from ...outcomes import RecipientState
 from ..records import (
+    ANONYMOUS_KEY_PREFIX,
     CLAIMABLE_STATES,
     CONTENT_DONE_STATES,
+    Admission,
+    Guard,
+    GuardState,
     MessageRecord,
     Notice,
     RecipientRecord,
     SpoolStats,
     StoreError,
 )
+from . import ledger
 from .admin import QueueAdminMixin
 from .db import DEFAULT_TIMEOUT, Conn, Database
 from .listener import SpoolListener
@@ -60,6 +65,12 @@ _log = logging.getLogger("smtp_bridge.store")
 PURGE_BATCH: Final = 1000
 #: This host's clock may be this far off the server's before open() warns.
 _SKEW_WARNING: Final = 1.0
+#: A session's call cut by a crash, settled by resolve_stale.
+_CUT: Final = "interrupted: the session ended during the call; it may have been sent"
+#: A session that ended before it sent anything or answered its client.
+_ABANDONED: Final = "interrupted: the session ended before its reply; this copy sent nothing"
+#: The error text of a recipient whose last attempt never recorded its end.
+_INTERRUPTED: Final = "interrupted: the attempt stopped before its answer was recorded"
 
 
 class PostgresStore(QueueAdminMixin):
@@ -70,6 +81,7 @@ class PostgresStore(QueueAdminMixin):
         url: str,
         *,
         dedup_ttl: float,
+        anonymous_ttl: float,
         claim_lease: float,
         clock: Callable[[], float],
         timeout: float,
@@ -79,6 +91,7 @@ class PostgresStore(QueueAdminMixin):
         # Use PostgresStore.open(): __init__ only sets fields, it connects nothing.
         self._db = Database(url, timeout=timeout, min_size=min_size, max_size=max_size)
         self._dedup_ttl = dedup_ttl
+        self._anonymous_ttl = min(anonymous_ttl, dedup_ttl)
         self._clock = clock
         #: The lease ``delivery.claim_lease`` asks for (callers pass it per claim).
         self.claim_lease = claim_lease
@@ -97,6 +110,7 @@ class PostgresStore(QueueAdminMixin):
         url: str,
         *,
         dedup_ttl: float = 86400.0,
+        anonymous_ttl: float = 3600.0,
         claim_lease: float = 60.0,
         clock: Callable[[], float] = time.time,
         timeout: float = DEFAULT_TIMEOUT,
@@ -112,6 +126,7 @@ class PostgresStore(QueueAdminMixin):
         store = cls(
             url,
             dedup_ttl=dedup_ttl,
+            anonymous_ttl=anonymous_ttl,
             claim_lease=claim_lease,
             clock=clock,
             timeout=timeout,
@@ -160,23 +175,23 @@ class PostgresStore(QueueAdminMixin):
     async def previous_outcomes(
         self, message_key: str, rcpts: Iterable[str]
     ) -> dict[str, RecipientState]:
-        """For a client retry: lower-cased rcpt -> DELIVERED or UNKNOWN, within ``dedup_ttl``."""
+        """For a client retry: lower-cased rcpt -> DELIVERED or UNKNOWN (see base.Ledger)."""
         wanted = sorted({rcpt.lower() for rcpt in rcpts})
         if not wanted:
             return {}
-        cutoff = self._clock() - self._dedup_ttl
+        now = self._clock()
+        ttl = self._ttl(message_key)
 
         async def read(conn: Conn) -> dict[str, RecipientState]:
-            return await _remembered(conn, message_key, wanted, cutoff)
+            return await ledger.remembered(conn, message_key, wanted, now, ttl)
 
         return await self._db.run("read previous outcomes", read)
 
     async def open_message(
-        self, message: MessageRecord, rcpts: Sequence[str]
-    ) -> dict[str, RecipientState]:
-        """The message, its recipients (RETRYING) and :meth:`previous_outcomes`, in one commit."""
-        wanted = sorted({rcpt.lower() for rcpt in rcpts})
-        cutoff = self._clock() - self._dedup_ttl
+        self, message: MessageRecord, rcpts: Sequence[str], *, lease: float
+    ) -> Admission:
+        """Before the calls of direct and hybrid mode, in one commit (see base.Ledger)."""
+        now = self._clock()
         rows = [
             RecipientRecord(
                 queue_id=message.queue_id,
@@ -187,12 +202,44 @@ class PostgresStore(QueueAdminMixin):
             for rcpt in rcpts
         ]
 
-        async def write(conn: Conn) -> dict[str, RecipientState]:
-            found = await _remembered(conn, message.message_key, wanted, cutoff)
+        async def write(conn: Conn) -> Admission:
+            reused = await self._reused_message_id(conn, message, now)
             await self._insert_message(conn, message, rows)
-            return found
+            guards = await ledger.acquire(
+                conn,
+                message.message_key,
+                rcpts,
+                holder=message.queue_id,
+                state=GuardState.SENDING,
+                until=now + lease,
+                now=now,
+                ttl=self._ttl(message.message_key),
+                owner=self.token,
+            )
+            return Admission(guards, reused)
 
         return await self._db.run("open message", write)
+
+    async def acquire(
+        self, message_key: str, rcpts: Sequence[str], *, queue_id: str, lease: float
+    ) -> dict[str, Guard]:
+        """Ask again for guards another copy held (see base.Ledger)."""
+        now = self._clock()
+
+        async def write(conn: Conn) -> dict[str, Guard]:
+            return await ledger.acquire(
+                conn,
+                message_key,
+                rcpts,
+                holder=queue_id,
+                state=GuardState.SENDING,
+                until=now + lease,
+                now=now,
+                ttl=self._ttl(message_key),
+                owner=self.token,
+            )
+
+        return await self._db.run("acquire", write)
 
     async def record_outcomes(
         self,
@@ -208,7 +255,7 @@ class PostgresStore(QueueAdminMixin):
 
         async def write(conn: Conn) -> None:
             # Recipients before their message, the order update_recipient locks them in.
-            await put_recipients(conn, rows, message_key, self._dedup_ttl)
+            await put_recipients(conn, rows, message_key, self._ttl(message_key))
             if spool is not None:
                 cursor = await conn.execute(
                     "UPDATE messages SET content = %s, mode = %s WHERE queue_id = %s",
@@ -224,14 +271,34 @@ class PostgresStore(QueueAdminMixin):
 
     async def add_message(
         self, message: MessageRecord, recipients: Sequence[RecipientRecord]
-    ) -> None:
-        """Record a message and its recipients in one transaction (queue mode's spool)."""
+    ) -> Admission:
+        """Queue mode's spool: a message and its recipients in one transaction (see base.Ledger)."""
         check_recipients(message, recipients)
+        now = self._clock()
+        ttl = self._ttl(message.message_key)
 
-        async def write(conn: Conn) -> None:
-            await self._insert_message(conn, message, recipients)
+        async def write(conn: Conn) -> Admission:
+            reused = await self._reused_message_id(conn, message, now)
+            spooled = [r.rcpt for r in recipients if _waits_in_spool(r)]
+            guards = await ledger.acquire(
+                conn,
+                message.message_key,
+                spooled,
+                holder=message.queue_id,
+                state=GuardState.QUEUED,
+                until=None,
+                now=now,
+                ttl=ttl,
+            )
+            rows = [_as_duplicate(r, guards.get(r.rcpt.lower())) for r in recipients]
+            kept = message
+            copies = any(r.state is RecipientState.DUPLICATE for r in rows)
+            if copies and not any(_waits_in_spool(r) for r in rows):
+                kept = dataclasses.replace(message, content=None)  # another copy sends it
+            await self._insert_message(conn, kept, rows)
+            return Admission(guards, reused)
 
-        await self._db.run("add message", write)
+        return await self._db.run("add message", write)
 
     async def update_recipient(
         self,
@@ -259,7 +326,7 @@ class PostgresStore(QueueAdminMixin):
                 found = await cursor.fetchone()
                 if found is not None and found[0] != token:
                     return False  # another claimer took it over after our lease
-            await put_recipients(conn, [row], message_key, self._dedup_ttl)
+            await put_recipients(conn, [row], message_key, self._ttl(message_key))
             if state.value in CONTENT_DONE_STATES:
                 await conn.execute(
                     "UPDATE messages SET content = NULL WHERE queue_id = %s"
@@ -321,7 +388,28 @@ class PostgresStore(QueueAdminMixin):
                 (sorted({r.queue_id for r in records}),),
             )
             messages = {m.queue_id: m for m in map(message_row, await cursor.fetchall())}
-            return [(messages[r.queue_id], r) for r in records]
+            # Every guard of the batch locked at once, in one order (no lock cycles).
+            await ledger.lock_all(
+                conn, [(messages[r.queue_id].message_key, r.rcpt) for r in records]
+            )
+            claimed = []
+            for record in records:
+                key = messages[record.queue_id].message_key
+                prior = await ledger.claim(
+                    conn, key, record.rcpt, holder=record.queue_id, until=now + lease, now=now
+                )
+                if prior is GuardState.SENDING:
+                    # An attempt that never recorded its end: its call may have gone out.
+                    await conn.execute(
+                        "UPDATE recipients SET state = %s, error = %s"
+                        " WHERE queue_id = %s AND rcpt = %s",
+                        (RecipientState.UNKNOWN.value, _INTERRUPTED, record.queue_id, record.rcpt),
+                    )
+                    record = dataclasses.replace(
+                        record, state=RecipientState.UNKNOWN, error=_INTERRUPTED
+                    )
+                claimed.append((messages[record.queue_id], record))
+            return claimed
 
         return await self._db.run("claim due recipients", write)
 
@@ -335,6 +423,7 @@ class PostgresStore(QueueAdminMixin):
                 " WHERE queue_id = %s AND rcpt = %s",
                 (next_attempt, queue_id, rcpt),
             )
+            await ledger.requeue(conn, queue_id, rcpt)
 
         await self._db.run("release claim", write)
 
@@ -348,7 +437,10 @@ class PostgresStore(QueueAdminMixin):
                 " AND claimed_until IS NOT NULL AND claimed_by = %s",
                 (until, queue_id, rcpt, self.token),
             )
-            return bool(cursor.rowcount == 1)
+            if cursor.rowcount != 1:
+                return False
+            await ledger.extend(conn, queue_id, rcpt, until)
+            return True
 
         return await self._db.run("renew claim", write)
 
@@ -359,6 +451,59 @@ class PostgresStore(QueueAdminMixin):
         left to the lease (``delivery.claim_lease``). Returns 0.
         """
         return 0
+
+    async def resolve_stale(self, *, older_than: float) -> int:
+        """Settle what sessions that died left behind (see base.Spool); returns rows settled.
+
+        A SENDING guard of a session (its message has no spooled content) whose
+        lease ran out, on any instance, is a call cut short: UNKNOWN.
+        """
+        now = self._clock()
+
+        async def write(conn: Conn) -> int:
+            cursor = await conn.execute(
+                "SELECT d.message_key, d.rcpt, d.queue_id FROM dedup AS d"
+                " WHERE d.state = %s AND d.lease_until < %s AND EXISTS (SELECT 1 FROM messages"
+                " AS m WHERE m.queue_id = d.queue_id AND m.content IS NULL)"
+                " ORDER BY d.message_key, d.rcpt FOR UPDATE OF d SKIP LOCKED",
+                (GuardState.SENDING.value, now),
+            )
+            cut = await cursor.fetchall()
+            for key, rcpt, holder in cut:
+                await conn.execute(
+                    "UPDATE dedup SET state = %s, lease_until = NULL, owner = NULL,"
+                    " updated_at = %s WHERE message_key = %s AND rcpt = %s",
+                    (GuardState.UNKNOWN.value, now, key, rcpt),
+                )
+                await conn.execute(
+                    "UPDATE recipients SET state = %s, error = %s, next_attempt = NULL,"
+                    " updated_at = %s WHERE queue_id = %s AND lower(rcpt) = %s AND state = %s",
+                    (
+                        RecipientState.UNKNOWN.value,
+                        _CUT,
+                        now,
+                        holder,
+                        rcpt,
+                        RecipientState.RETRYING.value,
+                    ),
+                )
+            # Copies that never got to send (waiting for another copy, or cut before).
+            cursor = await conn.execute(
+                "UPDATE recipients AS r SET state = %s, error = %s, updated_at = %s"
+                " WHERE r.state = %s AND r.next_attempt IS NULL AND r.updated_at < %s"
+                " AND EXISTS (SELECT 1 FROM messages AS m WHERE m.queue_id = r.queue_id"
+                " AND m.content IS NULL)",
+                (
+                    RecipientState.FAILED.value,
+                    _ABANDONED,
+                    now,
+                    RecipientState.RETRYING.value,
+                    now - older_than,
+                ),
+            )
+            return len(cut) + int(cursor.rowcount)
+
+        return await self._db.run("resolve stale", write)
 
     async def next_due(self) -> float | None:
         """When the next spooled recipient becomes claimable, or None if none waits."""
@@ -382,15 +527,31 @@ class PostgresStore(QueueAdminMixin):
         Dead letters with content stay until ``queue retry`` or ``queue purge``.
         """
         cutoff = (self._clock() if now is None else now) - self._dedup_ttl
+        anonymous_cutoff = cutoff + self._dedup_ttl - self._anonymous_ttl
         final = list(CONTENT_DONE_STATES)
+        remembered = [GuardState.DELIVERED.value, GuardState.UNKNOWN.value]
+        guards = [GuardState.QUEUED.value, GuardState.SENDING.value]
 
         async def write(conn: Conn) -> int:
             removed = 0
             while True:
                 cursor = await conn.execute(
                     "DELETE FROM dedup WHERE ctid = ANY(ARRAY("
-                    " SELECT ctid FROM dedup WHERE updated_at <= %s LIMIT %s))",
-                    (cutoff, PURGE_BATCH),
+                    " SELECT ctid FROM dedup WHERE state = ANY(%s) AND updated_at <="
+                    " CASE WHEN starts_with(message_key, %s) THEN %s ELSE %s END LIMIT %s))",
+                    (remembered, ANONYMOUS_KEY_PREFIX, anonymous_cutoff, cutoff, PURGE_BATCH),
+                )
+                removed += cursor.rowcount
+                if cursor.rowcount < PURGE_BATCH:
+                    break
+            # Guards whose holder's row is gone (purged by hand, or expired).
+            while True:
+                cursor = await conn.execute(
+                    "DELETE FROM dedup WHERE ctid = ANY(ARRAY("
+                    " SELECT d.ctid FROM dedup AS d WHERE d.state = ANY(%s) AND NOT EXISTS"
+                    " (SELECT 1 FROM recipients AS r WHERE r.queue_id = d.queue_id"
+                    " AND lower(r.rcpt) = d.rcpt) LIMIT %s))",
+                    (guards, PURGE_BATCH),
                 )
                 removed += cursor.rowcount
                 if cursor.rowcount < PURGE_BATCH:
@@ -483,9 +644,27 @@ class PostgresStore(QueueAdminMixin):
     ) -> None:
         check_recipients(message, recipients)
         rows = [self._stamped(record) for record in recipients]
-        await insert_message(conn, message, rows, self._dedup_ttl)
+        await insert_message(conn, message, rows, self._ttl(message.message_key))
         if message.content is not None:
             await conn.execute(NOTIFY)
+
+    def _ttl(self, message_key: str) -> float:
+        """How long the outcome of a message with this key is remembered."""
+        if message_key.startswith(ANONYMOUS_KEY_PREFIX):
+            return self._anonymous_ttl
+        return self._dedup_ttl
+
+    async def _reused_message_id(self, conn: Conn, message: MessageRecord, now: float) -> str:
+        """The queue id of an earlier message with this Message-ID and other content, or ""."""
+        if not message.message_id:
+            return ""
+        cursor = await conn.execute(
+            "SELECT queue_id FROM messages WHERE message_id = %s AND message_key <> %s"
+            " AND received_at > %s ORDER BY received_at DESC LIMIT 1",
+            (message.message_id, message.message_key, now - self._dedup_ttl),
+        )
+        row = await cursor.fetchone()
+        return str(row[0]) if row else ""
 
     def _stamped(self, record: RecipientRecord) -> RecipientRecord:
         if record.updated_at:
@@ -500,13 +679,22 @@ async def _clock_skew(conn: Conn) -> float:
     return time.time() - float(row[0]) if row is not None else 0.0
 
 
-async def _remembered(
-    conn: Conn, message_key: str, wanted: Sequence[str], cutoff: float
-) -> dict[str, RecipientState]:
-    """The dedup rows of ``wanted`` (lower-cased) recipients newer than ``cutoff``."""
-    cursor = await conn.execute(
-        "SELECT rcpt, state FROM dedup"
-        " WHERE message_key = %s AND updated_at > %s AND rcpt = ANY(%s)",
-        (message_key, cutoff, list(wanted)),
+def _waits_in_spool(record: RecipientRecord) -> bool:
+    return record.next_attempt is not None and record.state in (
+        RecipientState.RETRYING,
+        RecipientState.UNKNOWN,
     )
-    return {rcpt: RecipientState(state) for rcpt, state in await cursor.fetchall()}
+
+
+def _as_duplicate(record: RecipientRecord, guard: Guard | None) -> RecipientRecord:
+    """A spooled recipient whose guard another copy holds: this copy will not send it."""
+    if guard is None or guard.acquired or not _waits_in_spool(record):
+        return record
+    state = guard.state.value if guard.state else "held"
+    return dataclasses.replace(
+        record,
+        state=RecipientState.DUPLICATE,
+        next_attempt=None,
+        spooled_at=None,
+        error=f"same message as {guard.holder} ({state})",
+    )

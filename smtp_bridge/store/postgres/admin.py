@@ -6,7 +6,8 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from ...outcomes import RecipientState
-from ..records import CLAIMABLE_STATES, MessageRecord, RecipientRecord
+from ..records import CLAIMABLE_STATES, GuardState, MessageRecord, RecipientRecord
+from . import ledger
 from .db import Conn, Database
 from .rows import NOTIFY, message_row, recipient_row
 from .schema import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
@@ -19,6 +20,7 @@ class QueueAdminMixin:
 
     _db: Database
     _clock: Callable[[], float]
+    _ttl: Callable[[str], float]
 
     async def get_message(
         self, queue_id: str
@@ -79,7 +81,8 @@ class QueueAdminMixin:
             params = [list(CLAIMABLE_STATES)]
         # The content itself stays in the database: only whether there is any.
         names = [c.strip() for c in MESSAGE_COLUMNS.split(",")]
-        columns = ", ".join([*(f"m.{c}" for c in names[:-1]), "m.content IS NOT NULL"])
+        columns = ", ".join("m.content IS NOT NULL" if c == "content" else f"m.{c}" for c in names)
+        at = names.index("content")
         recipient_columns = ", ".join(f"r.{c.strip()}" for c in RECIPIENT_COLUMNS.split(","))
         sql = (
             f"SELECT {columns}, {recipient_columns}"
@@ -93,7 +96,7 @@ class QueueAdminMixin:
             cursor = await conn.execute(sql, params)
             found = []
             for row in await cursor.fetchall():
-                head = (*row[: width - 1], b"" if row[width - 1] else None)
+                head = (*row[:at], b"" if row[at] else None, *row[at + 1 : width])
                 found.append((message_row(head), recipient_row(row[width:])))
             return found
 
@@ -114,6 +117,23 @@ class QueueAdminMixin:
         )
 
         async def write(conn: Conn) -> tuple[int, int]:
+            cursor = await conn.execute(
+                "SELECT m.message_key, r.rcpt, r.queue_id FROM recipients AS r JOIN messages AS m"
+                f" ON m.queue_id = r.queue_id WHERE r.state = %s{scope}{spooled}",
+                (RecipientState.DEAD.value, *scope_params),
+            )
+            for key, rcpt, holder in await cursor.fetchall():
+                # Back in the spool: its guard again, unless another copy has it now.
+                await ledger.acquire(
+                    conn,
+                    key,
+                    [rcpt],
+                    holder=holder,
+                    state=GuardState.QUEUED,
+                    until=None,
+                    now=now,
+                    ttl=self._ttl(key),
+                )
             cursor = await conn.execute(
                 "UPDATE recipients AS r SET state = %s, next_attempt = %s, spooled_at = %s,"
                 " claimed_until = NULL, claimed_by = NULL, error = '', updated_at = %s"
@@ -161,6 +181,10 @@ class QueueAdminMixin:
                     "DELETE FROM recipients WHERE queue_id = %s", (queue_id,)
                 )
                 removed = cursor.rowcount
+                await conn.execute(
+                    "DELETE FROM dedup WHERE queue_id = %s AND state = ANY(%s)",
+                    (queue_id, [GuardState.QUEUED.value, GuardState.SENDING.value]),
+                )
                 await conn.execute("DELETE FROM messages WHERE queue_id = %s", (queue_id,))
                 return int(removed)
             cursor = await conn.execute(

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from ...outcomes import RecipientState
-from ..records import DEDUP_STATES, MessageRecord, RecipientRecord
+from ..records import MessageRecord, RecipientRecord
+from . import ledger
 from .schema import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 
 __all__ = [
@@ -34,17 +35,6 @@ _PUT_RECIPIENT: Final = (
     " error = excluded.error, claimed_until = NULL, claimed_by = NULL,"
     " spooled_at = COALESCE(excluded.spooled_at, recipients.spooled_at)"
 )
-# Once delivered, stay delivered while remembered: an UNKNOWN from a later
-# duplicate send must not make the next retry send again.
-_PUT_DEDUP: Final = (
-    "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at)"
-    " VALUES (%s, %s, %s, %s, %s)"
-    " ON CONFLICT (message_key, rcpt) DO UPDATE SET"
-    " queue_id = excluded.queue_id, state = excluded.state,"
-    " updated_at = excluded.updated_at"
-    " WHERE excluded.state = %s OR dedup.state <> %s"
-    " OR dedup.updated_at <= excluded.updated_at - %s"
-)
 
 
 def check_recipients(message: MessageRecord, recipients: Sequence[RecipientRecord]) -> None:
@@ -59,11 +49,12 @@ async def insert_message(
     conn: Conn,
     message: MessageRecord,
     recipients: Sequence[RecipientRecord],
-    dedup_ttl: float,
+    ttl: float,
 ) -> None:
     """The message row and its (already stamped) recipients; a known queue_id fails."""
     await conn.execute(
-        f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        f"INSERT INTO messages ({MESSAGE_COLUMNS})"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
             message.queue_id,
             message.message_key,
@@ -75,60 +66,45 @@ async def insert_message(
             message.received_at,
             message.mode,
             message.content,
+            message.message_id,
         ),
     )
-    await put_recipients(conn, recipients, message.message_key, dedup_ttl)
+    await put_recipients(conn, recipients, message.message_key, ttl)
 
 
 async def put_recipients(
-    conn: Conn, records: Sequence[RecipientRecord], message_key: str, dedup_ttl: float
+    conn: Conn, records: Sequence[RecipientRecord], message_key: str, ttl: float
 ) -> None:
-    """Upsert ``records`` (in order, one pipeline) and their dedup rows."""
+    """Upsert ``records`` (in order, one pipeline), then move their guards on."""
     if not records:
         return
-    rows = []
-    dedup = []
-    delivered = RecipientState.DELIVERED.value
-    for record in records:
-        state = RecipientState(record.state)
-        rows.append(
-            (
-                record.queue_id,
-                record.rcpt,
-                state.value,
-                record.route,
-                record.template_id,
-                record.api_code,
-                record.reply,
-                record.attempts,
-                record.next_attempt,
-                record.updated_at,
-                record.error,
-                record.spooled_at,
-            )
+    rows = [
+        (
+            record.queue_id,
+            record.rcpt,
+            RecipientState(record.state).value,
+            record.route,
+            record.template_id,
+            record.api_code,
+            record.reply,
+            record.attempts,
+            record.next_attempt,
+            record.updated_at,
+            record.error,
+            record.spooled_at,
         )
-        if state in DEDUP_STATES:
-            dedup.append(
-                (
-                    message_key,
-                    record.rcpt.lower(),
-                    record.queue_id,
-                    state.value,
-                    record.updated_at,
-                    delivered,
-                    delivered,
-                    dedup_ttl,
-                )
-            )
+        for record in records
+    ]
     async with conn.cursor() as cursor:
         await cursor.executemany(_PUT_RECIPIENT, rows)
-        if dedup:
-            await cursor.executemany(_PUT_DEDUP, dedup)
+    for record in records:
+        await ledger.record_outcome(conn, message_key, record, ttl=ttl)
 
 
 def message_row(row: Sequence[Any]) -> MessageRecord:
     """A MessageRecord from the columns of MESSAGE_COLUMNS."""
-    queue_id, key, mail_from, client, user, subject, size, received_at, mode, content = row
+    queue_id, key, mail_from, client, user, subject, size, received_at, mode, content = row[:10]
+    message_id = row[10] if len(row) > 10 else ""
     return MessageRecord(
         queue_id=queue_id,
         message_key=key,
@@ -140,6 +116,7 @@ def message_row(row: Sequence[Any]) -> MessageRecord:
         received_at=received_at,
         mode=mode,
         content=None if content is None else bytes(content),
+        message_id=message_id,
     )
 
 

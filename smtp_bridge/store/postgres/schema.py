@@ -40,9 +40,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             size bigint NOT NULL,
             received_at double precision NOT NULL,
             mode text NOT NULL,
-            content bytea NULL
+            content bytea NULL,
+            message_id text NOT NULL DEFAULT ''
         )""",
         "CREATE INDEX messages_received ON messages (received_at)",
+        # A reused Message-ID with other content is a new message, logged.
+        "CREATE INDEX messages_message_id ON messages (message_id) WHERE message_id <> ''",
         """CREATE TABLE recipients (
             queue_id text COLLATE "C" NOT NULL,
             rcpt text COLLATE "C" NOT NULL,
@@ -68,9 +71,13 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             queue_id text COLLATE "C" NOT NULL,
             state text NOT NULL,
             updated_at double precision NOT NULL,
+            lease_until double precision NULL,
+            owner text NULL,
             PRIMARY KEY (message_key, rcpt)
         )""",
         "CREATE INDEX dedup_updated ON dedup (updated_at)",
+        "CREATE INDEX dedup_state ON dedup (state, lease_until)",
+        "CREATE INDEX dedup_holder ON dedup (queue_id)",
         # Small key/value table; also the target of the /readyz write probe.
         "CREATE TABLE meta (key text PRIMARY KEY, value text NULL)",
     ),
@@ -78,7 +85,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 MESSAGE_COLUMNS: Final = (
-    'queue_id, message_key, mail_from, client, "user", subject, size, received_at, mode, content'
+    'queue_id, message_key, mail_from, client, "user", subject, size, received_at, mode, content,'
+    " message_id"
 )
 RECIPIENT_COLUMNS: Final = (
     "queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt, "
