@@ -177,6 +177,40 @@ async def test_renew_claim_extends_only_our_own_live_claim(
     assert await mine.recover_claims() == 0  # leases, not recovery, free a dead one's claims
 
 
+async def test_copies_on_several_instances_never_both_hold_a_guard(
+    stores: Callable[..., Any],
+) -> None:
+    # Eight copies of one message (one key) arrive at once on four instances, in
+    # direct mode (open_message) and in queue mode (add_message): for each
+    # recipient exactly one copy may send it; the others are told who holds it.
+    instances = [await stores() for _ in range(4)]
+    rcpts = [f"r{i}@x.org" for i in range(20)]
+
+    async def direct(store: PostgresStore, n: int) -> dict[str, Any]:
+        admission = await store.open_message(message(f"D{n}"), rcpts, lease=60)
+        return admission.guards
+
+    async def queued(store: PostgresStore, n: int) -> dict[str, Any]:
+        admission = await store.add_message(
+            message(f"S{n}", content=SECRET),
+            [rcpt(r, queue_id=f"S{n}", next_attempt=T0, spooled_at=T0) for r in rcpts],
+        )
+        return admission.guards
+
+    results = await asyncio.gather(
+        *(direct(store, n) for n, store in enumerate(instances)),
+        *(queued(store, n) for n, store in enumerate(instances)),
+    )
+    for r in rcpts:
+        holders = [guards[r] for guards in results if guards[r].acquired]
+        assert len(holders) == 1, (r, holders)
+        refused = [guards[r] for guards in results if not guards[r].acquired]
+        assert len(refused) == 7 and all(g.holder for g in refused)
+    # Queue-mode copies that lost wrote their rows as duplicates, not spooled.
+    spooled = await instances[0].list_queue()
+    assert len(spooled) == sum(1 for guards in results[4:] for r in rcpts if guards[r].acquired)
+
+
 # -- notifications ---------------------------------------------------------------------
 
 
