@@ -151,6 +151,26 @@ async def test_a_final_write_after_a_lease_takeover_is_fenced(
     assert got[0].content is None
 
 
+async def test_on_the_real_clock_leases_are_the_databases_not_the_callers(
+    stores: Callable[..., Any], pg_url: str
+) -> None:
+    first, ahead = await stores(clock=time.time), await stores(clock=time.time)
+    now = time.time()
+    await first.add_message(
+        message(content=SECRET, received_at=now),
+        [rcpt("a@x.org", next_attempt=now - 1, spooled_at=now)],
+    )
+    [(_, claimed)] = await first.claim_due(now=now, limit=5, lease=60)
+    # A host whose clock runs an hour ahead does not see the lease as run out.
+    assert await ahead.claim_due(now=time.time() + 3600, limit=5, lease=60) == []
+    [(left,)] = sql(
+        pg_url, "SELECT claimed_until - extract(epoch FROM clock_timestamp()) FROM recipients"
+    )
+    assert 0 < left <= 60
+    assert await first.renew_claim("Q1", "a@x.org", lease=60) is True
+    assert claimed.attempts == 1
+
+
 async def test_renew_claim_extends_only_our_own_live_claim(
     stores: Callable[..., Any], clock: Clock
 ) -> None:

@@ -9,11 +9,11 @@ Claims: :meth:`PostgresStore.claim_due` takes due rows with ``FOR UPDATE SKIP
 LOCKED``, so claimers on several hosts never get the same row, and marks them
 with this store object's random token; a final write with ``claim=True``
 applies only while the row still carries it (fencing). Lease times are on the
-caller's clock, as in SQLite: ``claim_due`` compares and sets ``claimed_until``
-with the ``now`` it is given, ``renew_claim`` with the store's ``clock``. The
-instances' clocks must therefore agree to well within ``delivery.claim_lease``
-(NTP does); :meth:`PostgresStore.open` logs a warning when this host's clock is
-more than a second off the database server's. A dead instance's claims are
+database server's clock (hosts' clocks may differ): ``claim_due`` reads it in
+its own transaction, and every other "now" of the store (guards' leases,
+stamps, the dedup window) is this host's clock corrected by the server's lead
+as last measured. An injected ``clock`` (tests) replaces all of that, and
+``claim_due`` then honours the ``now`` it is given, as SQLite does. A dead instance's claims are
 taken over when their lease runs out (:meth:`PostgresStore.recover_claims` has
 no way to tell a dead instance from a slow one and releases nothing).
 """
@@ -81,7 +81,11 @@ class PostgresStore(SpoolMixin, QueueAdminMixin):
         self._db = Database(url, timeout=timeout, min_size=min_size, max_size=max_size)
         self._dedup_ttl = dedup_ttl
         self._anonymous_ttl = min(anonymous_ttl, dedup_ttl)
-        self._clock = clock
+        #: On the real clock, leases are the database's (see the module docstring).
+        self._db_clock = clock is time.time
+        #: The database server's clock minus this host's, as last measured.
+        self._offset = 0.0
+        self._clock = self._database_time if self._db_clock else clock
         #: The lease ``delivery.claim_lease`` asks for (callers pass it per claim).
         self.claim_lease = claim_lease
         #: This store object's claimer token: ``claimed_by`` of the rows it claims.
@@ -131,10 +135,11 @@ class PostgresStore(SpoolMixin, QueueAdminMixin):
             except psycopg.Error as exc:
                 raise store._db.error("migrate schema", exc) from exc
         await store._db.open()
+        store._offset = -skew
         if abs(skew) > _SKEW_WARNING:
             _log.warning(
                 "state store %s: this host's clock is %.1fs off the database server's;"
-                " spool claims need the instances' clocks in agreement",
+                " the store keeps time by the server's",
                 store.name,
                 skew,
             )
@@ -375,6 +380,9 @@ class PostgresStore(SpoolMixin, QueueAdminMixin):
         )
         row = await cursor.fetchone()
         return str(row[0]) if row else ""
+
+    def _database_time(self) -> float:
+        return time.time() + self._offset
 
     def _stamped(self, record: RecipientRecord) -> RecipientRecord:
         if record.updated_at:

@@ -68,6 +68,9 @@ class Database:
         self.connect_kwargs: dict[str, Any] = {
             "connect_timeout": max(2, round(timeout)),
             "application_name": "smtp-bridge",
+            # No server-side prepared statements: they break behind PgBouncer's
+            # transaction pooling (before 1.21), which README.md promises works.
+            "prepare_threshold": None,
         }
         self.pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             url,

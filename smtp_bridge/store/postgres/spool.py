@@ -9,6 +9,7 @@ package docstring).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Final
 
@@ -46,7 +47,17 @@ class SpoolMixin:
     _clock: Callable[[], float]
     _dedup_ttl: float
     _anonymous_ttl: float
+    _db_clock: bool
+    _offset: float
     token: str
+
+    async def _database_now(self, conn: Conn) -> float:
+        """The database server's clock; also keeps :attr:`_offset` (its lead on ours) fresh."""
+        cursor = await conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
+        row = await cursor.fetchone()
+        at = float(row[0]) if row is not None else time.time() + self._offset
+        self._offset = at - time.time()
+        return at
 
     async def claim_due(
         self, *, now: float, limit: int, lease: float
@@ -56,6 +67,8 @@ class SpoolMixin:
         One statement locks the due rows with ``SKIP LOCKED`` (rows another
         claimer is taking right now are left to it), counts the attempt and sets
         ``claimed_until = now + lease`` and ``claimed_by`` to this store's token.
+        On the real clock, ``now`` is the database server's (read in this
+        transaction), not the caller's: every instance's leases on one clock.
         """
         if limit <= 0:
             return []
@@ -74,15 +87,16 @@ class SpoolMixin:
             " FROM due WHERE r.queue_id = due.queue_id AND r.rcpt = due.rcpt"
             f" RETURNING {columns}"
         )
-        params = {
-            "claimable": list(CLAIMABLE_STATES),
-            "now": now,
-            "limit": limit,
-            "until": now + lease,
-            "token": self.token,
-        }
 
         async def write(conn: Conn) -> list[tuple[MessageRecord, RecipientRecord]]:
+            at = await self._database_now(conn) if self._db_clock else now
+            params = {
+                "claimable": list(CLAIMABLE_STATES),
+                "now": at,
+                "limit": limit,
+                "until": at + lease,
+                "token": self.token,
+            }
             cursor = await conn.execute(sql, params)
             records = [recipient_row(row) for row in await cursor.fetchall()]
             if not records:
@@ -101,7 +115,7 @@ class SpoolMixin:
             for record in records:
                 key = messages[record.queue_id].message_key
                 prior = await ledger.claim(
-                    conn, key, record.rcpt, holder=record.queue_id, until=now + lease, now=now
+                    conn, key, record.rcpt, holder=record.queue_id, until=at + lease, now=at
                 )
                 if prior is GuardState.SENDING:
                     # An attempt that never recorded its end: its call may have gone out.
