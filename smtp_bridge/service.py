@@ -255,6 +255,8 @@ class BridgeService:
             metrics=self.metrics,
         )
         delivery.on_spooled = worker.wake
+        # Mail spooled by another instance (PostgreSQL's NOTIFY) wakes ours too.
+        self._store.on_spooled(worker.wake)
         worker.start()
         handler = self.handler = BridgeHandler(delivery, self._track)
         loop = asyncio.get_running_loop()

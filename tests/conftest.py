@@ -27,6 +27,9 @@ from smtp_bridge.logs import LOGGER, JsonFormatter
 from smtp_bridge.sandbox import Sandbox
 from smtp_bridge.service import BridgeService
 
+# PostgreSQL fixtures (pg_cluster, pg_url): tests/pg.py.
+pytest_plugins = ["pg"]
+
 TEST_KEY = "test-key-5ecr3t-0123456789"
 
 DEFAULT_ROUTES = """

@@ -50,7 +50,7 @@ The rules (they used to live only inside the SQL):
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 from ..outcomes import RecipientState
@@ -210,6 +210,16 @@ class Spool(Protocol):
 
     async def dead_letters(self) -> int:
         """How many recipients are dead letters (the ``dead_letters`` gauge)."""
+        ...
+
+    def on_spooled(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop) when any instance spools work.
+
+        For several instances on one store: a message spooled (or retried) by
+        one wakes the workers of all at once instead of at their next poll.
+        Backends with one host only (SQLite) may never call it: the process
+        wakes its own workers. A wake-up is a hint, never the only trigger.
+        """
         ...
 
 

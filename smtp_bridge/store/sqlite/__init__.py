@@ -660,6 +660,13 @@ class SQLiteStore:
 
         return await self._read("count dead letters", read)
 
+    def on_spooled(self, callback: Callable[[], None]) -> None:
+        """Accepted and never called: the process that spools wakes its own workers.
+
+        Another process on the same file (the CLI, ``serve --workers``) is seen
+        at the workers' next ``idle_poll``.
+        """
+
     async def list_queue(
         self, *, dead: bool = False, limit: int = 1000
     ) -> list[tuple[MessageRecord, RecipientRecord]]:

@@ -1,36 +1,26 @@
-"""The SQLite state store against a real database file under tmp_path."""
+"""The rules of :mod:`smtp_bridge.store.base`, held against every backend.
+
+Each test runs on SQLite (a file under tmp_path) and on PostgreSQL (a fresh
+database of the session's throwaway cluster, tests/pg.py). What only one
+backend does is in tests/test_store_sqlite.py and tests/test_store_postgres.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sqlite3
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from store_helpers import SECRET, T0, TTL, Clock, message, rcpt
 
 import smtp_bridge.store as store_module
 from smtp_bridge.outcomes import RecipientState
-from smtp_bridge.store import Guard, GuardState, MessageRecord, RecipientRecord, StoreError
-from smtp_bridge.store.sqlite import SQLiteStore as Store
-from smtp_bridge.store.sqlite.schema import SCHEMA_VERSION
+from smtp_bridge.store import Guard, GuardState, StateStore, StoreError
 
-T0 = 1_700_000_000.0
-TTL = 3600.0
-SECRET = b"Subject: hi\r\n\r\nthe very secret body\r\n"
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+#: Opens a store on the test's database: ``await opener(dedup_ttl=..., clock=...)``.
+Opener = Callable[..., Awaitable[StateStore]]
 
 
 @pytest.fixture
@@ -38,108 +28,34 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "bridge.sqlite3"
+@pytest.fixture(params=["sqlite", "postgres"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """Opens stores of one backend, all on the same database."""
+    if request.param == "sqlite":
+        from smtp_bridge.store.sqlite import SQLiteStore
+
+        path = tmp_path / "state" / "bridge.sqlite3"
+
+        async def open_sqlite(**kwargs: Any) -> StateStore:
+            return await SQLiteStore.open(path, **kwargs)
+
+        return open_sqlite
+    url = request.getfixturevalue("pg_url")
+    from smtp_bridge.store.postgres import PostgresStore
+
+    async def open_postgres(**kwargs: Any) -> StateStore:
+        return await PostgresStore.open(url, **kwargs)
+
+    return open_postgres
 
 
 @pytest.fixture
-async def store(db_path: Path, clock: Clock) -> AsyncIterator[Store]:
-    opened = await Store.open(db_path, dedup_ttl=TTL, clock=clock)
+async def store(opener: Opener, clock: Clock) -> AsyncIterator[StateStore]:
+    opened = await opener(dedup_ttl=TTL, clock=clock)
     try:
         yield opened
     finally:
         await opened.close()
-
-
-def message(
-    queue_id: str = "Q1",
-    *,
-    key: str = "key-1",
-    content: bytes | None = None,
-    received_at: float = T0,
-) -> MessageRecord:
-    return MessageRecord(
-        queue_id=queue_id,
-        message_key=key,
-        mail_from="app@example.com",
-        client="192.0.2.1",
-        user="crm",
-        subject="Reset your password",
-        size=len(content or b""),
-        received_at=received_at,
-        mode="queue" if content is not None else "direct",
-        content=content,
-    )
-
-
-def rcpt(
-    rcpt: str,
-    state: RecipientState = RecipientState.RETRYING,
-    *,
-    queue_id: str = "Q1",
-    **fields: Any,
-) -> RecipientRecord:
-    return RecipientRecord(queue_id=queue_id, rcpt=rcpt, state=state, **fields)
-
-
-@contextlib.asynccontextmanager
-async def writer_held(store: Store) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-    """Park the writer thread inside a batch of its own until ``release()`` is awaited.
-
-    Writes submitted meanwhile queue up and form the next batch, so a test can decide
-    exactly which operations share a transaction, without sleeping.
-    """
-    loop = asyncio.get_running_loop()
-    started = asyncio.Event()
-    gate = threading.Event()
-
-    def hold(conn: sqlite3.Connection) -> None:
-        loop.call_soon_threadsafe(started.set)
-        gate.wait(30)
-
-    blocker = store.writer.submit("test: hold the writer", hold)
-    waiting = asyncio.ensure_future(started.wait())
-    either: list[asyncio.Future[Any]] = [waiting, blocker]
-    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-    if not waiting.done():  # the parked batch itself failed (e.g. a read-only database)
-        waiting.cancel()
-        await blocker
-
-    async def release_writer() -> None:
-        gate.set()
-
-    try:
-        yield release_writer
-    finally:
-        gate.set()
-        await blocker
-
-
-async def in_one_batch(store: Store, *writes: Awaitable[Any]) -> list[Any | BaseException]:
-    """Run ``writes`` so that all of them are committed (or fail) in one transaction."""
-    async with writer_held(store) as release:
-        # gather starts its tasks in order: each write is queued by its task's first
-        # step, so by the time the last task runs, every write is waiting in the queue.
-        *results, _ = await asyncio.gather(*writes, release(), return_exceptions=True)
-    return results
-
-
-async def set_writer_pragma(store: Store, pragma: str) -> None:
-    """Test hook: a PRAGMA on the writer's own connection, outside any transaction."""
-    await store.writer.submit(
-        f"test: {pragma}", lambda conn: conn.execute(f"PRAGMA {pragma}"), alone=True
-    )
-
-
-async def limit_size_to_current(store: Store) -> None:
-    """Simulate a full disk: the database may not grow by a single page."""
-
-    def limit(conn: sqlite3.Connection) -> None:
-        (pages,) = conn.execute("PRAGMA page_count").fetchone()
-        conn.execute(f"PRAGMA max_page_count = {pages}")
-
-    await store.writer.submit("test: fill the disk", limit)
 
 
 def test_exports() -> None:
@@ -165,62 +81,18 @@ def test_exports() -> None:
     }
 
 
-# -- open / close ----------------------------------------------------------------------
-
-
-async def test_open_creates_directory_wal_and_schema_version(db_path: Path) -> None:
-    opened = await Store.open(db_path)
-    await opened.close()
-    assert db_path.is_file()
-    with contextlib.closing(sqlite3.connect(db_path)) as conn:
-        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
-    assert {"messages", "recipients", "dedup", "recipients_due"} <= tables
-
-
-async def test_reopen_keeps_data(db_path: Path) -> None:
-    first = await Store.open(db_path)
+async def test_reopen_keeps_data(opener: Opener) -> None:
+    first = await opener()
     await first.add_message(message(), [rcpt("a@example.com")])
     await first.close()
-    second = await Store.open(db_path)
+    second = await opener()
     try:
         assert await second.get_message("Q1") is not None
     finally:
         await second.close()
 
 
-async def test_open_fails_when_directory_cannot_be_created(tmp_path: Path) -> None:
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("x")
-    with pytest.raises(StoreError, match="cannot create state directory") as info:
-        await Store.open(blocker / "state" / "bridge.sqlite3")
-    assert str(blocker) in str(info.value)
-
-
-async def test_open_fails_on_a_file_that_is_not_a_database(db_path: Path) -> None:
-    db_path.parent.mkdir(parents=True)
-    db_path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="cannot open state store") as info:
-        await Store.open(db_path)
-    assert str(db_path) in str(info.value)
-
-
-async def test_open_fails_when_path_is_a_directory(db_path: Path) -> None:
-    db_path.mkdir(parents=True)
-    with pytest.raises(StoreError, match=str(db_path)):
-        await Store.open(db_path)
-
-
-async def test_open_refuses_a_newer_schema(db_path: Path) -> None:
-    db_path.parent.mkdir(parents=True)
-    with contextlib.closing(sqlite3.connect(db_path)) as conn:
-        conn.execute("PRAGMA user_version = 99")
-    with pytest.raises(StoreError, match="schema version 99 is newer"):
-        await Store.open(db_path)
-
-
-async def test_closed_store_raises(store: Store) -> None:
+async def test_closed_store_raises(store: StateStore) -> None:
     await store.close()
     with pytest.raises(StoreError, match="closed"):
         await store.update_recipient(rcpt("a@example.com"), message_key="k")
@@ -230,8 +102,8 @@ async def test_closed_store_raises(store: Store) -> None:
     await store.close()  # idempotent
 
 
-async def test_close_completes_pending_writes(db_path: Path) -> None:
-    opened = await Store.open(db_path)
+async def test_close_completes_pending_writes(opener: Opener) -> None:
+    opened = await opener()
     writes = [
         opened.update_recipient(rcpt(f"r{i}@example.com"), message_key="k") for i in range(50)
     ]
@@ -239,17 +111,14 @@ async def test_close_completes_pending_writes(db_path: Path) -> None:
     # and must not return before all of them are committed.
     results = await asyncio.gather(*writes, opened.close(), return_exceptions=True)
     assert results == [True] * 50 + [None]
-    reopened = await Store.open(db_path)
+    reopened = await opener()
     try:
         assert (await reopened.counts())["retrying"] == 50
     finally:
         await reopened.close()
 
 
-# -- round trips -----------------------------------------------------------------------
-
-
-async def test_message_round_trip(store: Store) -> None:
+async def test_message_round_trip(store: StateStore) -> None:
     msg = message(content=SECRET)
     recipients = [
         rcpt("b@example.com", route="otp", template_id="E_1002", next_attempt=T0 + 30),
@@ -281,7 +150,7 @@ async def test_message_round_trip(store: Store) -> None:
     assert await store.get_message("nope") is None
 
 
-async def test_message_without_content_round_trips_as_none(store: Store) -> None:
+async def test_message_without_content_round_trips_as_none(store: StateStore) -> None:
     await store.add_message(message(), [])
     got = await store.get_message("Q1")
     assert got is not None
@@ -289,13 +158,13 @@ async def test_message_without_content_round_trips_as_none(store: Store) -> None
     assert got[1] == []
 
 
-async def test_add_message_rejects_recipients_of_another_message(store: Store) -> None:
+async def test_add_message_rejects_recipients_of_another_message(store: StateStore) -> None:
     with pytest.raises(ValueError, match="queue_id"):
         await store.add_message(message(), [rcpt("a@example.com", queue_id="OTHER")])
 
 
 async def test_add_message_twice_is_a_store_error_and_store_keeps_working(
-    store: Store,
+    store: StateStore,
 ) -> None:
     await store.add_message(message(), [rcpt("a@example.com")])
     with pytest.raises(StoreError, match="add message failed"):
@@ -304,7 +173,7 @@ async def test_add_message_twice_is_a_store_error_and_store_keeps_working(
     assert (await store.counts())["retrying"] == 2
 
 
-async def test_add_message_is_one_transaction(store: Store) -> None:
+async def test_add_message_is_one_transaction(store: StateStore) -> None:
     # The second recipient fails after the message row was written: nothing may remain.
     bogus = rcpt("b@example.com", "bogus")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="bogus"):
@@ -313,7 +182,7 @@ async def test_add_message_is_one_transaction(store: Store) -> None:
     assert sum((await store.counts()).values()) == 0
 
 
-async def test_add_message_merges_a_repeated_recipient(store: Store) -> None:
+async def test_add_message_merges_a_repeated_recipient(store: StateStore) -> None:
     await store.add_message(
         message(), [rcpt("a@example.com"), rcpt("a@example.com", RecipientState.DELIVERED)]
     )
@@ -322,7 +191,7 @@ async def test_add_message_merges_a_repeated_recipient(store: Store) -> None:
     assert [(r.rcpt, r.state) for r in got[1]] == [("a@example.com", RecipientState.DELIVERED)]
 
 
-async def test_update_recipient_inserts_then_replaces(store: Store, clock: Clock) -> None:
+async def test_update_recipient_inserts_then_replaces(store: StateStore, clock: Clock) -> None:
     await store.add_message(message(content=SECRET), [rcpt("a@example.com")])
     clock.now = T0 + 10
     await store.update_recipient(
@@ -345,14 +214,14 @@ async def test_update_recipient_inserts_then_replaces(store: Store, clock: Clock
     ]
 
 
-async def test_update_recipient_never_lowers_attempts(store: Store) -> None:
+async def test_update_recipient_never_lowers_attempts(store: StateStore) -> None:
     await store.update_recipient(rcpt("a@example.com", attempts=3), message_key="k")
     await store.update_recipient(rcpt("a@example.com", attempts=1), message_key="k")
     (record,) = await store.list_recipients()
     assert record.attempts == 3
 
 
-async def test_list_recipients_newest_first_with_state_filter(store: Store) -> None:
+async def test_list_recipients_newest_first_with_state_filter(store: StateStore) -> None:
     await store.update_recipient(
         rcpt("old@example.com", RecipientState.DEAD, updated_at=T0 + 1), message_key="k"
     )
@@ -373,7 +242,7 @@ async def test_list_recipients_newest_first_with_state_filter(store: Store) -> N
     assert await store.list_recipients(states=()) == []
 
 
-async def test_counts_every_state(store: Store) -> None:
+async def test_counts_every_state(store: StateStore) -> None:
     await store.add_message(
         message(),
         [
@@ -393,14 +262,13 @@ async def test_counts_every_state(store: Store) -> None:
     }
 
 
-async def test_check_writable(store: Store) -> None:
+async def test_check_writable(store: StateStore) -> None:
     assert await store.check_writable() is True
 
 
-# -- dedup -----------------------------------------------------------------------------
-
-
-async def test_previous_outcomes_lower_cases_and_honours_ttl(store: Store, clock: Clock) -> None:
+async def test_previous_outcomes_lower_cases_and_honours_ttl(
+    store: StateStore, clock: Clock
+) -> None:
     await store.update_recipient(
         rcpt("Alice@Example.COM", RecipientState.DELIVERED), message_key="key-1"
     )
@@ -428,7 +296,9 @@ async def test_previous_outcomes_lower_cases_and_honours_ttl(store: Store, clock
     assert await store.previous_outcomes("key-1", asked) == {}
 
 
-async def test_dedup_unknown_becomes_delivered_but_not_back(store: Store, clock: Clock) -> None:
+async def test_dedup_unknown_becomes_delivered_but_not_back(
+    store: StateStore, clock: Clock
+) -> None:
     await store.update_recipient(rcpt("a@example.com", RecipientState.UNKNOWN), message_key="k")
     clock.now = T0 + 10
     await store.update_recipient(
@@ -450,7 +320,7 @@ async def test_dedup_unknown_becomes_delivered_but_not_back(store: Store, clock:
     assert await store.previous_outcomes("k", ["a@example.com"]) == {}
 
 
-async def test_add_message_remembers_delivered_recipients(store: Store) -> None:
+async def test_add_message_remembers_delivered_recipients(store: StateStore) -> None:
     await store.add_message(
         message(key="sha256:abc"),
         [
@@ -462,10 +332,9 @@ async def test_add_message_remembers_delivered_recipients(store: Store) -> None:
     assert outcomes == {"a@example.com": RecipientState.DELIVERED}
 
 
-# -- spool -----------------------------------------------------------------------------
-
-
-async def test_claim_due_respects_next_attempt_leases_and_counts_attempts(store: Store) -> None:
+async def test_claim_due_respects_next_attempt_leases_and_counts_attempts(
+    store: StateStore,
+) -> None:
     now = T0 + 100
     await store.add_message(
         message("Q1", content=SECRET),
@@ -515,7 +384,7 @@ async def test_claim_due_respects_next_attempt_leases_and_counts_attempts(store:
     assert [(r.rcpt, r.attempts) for _, r in claimed] == [("due@example.com", 4)]
 
 
-async def test_claim_due_limit_takes_the_most_overdue(store: Store) -> None:
+async def test_claim_due_limit_takes_the_most_overdue(store: StateStore) -> None:
     await store.add_message(
         message(content=SECRET),
         [rcpt(f"r{i}@example.com", next_attempt=T0 - i) for i in range(5)],
@@ -525,7 +394,7 @@ async def test_claim_due_limit_takes_the_most_overdue(store: Store) -> None:
     assert await store.claim_due(now=T0, limit=0, lease=60) == []
 
 
-async def test_purge_expired(store: Store, clock: Clock) -> None:
+async def test_purge_expired(store: StateStore, clock: Clock) -> None:
     old, recent = T0, T0 + 2 * TTL
     # Old, all final: purged with its recipients.
     await store.add_message(
@@ -579,129 +448,10 @@ async def test_purge_expired(store: Store, clock: Clock) -> None:
     assert await store.get_message("deadletter") is not None
 
 
-# -- group commit, failures, other processes ------------------------------------------
-
-
-async def test_group_commit_many_writers_one_transaction(store: Store, db_path: Path) -> None:
-    before = store.writer.commits
-    writes = [
-        store.update_recipient(
-            rcpt(f"r{i}@example.com", RecipientState.DELIVERED, queue_id="G"),
-            message_key="group",
-        )
-        for i in range(200)
-    ]
-    assert await in_one_batch(store, *writes) == [True] * 200
-    assert store.writer.commits == before + 2  # the test's own parked batch, then all 200 at once
-
-    # Durable and visible to another process' connection (the CLI, say).
-    other = await Store.open(db_path, dedup_ttl=TTL, clock=Clock())
-    try:
-        assert (await other.counts())["delivered"] == 200
-        outcomes = await other.previous_outcomes("group", [f"R{i}@example.com" for i in range(200)])
-        assert len(outcomes) == 200
-    finally:
-        await other.close()
-
-
-async def test_unbatched_concurrent_writes_all_land(store: Store) -> None:
-    writes = [
-        store.update_recipient(rcpt(f"r{i}@example.com"), message_key="k") for i in range(200)
-    ]
-    await asyncio.gather(*writes)
-    assert (await store.counts())["retrying"] == 200
-    assert 1 <= store.writer.commits <= 201
-
-
-async def test_one_bad_write_fails_alone_in_its_batch(store: Store) -> None:
-    await store.add_message(message(), [])
-    duplicate, fine = await in_one_batch(
-        store,
-        store.add_message(message(), []),
-        store.update_recipient(rcpt("a@example.com"), message_key="k"),
-    )
-    assert isinstance(duplicate, StoreError)
-    assert fine is True
-    assert len(await store.list_recipients()) == 1
-
-
-async def test_failed_commit_fails_every_caller_and_reports_no_success(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+async def test_two_stores_on_one_database_see_each_others_writes(
+    store: StateStore, opener: Opener, clock: Clock
 ) -> None:
-    commit = store.writer.commit
-    commits: list[int] = []
-
-    def commit_fails_after_the_parked_batch(conn: sqlite3.Connection) -> None:
-        commits.append(1)
-        if len(commits) == 1:
-            commit(conn)
-        else:
-            raise sqlite3.OperationalError("disk I/O error")
-
-    monkeypatch.setattr(store.writer, "commit", commit_fails_after_the_parked_batch)
-    writes = [store.update_recipient(rcpt(f"r{i}@example.com"), message_key="k") for i in range(3)]
-    results = await in_one_batch(store, *writes)
-    assert len(commits) == 2
-    assert all(isinstance(r, StoreError) and "disk I/O error" in str(r) for r in results)
-
-    monkeypatch.undo()
-    assert await store.list_recipients() == []  # rolled back
-    await store.update_recipient(rcpt("after@example.com"), message_key="k")
-    assert [r.rcpt for r in await store.list_recipients()] == ["after@example.com"]
-
-
-async def test_disk_full_fails_the_batch_then_recovers(store: Store, db_path: Path) -> None:
-    await store.add_message(message("Q0"), [rcpt("kept@example.com", queue_id="Q0")])
-    await limit_size_to_current(store)
-    big = SECRET + b"x" * 200_000
-
-    small, large = await in_one_batch(
-        store,
-        store.update_recipient(rcpt("small@example.com", queue_id="Q0"), message_key="k"),
-        store.add_message(message("Q1", content=big), [rcpt("a@example.com")]),
-    )
-    for error in (small, large):
-        assert isinstance(error, StoreError)
-        assert "full" in str(error)
-        assert str(db_path) in str(error)
-        assert "secret" not in str(error)
-    # Full is full: later writes fail too ...
-    with pytest.raises(StoreError, match="full"):
-        await store.add_message(message("Q1", content=big), [rcpt("a@example.com")])
-    # ... and reads still work.
-    got = await store.get_message("Q0")
-    assert got is not None
-    assert [r.rcpt for r in got[1]] == ["kept@example.com"]
-
-    await set_writer_pragma(store, "max_page_count = 1000000")  # space freed
-    await store.add_message(message("Q1", content=big), [rcpt("a@example.com")])
-    await store.update_recipient(rcpt("small@example.com", queue_id="Q0"), message_key="k")
-    got = await store.get_message("Q1")
-    assert got is not None
-    assert got[0].content == big
-    assert await store.check_writable() is True
-
-
-async def test_read_only_database_fails_writers_then_recovers(store: Store) -> None:
-    await set_writer_pragma(store, "query_only = ON")
-    results = await asyncio.gather(
-        store.add_message(message(), [rcpt("a@example.com")]),
-        store.update_recipient(rcpt("b@example.com"), message_key="k"),
-        return_exceptions=True,
-    )
-    assert all(isinstance(r, StoreError) and "readonly" in str(r) for r in results)
-    assert await store.check_writable() is False
-
-    await set_writer_pragma(store, "query_only = OFF")
-    assert await store.check_writable() is True
-    await store.add_message(message(), [rcpt("a@example.com")])
-    assert len(await store.list_recipients()) == 1
-
-
-async def test_two_stores_on_one_file_see_each_others_writes(
-    store: Store, db_path: Path, clock: Clock
-) -> None:
-    cli = await Store.open(db_path, dedup_ttl=TTL, clock=clock)
+    cli = await opener(dedup_ttl=TTL, clock=clock)
     try:
         await store.add_message(
             message("Q1", content=SECRET), [rcpt("a@example.com", next_attempt=T0)]
@@ -718,11 +468,8 @@ async def test_two_stores_on_one_file_see_each_others_writes(
         await cli.close()
 
 
-# -- the spool of queue and hybrid modes ------------------------------------------------
-
-
 async def test_record_outcomes_spools_content_and_recipients_in_one_transaction(
-    store: Store,
+    store: StateStore,
 ) -> None:
     await store.add_message(message("Q1"), [rcpt("a@example.com"), rcpt("b@example.com")])
     assert await store.next_due() is None
@@ -750,7 +497,7 @@ async def test_record_outcomes_spools_content_and_recipients_in_one_transaction(
         await store.record_outcomes("nope", [], message_key="k", spool=SECRET)
 
 
-async def test_record_outcomes_without_content_spools_nothing(store: Store) -> None:
+async def test_record_outcomes_without_content_spools_nothing(store: StateStore) -> None:
     await store.add_message(message("Q1"), [rcpt("a@example.com")])
     failed = rcpt("a@example.com", state=RecipientState.FAILED, attempts=1)
     await store.record_outcomes("Q1", [failed], message_key="key-1")
@@ -764,7 +511,7 @@ async def test_record_outcomes_without_content_spools_nothing(store: Store) -> N
 
 
 async def test_open_message_records_the_message_and_answers_what_was_remembered(
-    store: Store,
+    store: StateStore,
 ) -> None:
     await store.add_message(
         message("Q0"),
@@ -796,7 +543,7 @@ async def test_open_message_records_the_message_and_answers_what_was_remembered(
         await store.open_message(message("Q1"), ["e@example.com"], lease=60)  # same queue id
 
 
-async def test_release_claim_takes_the_attempt_back(store: Store) -> None:
+async def test_release_claim_takes_the_attempt_back(store: StateStore) -> None:
     await store.add_message(
         message(content=SECRET), [rcpt("a@example.com", next_attempt=T0, spooled_at=T0)]
     )
@@ -808,7 +555,7 @@ async def test_release_claim_takes_the_attempt_back(store: Store) -> None:
     assert again.attempts == 1
 
 
-async def test_content_is_dropped_when_done_but_kept_for_dead_letters(store: Store) -> None:
+async def test_content_is_dropped_when_done_but_kept_for_dead_letters(store: StateStore) -> None:
     # Two different messages (two keys: the same key would make the second a copy).
     for queue_id in ("done", "dead"):
         await store.add_message(
@@ -829,7 +576,7 @@ async def test_content_is_dropped_when_done_but_kept_for_dead_letters(store: Sto
     assert got is not None and got[0].content == SECRET  # `queue retry` may resend it
 
 
-async def test_dead_letter_and_its_notice_commit_together(store: Store) -> None:
+async def test_dead_letter_and_its_notice_commit_together(store: StateStore) -> None:
     await store.add_message(message(content=SECRET), [rcpt("a@x.org", next_attempt=T0)])
     notice = (
         message("N1", key="notice:Q1:a@x.org", content=b"{}"),
@@ -849,7 +596,7 @@ async def test_dead_letter_and_its_notice_commit_together(store: Store) -> None:
     assert got is not None and got[1][0].state is RecipientState.RETRYING
 
 
-async def test_list_retry_and_purge_for_the_queue_command(store: Store, clock: Clock) -> None:
+async def test_list_retry_and_purge_for_the_queue_command(store: StateStore, clock: Clock) -> None:
     await store.add_message(
         message("Q1", content=SECRET),
         [
@@ -882,27 +629,3 @@ async def test_list_retry_and_purge_for_the_queue_command(store: Store, clock: C
     assert await store.get_message("Q1") is None
     with pytest.raises(ValueError):
         await store.purge()
-
-
-async def test_recover_claims_releases_only_dead_claimers(db_path: Path, clock: Clock) -> None:
-    first = await Store.open(db_path, clock=clock)
-    second = await Store.open(db_path, clock=clock)
-    try:
-        assert await first.recover_claims() == 0
-        await first.add_message(
-            message(content=SECRET), [rcpt("a@x.org", next_attempt=T0, spooled_at=T0)]
-        )
-        await first.claim_due(now=T0, limit=1, lease=1e9)
-        assert await second.recover_claims() == 0  # first is alive: its claim stands
-        assert await second.claim_due(now=T0 + 1, limit=1, lease=60) == []
-        await first.close()
-        third = await Store.open(db_path, clock=clock)
-        try:
-            assert await third.recover_claims() == 1
-            [(_, record)] = await third.claim_due(now=T0 + 1, limit=1, lease=60)
-            assert (record.state, record.attempts) == (RecipientState.UNKNOWN, 2)
-        finally:
-            await third.close()
-    finally:
-        await first.close()
-        await second.close()
