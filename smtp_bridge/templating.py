@@ -15,6 +15,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import HeaderOverrideError, TemplateRenderError
@@ -71,14 +72,30 @@ _ENV = _make_environment()
 
 @dataclass(frozen=True, slots=True)
 class CompiledTemplate:
-    """A route string compiled once at load. ``source`` is what the operator wrote."""
+    """A route string compiled once at load. ``source`` is what the operator wrote.
+
+    ``lookup``: for a template that is one variable and nothing else
+    (``{{ subject }}``, ``{{ rcpt.local }}``), the name and attributes it reads.
+    Rendering it then does what Jinja's compiled code does (``str()`` of the
+    context value, each attribute through the sandbox's ``getattr``) without
+    Jinja's context and generator set-up per render (bench/README.md);
+    tests/test_templating_fast.py compares both.
+    """
 
     source: str
     template: jinja2.Template | None  # None: no template syntax, the source is literal
+    lookup: tuple[str, ...] | None = None
 
     def render(self, context: Mapping[str, Any]) -> str:
         if self.template is None:
             return self.source
+        lookup = self.lookup
+        if lookup is not None and lookup[0] in context:
+            value = context[lookup[0]]
+            for attribute in lookup[1:]:
+                value = _ENV.getattr(value, attribute)
+            return str(value)
+        # A name the context lacks resolves to Jinja's globals or Undefined: Jinja's business.
         return self.template.render(context)
 
     def __str__(self) -> str:
@@ -90,9 +107,30 @@ def compile_template(source: str) -> CompiledTemplate:
     if "{" not in source:
         return CompiledTemplate(source, None)
     try:
-        return CompiledTemplate(source, _ENV.from_string(source))
+        return CompiledTemplate(source, _ENV.from_string(source), _one_variable(source))
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"template syntax error: {exc.message}") from None
+
+
+def _one_variable(source: str) -> tuple[str, ...] | None:
+    """("rcpt", "local") for ``{{ rcpt.local }}``: a template whose whole output is
+    one context variable or a chain of attributes of one; None for anything else.
+
+    Read from Jinja's own parse, so whitespace control, comments and the trailing
+    newline mean what they mean to Jinja. ``self`` is Jinja's reference to the
+    template, never a context variable; ``true``/``none`` parse as constants.
+    """
+    body = _ENV.parse(source).body
+    if len(body) != 1 or not isinstance(body[0], nodes.Output) or len(body[0].nodes) != 1:
+        return None
+    node = body[0].nodes[0]
+    attributes: list[str] = []
+    while isinstance(node, nodes.Getattr):
+        attributes.append(node.attr)
+        node = node.node
+    if not isinstance(node, nodes.Name) or node.name == "self":
+        return None
+    return (node.name, *reversed(attributes))
 
 
 def compile_data(value: Any) -> Any:
