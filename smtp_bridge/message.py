@@ -394,6 +394,8 @@ def _parse_simple(raw: bytes) -> ParsedMessage | None:
     lines.pop()  # "" after the last CRLF
     raw_headers: list[tuple[str, str]] = []
     for line in lines:
+        if not line:
+            return None  # a blank line before this one: the header block ended there
         if line[0] in " \t":
             if not raw_headers:
                 return None  # the feedparser's FirstHeaderLineIsContinuationDefect

@@ -79,6 +79,7 @@ DECLINED = [
     b"Bad Name: s\r\n\r\nx",
     b"Subject: only headers\r\n",
     b"\r\nbody without headers",
+    b"\r\nSubject: after a blank line\r\n\r\nbody",
     b"Subject: s\r\nContent-Type: text/html\r\n\r\n<p>x</p>",
     b"Subject: s\r\nContent-Type: text/plain; charset*=utf-8''%C3%A4\r\n\r\nx",
     b"Subject: s\r\nContent-Type: text/plain (comment)\r\n\r\nx",
