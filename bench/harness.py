@@ -42,7 +42,7 @@ api:
   timeout: 10s
 delivery:
   mode: {mode}
-  state_dir: {state_dir}
+  state_dir: {state_dir}{store}
 admin:
   listen: null
 routes:
@@ -279,11 +279,14 @@ def start_server(
     workers: int = 1,
     extra_config: str = "",
     tree: Path | None = None,
+    store_url: str | None = None,
 ) -> Proc:
     """Start ``bare``, ``naive`` or ``bridge`` (smtp-bridge serve) on an ephemeral port.
 
     ``tree``: run the smtp_bridge package found in that directory instead of this
     checkout's (``python -m`` imports from the working directory first).
+    ``store_url``: the bridge's ``delivery.store`` (PostgreSQL, say) instead of
+    SQLite under its state directory.
     """
     if kind == "bare":
         argv = [PYTHON, str(BENCH / "bare.py")]
@@ -292,8 +295,9 @@ def start_server(
     elif kind == "bridge":
         state_dir = Path(tempfile.mkdtemp(prefix="state-", dir=workdir))
         config = workdir / f"config-{state_dir.name}.yaml"
+        store = f"\n  store: {json.dumps(store_url)}" if store_url else ""
         text = BRIDGE_CONFIG.format(
-            api_url=api_url, app_key=APP_KEY, mode=mode, state_dir=state_dir
+            api_url=api_url, app_key=APP_KEY, mode=mode, state_dir=state_dir, store=store
         )
         config.write_text(text + extra_config)
         argv = [PYTHON, "-m", "smtp_bridge", "serve", "--config", str(config)]
@@ -352,7 +356,7 @@ def config_accepts_mode(mode: str, workdir: Path) -> bool:
     config = workdir / f"check-{mode}.yaml"
     config.write_text(
         BRIDGE_CONFIG.format(
-            api_url="http://127.0.0.1:9/x", app_key=APP_KEY, mode=mode, state_dir=workdir
+            api_url="http://127.0.0.1:9/x", app_key=APP_KEY, mode=mode, state_dir=workdir, store=""
         )
     )
     out = subprocess.run(
@@ -376,9 +380,11 @@ class LoadSpec:
     count: int = 100_000
     duration: float = 5.0
     warmup: float = 1.0
+    open_rate: float = 0.0  # > 0: open loop, arrivals a second
 
     def argv(self) -> list[str]:
         return [
+            f"--open-rate={self.open_rate}",
             f"--connections={self.connections}",
             f"--per-session={self.per_session}",
             f"--rcpts={self.rcpts}",
@@ -495,8 +501,20 @@ def run_load(
         ok=ok,
         replies=result["replies"],
         errors=result["errors"],
-        extra=extra,
+        extra={**result.get("extra", {}), **extra},
     )
+
+
+def dead_api_url(api_url: str) -> str:
+    """``api_url`` on a loopback port nothing listens on: every call is refused."""
+    import socket
+    from urllib.parse import urlsplit, urlunsplit
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    parts = urlsplit(api_url)
+    return urlunsplit((parts.scheme, f"127.0.0.1:{port}", parts.path, "", ""))
 
 
 def idle_connections(server: Proc, count: int, cpus: set[int] | None) -> dict[str, float]:

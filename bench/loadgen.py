@@ -88,6 +88,7 @@ def build_message(size: int, seq_marker: str = "@@ID@@") -> bytes:
 @dataclass
 class Stats:
     latencies: list[float] = field(default_factory=list)
+    scheduled: list[float] = field(default_factory=list)  # open loop: arrival to DATA reply
     replies: dict[str, int] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     ok: int = 0
@@ -170,9 +171,17 @@ class Load:
                     await writer.wait_closed()
 
     async def one_message(
-        self, conn: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        conn: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        due: float | None = None,
+        measured: bool | None = None,
     ) -> None:
-        measured = self.measuring
+        """One transaction. Closed loop: latency from MAIL FROM to the DATA reply.
+        Open loop (``due``, the scheduled arrival): latency of the DATA reply alone,
+        and from ``due`` to that reply."""
+        measured = self.measuring if measured is None else measured
         content = self.next_message(conn)
         started = time.perf_counter()
         writer.write(b"MAIL FROM:<app@example.com>\r\n")
@@ -192,6 +201,8 @@ class Load:
         code = await read_reply(reader)
         if code != 354:
             return await self.failed(f"DATA {code}", reader, writer, measured)
+        if due is not None:
+            started = time.perf_counter()
         writer.write(content)
         code = await read_reply(reader)
         done = time.perf_counter()
@@ -201,6 +212,8 @@ class Load:
             if code == 250:
                 self.stats.ok += 1
                 self.stats.latencies.append(done - started)
+                if due is not None:
+                    self.stats.scheduled.append(done - due)
 
     async def failed(
         self, what: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, measured: bool
@@ -235,6 +248,107 @@ class Load:
             "p50_ms": _percentile(lat, 50) * 1000,
             "p99_ms": _percentile(lat, 99) * 1000,
             "loadgen_cpu": (_cpu() - cpu0) / elapsed,
+        }
+
+
+class OpenLoad(Load):
+    """Open loop: arrivals on a fixed schedule, carried by a pool of sessions."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.arrivals: asyncio.Queue[tuple[float, bool] | None] = asyncio.Queue()
+
+    async def schedule(self, seconds: float, count: int, measured: bool) -> None:
+        """Queue arrivals every 1/rate s for ``seconds`` (at most ``count``); one that
+        fell due while we slept is queued at once, keeping its scheduled time."""
+        interval = 1.0 / self.args.open_rate
+        start = time.perf_counter()
+        for i in range(count):
+            due = start + i * interval
+            if due - start >= seconds:
+                break
+            if measured:
+                self.started += 1
+            now = time.perf_counter()
+            if due > now:
+                await asyncio.sleep(due - now)
+            self.arrivals.put_nowait((due, measured))
+
+    async def session(self, conn: int) -> None:
+        args = self.args
+        done = False
+        while not done:
+            try:
+                reader, writer = await asyncio.open_connection(args.host, args.port)
+            except OSError:
+                self.stats.error("connect")
+                await asyncio.sleep(0.05)
+                continue
+            item: tuple[float, bool] | None = None
+            try:
+                if await read_reply(reader) != 220:
+                    self.stats.error("banner")
+                    continue
+                writer.write(b"EHLO loadgen.bench\r\n")
+                if await read_reply(reader) != 250:
+                    self.stats.error("ehlo")
+                    continue
+                for _ in range(args.per_session):
+                    item = await self.arrivals.get()
+                    if item is None:
+                        done = True
+                        break
+                    due, measured = item
+                    await self.one_message(conn, reader, writer, due=due, measured=measured)
+                    self.arrivals.task_done()
+                    item = None
+                writer.write(b"QUIT\r\n")
+                await read_reply(reader)
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                if item is not None and item[1]:
+                    self.stats.error(type(exc).__name__)
+            finally:
+                if item is not None:  # lost with its session: counted, not retried
+                    self.arrivals.task_done()
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+        self.arrivals.task_done()  # the None that stopped it
+
+    async def run(self) -> dict[str, Any]:
+        args = self.args
+        tasks = [asyncio.create_task(self.session(i)) for i in range(args.connections)]
+        warm = max(1, round(args.warmup * args.open_rate))
+        await self.schedule(args.warmup, warm, measured=False)
+        await self.arrivals.join()
+        print("READY", flush=True)
+        await read_stdin_line()
+        cpu0 = _cpu()
+        self.go_at = time.perf_counter()
+        await self.schedule(args.duration, args.count, measured=True)
+        await self.arrivals.join()
+        ended = self.stats.last_reply or time.perf_counter()
+        for _ in tasks:
+            self.arrivals.put_nowait(None)
+        await asyncio.gather(*tasks)
+        elapsed = max(ended - self.go_at, 1e-9)
+        lat = sorted(self.stats.latencies)
+        sched = sorted(self.stats.scheduled)
+        return {
+            "ok": self.stats.ok,
+            "replies": self.stats.replies,
+            "errors": self.stats.errors,
+            "elapsed": elapsed,
+            "rate": self.stats.ok / elapsed,
+            "p50_ms": _percentile(lat, 50) * 1000,
+            "p99_ms": _percentile(lat, 99) * 1000,
+            "loadgen_cpu": (_cpu() - cpu0) / elapsed,
+            "extra": {
+                "offered_rate": args.open_rate,
+                "arrivals": float(self.started),
+                "sched_p50_ms": _percentile(sched, 50) * 1000,
+                "sched_p99_ms": _percentile(sched, 99) * 1000,
+            },
         }
 
 
@@ -302,6 +416,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds, at most")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
     parser.add_argument("--idle", type=int, default=0, help="open N idle connections instead")
+    parser.add_argument(
+        "--open-rate", type=float, default=0.0, help="open loop: arrivals a second (0: closed)"
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -309,7 +426,8 @@ def main() -> None:
     if args.idle:
         runner(idle(args))
         return
-    result = runner(Load(args).run())
+    load = OpenLoad(args) if args.open_rate > 0 else Load(args)
+    result = runner(load.run())
     print("END " + json.dumps(result), flush=True)
 
 

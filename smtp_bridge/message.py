@@ -186,6 +186,12 @@ def parse_message(raw: bytes) -> ParsedMessage:
     still be routed. What could not be read is left empty and counted in ``defects``.
     """
     try:
+        simple = _parse_simple(raw)
+    except Exception:
+        simple = None  # belt and braces: the full parser decides
+    if simple is not None:
+        return simple
+    try:
         return _parse(raw, headers_only=False)
     except Exception:
         # The stdlib has rare failure paths (RecursionError on deeply nested
@@ -345,6 +351,113 @@ def _parse(raw: bytes, *, headers_only: bool) -> ParsedMessage:
         message_id=given.get("message-id", ""),
         date=given.get("date", ""),
         attachments=attachments,
+        defects=defects,
+    )
+
+
+# --- the simple-message fast path -----------------------------------------------
+
+# A header line as the feedparser reads one: a name of printable ASCII other than
+# ":" (its headerRE, minus the empty name and the "From " envelope line), a colon.
+_HEADER_LINE = re.compile(r"[\x21-\x39\x3b-\x7e]+:")
+# Content-Type values the fast path reads itself: text/plain and plain parameters.
+_SIMPLE_TYPE = re.compile(
+    r"text/plain(?:[ \t]*;[ \t]*[A-Za-z0-9-]+=(?:[A-Za-z0-9_.+-]+|\"[A-Za-z0-9_.+-]+\"))*[ \t]*;?",
+    re.IGNORECASE,
+)
+_CHARSET_PARAM = re.compile(r';[ \t]*charset=("?)([A-Za-z0-9_.+-]+)\1', re.IGNORECASE)
+# Transfer encodings that get_payload(decode=True) leaves as they are.
+_IDENTITY_CTE = re.compile(r"[ \t]*(?:7bit|8bit|binary)[ \t]*", re.IGNORECASE)
+# Headers whose presence sends a message to the full parser (or that it must read).
+_MIME_KEYS = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+
+
+def _parse_simple(raw: bytes) -> ParsedMessage | None:
+    """The ParsedMessage of a simple message without the stdlib's feedparser, or None.
+
+    Simple: CRLF line ends throughout the header block, every header line a
+    ``Name: value`` or a continuation, a blank line before the body, at most one
+    Content-Type (text/plain with plain parameters) and Content-Transfer-Encoding
+    (7bit, 8bit, binary), no Content-Disposition. For such a message the full
+    parser's answer is known without it: the message is its own text body, its
+    payload the bytes after the blank line, no attachments and no parser defects.
+    Headers are decoded by the same functions as the full path. Anything else
+    returns None and goes to :func:`_parse` (tests/test_fast_paths.py compares them).
+    """
+    end = raw.find(b"\r\n\r\n")
+    if end <= 0:
+        return None
+    head = raw[: end + 2]
+    if has_bare_line_end(head):
+        return None
+    lines = head.decode("ascii", "surrogateescape").split("\r\n")
+    lines.pop()  # "" after the last CRLF
+    raw_headers: list[tuple[str, str]] = []
+    for line in lines:
+        if not line:
+            return None  # a blank line before this one: the header block ended there
+        if line[0] in " \t":
+            if not raw_headers:
+                return None  # the feedparser's FirstHeaderLineIsContinuationDefect
+            name, value = raw_headers[-1]
+            raw_headers[-1] = (name, value + line)  # header_source_parse drops the CRLFs
+            continue
+        if not _HEADER_LINE.match(line):
+            return None
+        name, value = line.split(":", 1)
+        raw_headers.append((name, value.lstrip(" \t")))
+    charset: str | None = None
+    seen: set[str] = set()
+    for name, value in raw_headers:
+        key = name.lower()
+        if key not in _MIME_KEYS:
+            continue
+        if key in seen or key == "content-disposition":
+            return None
+        seen.add(key)
+        if key == "content-type":
+            if not _SIMPLE_TYPE.fullmatch(value):
+                return None
+            found = _CHARSET_PARAM.search(value)
+            charset = found.group(2).lower() if found else None
+        elif not _IDENTITY_CTE.fullmatch(value):
+            return None
+    return _parsed(raw_headers, raw[end + 4 :], charset)
+
+
+def _parsed(
+    raw_headers: list[tuple[str, str]], payload: bytes, charset: str | None
+) -> ParsedMessage:
+    """What :func:`_parse` makes of these headers and this single text/plain body."""
+    defects = 0
+    headers: list[tuple[str, str]] = []
+    senders: list[Address] = []
+    to: list[Address] = []
+    cc: list[Address] = []
+    given: dict[str, str] = {}
+    for name, value in raw_headers:
+        unfolded = _desurrogate(value)
+        decoded, failed = _decode_header(name, unfolded)
+        defects += failed
+        headers.append((name, decoded))
+        key = name.lower()
+        if key in ("message-id", "date"):
+            given.setdefault(key, _one_line(unfolded).strip())
+        elif key in ("from", "to", "cc"):
+            found, failed = _addresses(name, unfolded, decoded)
+            defects += failed
+            {"from": senders, "to": to, "cc": cc}[key].extend(found)
+    header_map = HeaderMap(headers)
+    text = _decode_bytes(payload, charset).replace("\r\n", "\n").replace("\r", "\n")
+    return ParsedMessage(
+        subject=header_map.get("subject", ""),
+        sender=senders[0] if senders else EMPTY_ADDRESS,
+        to=to,
+        cc=cc,
+        headers=header_map,
+        text=text,
+        message_id=given.get("message-id", ""),
+        date=given.get("date", ""),
         defects=defects,
     )
 

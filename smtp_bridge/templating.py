@@ -15,6 +15,7 @@ from ipaddress import IPv4Address, IPv6Address
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import HeaderOverrideError, TemplateRenderError
@@ -26,6 +27,8 @@ __all__ = [
     "CompiledTemplate",
     "TemplateRenderError",
     "build_context",
+    "clean_data",
+    "clean_text",
     "compile_template",
     "render_data",
     "HeaderOverrideError",
@@ -71,14 +74,30 @@ _ENV = _make_environment()
 
 @dataclass(frozen=True, slots=True)
 class CompiledTemplate:
-    """A route string compiled once at load. ``source`` is what the operator wrote."""
+    """A route string compiled once at load. ``source`` is what the operator wrote.
+
+    ``lookup``: for a template that is one variable and nothing else
+    (``{{ subject }}``, ``{{ rcpt.local }}``), the name and attributes it reads.
+    Rendering it then does what Jinja's compiled code does (``str()`` of the
+    context value, each attribute through the sandbox's ``getattr``) without
+    Jinja's context and generator set-up per render (bench/README.md);
+    tests/test_templating_fast.py compares both.
+    """
 
     source: str
     template: jinja2.Template | None  # None: no template syntax, the source is literal
+    lookup: tuple[str, ...] | None = None
 
     def render(self, context: Mapping[str, Any]) -> str:
         if self.template is None:
             return self.source
+        lookup = self.lookup
+        if lookup is not None and lookup[0] in context:
+            value = context[lookup[0]]
+            for attribute in lookup[1:]:
+                value = _ENV.getattr(value, attribute)
+            return str(value)
+        # A name the context lacks resolves to Jinja's globals or Undefined: Jinja's business.
         return self.template.render(context)
 
     def __str__(self) -> str:
@@ -90,9 +109,30 @@ def compile_template(source: str) -> CompiledTemplate:
     if "{" not in source:
         return CompiledTemplate(source, None)
     try:
-        return CompiledTemplate(source, _ENV.from_string(source))
+        return CompiledTemplate(source, _ENV.from_string(source), _one_variable(source))
     except jinja2.TemplateSyntaxError as exc:
         raise ValueError(f"template syntax error: {exc.message}") from None
+
+
+def _one_variable(source: str) -> tuple[str, ...] | None:
+    """("rcpt", "local") for ``{{ rcpt.local }}``: a template whose whole output is
+    one context variable or a chain of attributes of one; None for anything else.
+
+    Read from Jinja's own parse, so whitespace control, comments and the trailing
+    newline mean what they mean to Jinja. ``self`` is Jinja's reference to the
+    template, never a context variable; ``true``/``none`` parse as constants.
+    """
+    body = _ENV.parse(source).body
+    if len(body) != 1 or not isinstance(body[0], nodes.Output) or len(body[0].nodes) != 1:
+        return None
+    node = body[0].nodes[0]
+    attributes: list[str] = []
+    while isinstance(node, nodes.Getattr):
+        attributes.append(node.attr)
+        node = node.node
+    if not isinstance(node, nodes.Name) or node.name == "self":
+        return None
+    return (node.name, *reversed(attributes))
 
 
 def compile_data(value: Any) -> Any:
@@ -198,6 +238,44 @@ def header_overrides(message: ParsedMessage) -> dict[str, Any]:
     return found
 
 
+# Unicode's control characters (Cc) but tab, line feed and carriage return (line
+# ends are made "\n" first): C0 and DEL as UTF-8 bytes (never part of a longer
+# sequence), C1 as characters (their UTF-8 form starts with 0xC2).
+_C0_AND_DEL = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+_C1 = re.compile("[\x80-\x9f]+")
+
+
+def clean_text(text: str) -> str:
+    """``text`` as the API may get it: line ends "\n", other control characters removed.
+
+    A NUL or an escape sequence in a Subject or display name is noise to a mail
+    template and trouble to whatever stores it (issue 13). CR LF and a lone CR
+    become "\n", as a message body's line ends already do; tab and "\n" stay.
+    One C-speed ``bytes.translate`` pass: a 2 KiB body costs 3 us, where a regex
+    over it costs 13 (bench/README.md).
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    raw = text.encode("utf-8", "surrogatepass")
+    kept = raw.translate(None, _C0_AND_DEL)
+    if len(kept) != len(raw):
+        text = kept.decode("utf-8", "surrogatepass")
+    if b"\xc2" in kept:
+        text = _C1.sub("", text)
+    return text
+
+
+def clean_data(value: Any) -> Any:
+    """:func:`clean_text` applied to every string (keys too) of a ``data`` structure."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, dict):
+        return {clean_text(str(k)): clean_data(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [clean_data(v) for v in value]
+    return value
+
+
 def render_request(
     *,
     template_id: CompiledTemplate,
@@ -210,7 +288,9 @@ def render_request(
     overrides: Mapping[str, Any] | None = None,
 ) -> ApiRequest:
     """Render a route's fields into the API request for one recipient."""
-    rendered_data = render_data(dict(data), context)
+    # data, alias and reply_to reach the API as clean text (clean_text), whether
+    # rendered or taken from an override header.
+    rendered_data = clean_data(render_data(dict(data), context))
     overrides = overrides or {}
     tid = overrides.get("template_id") or render_field(template_id, context, "template_id").strip()
     address = render_field(to, context, "to").strip()
@@ -218,14 +298,15 @@ def render_request(
         # `to` must be a bare address (DESIGN 2); a template that renders
         # anything else is the route's fault, not the recipient's.
         raise TemplateRenderError("to", "did not render to one bare address")
-    alias_value = overrides.get("alias") or (
-        render_field(alias, context, "alias").strip() if alias else ""
-    )
-    reply_value = overrides.get("reply_to") or (
-        render_field(reply_to, context, "reply_to").strip() if reply_to else ""
-    )
+    alias_value = clean_text(
+        overrides.get("alias") or (render_field(alias, context, "alias") if alias else "")
+    ).strip()
+    reply_value = clean_text(
+        overrides.get("reply_to")
+        or (render_field(reply_to, context, "reply_to") if reply_to else "")
+    ).strip()
     if "data" in overrides:
-        rendered_data = {**rendered_data, **overrides["data"]}
+        rendered_data = {**rendered_data, **clean_data(overrides["data"])}
     if not tid:
         raise TemplateRenderError("template_id", "rendered empty")
     return ApiRequest(

@@ -35,7 +35,7 @@ def slow_parse(raw: bytes) -> ParsedMessage:
     """parse_message as it was: stdlib policy.default, whole-message parsebytes,
     fresh header classes and objects every time, decode to learn a size."""
     saved = (message._POLICY, message._STRUCTURED, message._UNSTRUCTURED)
-    saved_fns = (message._parse_bytes, message._base64_size)
+    saved_fns = (message._parse_bytes, message._base64_size, message._parse_simple)
     message._POLICY = policy.default
     message._STRUCTURED = HeaderRegistry()
     message._UNSTRUCTURED = HeaderRegistry(use_default_map=False)
@@ -43,11 +43,12 @@ def slow_parse(raw: bytes) -> ParsedMessage:
         policy=policy.default
     ).parsebytes(raw, headersonly=headers_only)
     message._base64_size = lambda part: None  # type: ignore[assignment]
+    message._parse_simple = lambda raw: None  # type: ignore[assignment]
     try:
         return parse_message(raw)
     finally:
         message._POLICY, message._STRUCTURED, message._UNSTRUCTURED = saved
-        message._parse_bytes, message._base64_size = saved_fns
+        message._parse_bytes, message._base64_size, message._parse_simple = saved_fns
 
 
 def same(raw: bytes) -> None:

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_daemon import WAIT, Daemon, assert_no_traceback, bridge_command, daemon_env, make_message
 from test_systemd import NotifySocket
 
@@ -242,3 +244,37 @@ async def test_serve_log_format_and_level(tmp_path: Path, sandbox: Sandbox, fmt:
     else:
         [line] = daemon.lines
         assert " error reload_refused errors=" in line and not line.startswith("{"), line
+
+
+def _old_json_line(record: logging.LogRecord) -> str:
+    """JsonFormatter.format as it was before issue 15: json.dumps per line, _clean."""
+    from smtp_bridge import logs
+
+    line: dict[str, Any] = {
+        "ts": round(record.created, 3),
+        "level": record.levelname.lower(),
+        "event": record.getMessage(),
+    }
+    line.update(logs._clean(getattr(record, "bridge_fields", {})))
+    return logs._scrub(json.dumps(line, default=str, ensure_ascii=True, separators=(",", ":")))
+
+
+_FIELD_VALUES = st.none() | st.text() | st.integers() | st.floats() | st.booleans()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["ts", "level", "event", "rcpt", "password", "token", "x", "é\x1b"]),
+        _FIELD_VALUES | st.lists(_FIELD_VALUES, max_size=3) | st.builds(Path, st.text()),
+    ),
+    st.text(),
+)
+def test_json_lines_are_the_bytes_json_dumps_gave(fields: dict[str, Any], event: str) -> None:
+    forms = register_secrets(["registered-Secret-Value-42"])
+    try:
+        record = logging.LogRecord("smtp_bridge", logging.INFO, "", 0, event, (), None)
+        record.bridge_fields = {**fields, "note": "registered-Secret-Value-42"}
+        assert JsonFormatter().format(record) == _old_json_line(record)
+    finally:
+        unregister_secrets(forms)
