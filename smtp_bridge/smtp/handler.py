@@ -39,6 +39,11 @@ log = logging.getLogger("smtp_bridge.smtp")
 PARSE_IN_THREAD_BYTES = 256 * 1024
 
 
+#: aiosmtpd's own AUTH replies, now that the check is ours.
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+
+
 class BridgeHandler:
     """aiosmtpd handler hooks: policy at AUTH, MAIL and RCPT, delivery at DATA."""
 
@@ -249,15 +254,41 @@ class BridgeHandler:
     def authenticate(
         self, smtp: SMTP, session: Session, envelope: SmtpEnvelope, mechanism: str, data: Any
     ) -> AuthResult:
-        """aiosmtpd's authenticator: check PLAIN/LOGIN credentials (never logged)."""
-        server = cast("BridgeSMTP", smtp)
+        """aiosmtpd's (synchronous) authenticator: keep PLAIN/LOGIN credentials for
+        smtp_AUTH to check off the event loop (:meth:`check_password`); reply nothing yet."""
         if not isinstance(data, LoginPassword):
             return AuthResult(success=False, handled=False)
+        cast("BridgeSMTP", smtp).auth_attempt = (mechanism, data)
+        return AuthResult(success=False, handled=True)
+
+    async def check_password(
+        self, server: BridgeSMTP, mechanism: str, data: LoginPassword
+    ) -> Reply:
+        """One password check within the AUTH throttle (never logged): the reply.
+
+        The check is reserved before hashing (:meth:`AuthThrottle.begin`), so checks
+        in progress count toward the lockout; scrypt runs off the event loop.
+        """
         user = data.login.decode("utf-8", "replace")
         ip = server.client_ip
-        if server.runtime.authenticator.check(data.login, data.password):
+        throttle = self.throttle
+        if ip is not None and not throttle.begin(ip, time.monotonic()):
+            log_event(
+                log, "auth_locked_out", level=logging.WARNING, session=server.session_id,
+                client=str(ip),
+            )  # fmt: skip
+            self.metrics.auth_checks.labels(result="locked_out").inc()
+            return replies.AUTH_TOO_MANY_FAILURES
+        ok = False
+        try:
+            ok = await server.runtime.authenticator.verify(data.login, data.password)
+        finally:
             if ip is not None:
-                self.throttle.success(ip)
+                throttle.end(ip, ok, time.monotonic())
+        self.metrics.auth_checks.labels(result="ok" if ok else "failed").inc()
+        if ok:
+            session: Any = server.session  # aiosmtpd types auth_data as None
+            session.authenticated, session.auth_data, session.login_data = True, user, data.login
             log_event(
                 log,
                 "auth_ok",
@@ -266,9 +297,7 @@ class BridgeHandler:
                 user=user,
                 mechanism=mechanism,
             )
-            return AuthResult(success=True, auth_data=user)
-        if ip is not None:
-            self.throttle.failure(ip, time.monotonic())
+            return AUTH_OK
         log_event(
             log,
             "auth_failed",
@@ -278,7 +307,7 @@ class BridgeHandler:
             user=user[:64],
             mechanism=mechanism,
         )
-        return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
+        return AUTH_INVALID
 
 
 def _sender(envelope: SmtpEnvelope) -> str:
