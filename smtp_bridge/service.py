@@ -34,6 +34,7 @@ from .console import BreakerView, ConsoleSources
 from .delivery import Delivery
 from .errors import ConfigError, StartupError, StoreError, TlsError
 from .history import HistoryRecorder
+from .fdlimit import FdLimitError, ensure_fd_limit, fd_plan
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .policy import RecipientOutcome, session_lease
@@ -215,6 +216,7 @@ class BridgeService:
     async def startup(self) -> None:
         self._start_watchdog()
         config = self.runtime.config
+        self._check_fd_limit(config)
         self._secrets = register_secrets(_config_secrets(config))
         if self.use_sandbox:
             self.sandbox = Sandbox()
@@ -439,6 +441,10 @@ class BridgeService:
         except TlsError as exc:  # the files changed since load_config read them
             return self._refuse([f"smtp.tls: {exc}"])
         old = self.runtime.config
+        try:
+            self._check_fd_limit(config)
+        except StartupError as exc:
+            return self._refuse([str(exc)])
 
         # Bind what is new before changing anything: a port that cannot be
         # bound refuses the reload as a whole.
@@ -504,6 +510,16 @@ class BridgeService:
         if gc.get_freeze_count():
             settle_heap()
         return True
+
+    def _check_fd_limit(self, config: Config) -> None:
+        """RLIMIT_NOFILE covers ``config`` (raised if need be), or StartupError."""
+        plan = fd_plan(config)
+        try:
+            raised = ensure_fd_limit(plan)
+        except FdLimitError as exc:
+            raise StartupError(str(exc)) from None
+        if raised is not None:
+            log_event(log, "fd_limit_raised", old=raised[0], new=raised[1], need=plan.total)
 
     def _refuse(self, errors: list[str]) -> bool:
         log_event(log, "reload_refused", level=logging.ERROR, errors=errors)
