@@ -33,15 +33,16 @@ from .config import Config, load_config, split_host_port
 from .console import BreakerView, ConsoleSources
 from .delivery import Delivery
 from .errors import ConfigError, StartupError, StoreError, TlsError
-from .history import HistoryRecorder
 from .fdlimit import FdLimitError, ensure_fd_limit, fd_plan
+from .history import HistoryRecorder
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .policy import RecipientOutcome, session_lease
 from .sandbox import Sandbox
 from .smtp import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
 from .sockets import ipv6_only, is_ipv6_wildcard, listen_socket, takes_ipv4
-from .store import StateStore, open_store
+from .store import StateStore, describe_store, open_store
+from .store.deferred import DeferredStore
 from .store.history import History
 from .worker import QueueWorker
 
@@ -198,7 +199,7 @@ class BridgeService:
         self._api: ApiClient | None = None
         self._worker: QueueWorker | None = None
         self._delivery: Delivery | None = None
-        self._store: StateStore | None = None
+        self._store: DeferredStore | None = None
         self._admin: AdminServer | None = None
         self._admin_activated = False
         self._watchdog: asyncio.Task[None] | None = None
@@ -224,40 +225,32 @@ class BridgeService:
             log_event(log, "sandbox_started", url=url)
             config = self._with_sandbox(config)
             self.runtime = Runtime.build(config)
-        try:
-            self._store = await open_store(config.delivery)
-            # The spool is ours: claims left by a process that died are due again.
-            recovered = await self._store.recover_claims()
-            settled = await self._store.resolve_stale(older_than=2 * session_lease(config))
-        except StoreError as exc:
-            raise StartupError(f"state store: {exc}") from None
-        if recovered:
-            log_event(log, "spool_recovered", level=logging.WARNING, recipients=recovered)
-        if settled:
-            log_event(log, "stale_settled", level=logging.WARNING, rows=settled)
-        if isinstance(self._store, History):
-            self.history = HistoryRecorder(
-                self._store,
-                retention=config.admin.history,
-                encoding=lambda: self.runtime.config.api.encoding,
-            )
-            history.install(self.history)
-            self.history.start()
+        # A store that cannot be opened (full or read-only disk) does not stop the
+        # start: mail gets 451 4.3.0 and /readyz says why until it opens by itself.
+        store = self._store = DeferredStore(
+            functools.partial(_open_ready_store, config),
+            name=describe_store(config.delivery),
+            dedup_ttl=config.delivery.dedup_ttl,
+        )
+        await store.start()
         self._api = _api_client(config)
         delivery = self._delivery = Delivery(
-            self._api, self._store, self.metrics, mode=config.delivery.mode
+            self._api, store, self.metrics, mode=config.delivery.mode
         )
         # Workers run in every mode: mail spooled before a change of mode still goes out.
         worker = self._worker = QueueWorker(
             delivery.gate,
-            self._store,
+            store,
             lambda: self.runtime,
             mode=config.delivery.mode,
             flow=delivery.flow,
             metrics=self.metrics,
         )
         delivery.on_spooled = worker.wake
-        worker.start()
+        if store.is_open:
+            self._store_opened()
+        else:
+            store.on_open = self._store_opened  # when the store opens by itself
         handler = self.handler = BridgeHandler(delivery, self._track)
         loop = asyncio.get_running_loop()
 
@@ -511,6 +504,22 @@ class BridgeService:
             settle_heap()
         return True
 
+    def _store_opened(self) -> None:
+        """The store is open (at start, or later by itself): the spool workers and
+        the console's history recorder start."""
+        if self._worker is not None:
+            self._worker.start()
+        real = self._store.real if self._store is not None else None
+        if isinstance(real, History) and self.history is None:
+            config = self.runtime.config
+            self.history = HistoryRecorder(
+                real,
+                retention=config.admin.history,
+                encoding=lambda: self.runtime.config.api.encoding,
+            )
+            history.install(self.history)
+            self.history.start()
+
     def _check_fd_limit(self, config: Config) -> None:
         """RLIMIT_NOFILE covers ``config`` (raised if need be), or StartupError."""
         plan = fd_plan(config)
@@ -659,7 +668,7 @@ class BridgeService:
         return None
 
     async def _check_store(self) -> str | None:
-        if self._store is None:
+        if self._store is None or not self._store.is_open:
             return "not open"
         return None if await self._store.check_writable() else "not writable"
 
@@ -674,7 +683,7 @@ class BridgeService:
     async def _refresh_metrics(self) -> None:
         """Queue depth and age, dead letters and breaker state, fresh for each scrape
         (the worker also refreshes them on its own schedule)."""
-        if self._worker is not None:
+        if self._worker is not None and self._store is not None and self._store.is_open:
             await self._worker.refresh_gauges()
 
     # ------------------------------------------------------------ helpers
@@ -743,6 +752,24 @@ class BridgeService:
     def _track(self, task: asyncio.Task[list[RecipientOutcome]]) -> None:
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
+
+
+async def _open_ready_store(config: Config) -> StateStore:
+    """Open the store and take over the spool: claims left by a process that died
+    are due again, stale in-flight rows settled. StoreError, with nothing left
+    open, when any of it fails."""
+    store = await open_store(config.delivery)
+    try:
+        recovered = await store.recover_claims()
+        settled = await store.resolve_stale(older_than=2 * session_lease(config))
+    except StoreError:
+        await store.close()
+        raise
+    if recovered:
+        log_event(log, "spool_recovered", level=logging.WARNING, recipients=recovered)
+    if settled:
+        log_event(log, "stale_settled", level=logging.WARNING, rows=settled)
+    return store
 
 
 def _reason(exc: OSError) -> str:
