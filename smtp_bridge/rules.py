@@ -16,7 +16,7 @@ from .config import MatchConfig, RouteConfig
 from .message import ParsedMessage
 from .patterns import Pattern
 
-__all__ = ["Envelope", "RcptDecision", "RouteMatch", "Router"]
+__all__ = ["Envelope", "RcptDecision", "RouteMatch", "Router", "envelope_matches"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -74,6 +74,11 @@ def _envelope_matches(match: MatchConfig, envelope: Envelope, groups: dict[str, 
         if ip is None or not any(ip.version == net.version and ip in net for net in match.client):
             return False
     return True
+
+
+def envelope_matches(match: MatchConfig, envelope: Envelope) -> bool:
+    """True when the envelope conditions of ``match`` (rcpt, mail_from, user, client) hold."""
+    return _envelope_matches(match, envelope, {})
 
 
 def _content_matches(match: MatchConfig, message: ParsedMessage, groups: dict[str, str]) -> bool:

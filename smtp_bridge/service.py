@@ -252,6 +252,7 @@ class BridgeService:
         else:
             store.on_open = self._store_opened  # when the store opens by itself
         handler = self.handler = BridgeHandler(delivery, self._track)
+        handler.quota_store = store
         loop = asyncio.get_running_loop()
 
         def factory(implicit_tls: bool = False) -> BridgeSMTP:

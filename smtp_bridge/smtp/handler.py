@@ -19,11 +19,14 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from .. import history, replies
 from ..auth import AuthThrottle
 from ..delivery import Delivery, IncomingMessage
+from ..errors import StoreError
 from ..logs import log_event
 from ..message import has_bare_line_end, is_valid_address, normalize_line_ends, parse_message
 from ..policy import RecipientOutcome, aggregate
+from ..quotas import quota_reply
 from ..replies import Reply
 from ..rules import Envelope
+from ..store import Quotas
 from ..templating import ClientInfo
 from .runtime import Runtime
 
@@ -56,6 +59,8 @@ class BridgeHandler:
         self._track = track
         self.throttle = AuthThrottle()
         self.metrics = delivery.metrics
+        #: Where ``quotas:`` count (the service's store); None: quotas are not checked.
+        self.quota_store: Quotas | None = None
 
     async def before_auth(self, server: BridgeSMTP) -> Reply | None:
         """AUTH's policy before the exchange: a refusal, or None to go on.
@@ -156,9 +161,8 @@ class BridgeHandler:
             self.metrics.rcpt_rejected.labels(reason="bad_syntax").inc()
             return str(replies.RCPT_BAD_SYNTAX)
         user = _user(session)
-        decision = runtime.router.at_rcpt(
-            Envelope(_sender(envelope), address, user, server.client_ip)
-        )
+        rcpt_envelope = Envelope(_sender(envelope), address, user, server.client_ip)
+        decision = runtime.router.at_rcpt(rcpt_envelope)
         if decision.verdict == "no_route":
             log_event(log, "rcpt_no_route", session=server.session_id, rcpt=address)
             self.metrics.rcpt_rejected.labels(reason="no_route").inc()
@@ -174,6 +178,15 @@ class BridgeHandler:
             )
             self.metrics.rcpt_rejected.labels(reason="policy").inc()
             return str(decision.route.reply or replies.REJECTED)
+        if runtime.config.quotas and self.quota_store is not None:
+            try:
+                over = await quota_reply(self.quota_store, runtime.config.quotas, rcpt_envelope,
+                                         decision.route, metrics=self.metrics,
+                                         session=server.session_id)  # fmt: skip
+            except StoreError:
+                over = str(replies.INTERNAL)  # uncounted: the store is down, as DATA would be
+            if over is not None:
+                return over
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"

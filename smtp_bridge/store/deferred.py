@@ -249,3 +249,8 @@ class DeferredStore:
 
     async def counts(self) -> dict[str, int]:
         return await self._real().counts()
+
+    async def take_quota(
+        self, name: str, key: str, *, window: float, limit: int, now: float | None = None
+    ) -> bool:
+        return await self._real().take_quota(name, key, window=window, limit=limit, now=now)
