@@ -216,6 +216,8 @@ class BridgeService:
 
     async def startup(self) -> None:
         self._start_watchdog()
+        if self._watchdog is not None:
+            await asyncio.sleep(0)  # the first ping out now, before the store is opened
         config = self.runtime.config
         self._check_fd_limit(config)
         self._secrets = register_secrets(_config_secrets(config))
