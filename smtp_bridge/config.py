@@ -53,6 +53,7 @@ __all__ = [
     "DeliveryConfig",
     "MatchConfig",
     "QuotaConfig",
+    "QuotaMatch",
     "Rate",
     "RouteConfig",
     "SmtpConfig",
@@ -607,24 +608,23 @@ RateT = Annotated[
 ]
 
 
+class QuotaMatch(_Model):
+    """A quota's conditions: the envelope's only, since it is checked at RCPT."""
+
+    rcpt: PatternList | None = None
+    mail_from: PatternList | None = None
+    user: PatternList | None = None
+    client: NetworkList | None = None
+
+
 class QuotaConfig(_Model):
     """``quotas:`` entry: recipients per window, counted per key, for matching envelopes."""
 
     # Named in the 451 reply and a metric label: plain characters only.
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    match: MatchConfig = Field(default_factory=MatchConfig)
+    match: QuotaMatch = Field(default_factory=QuotaMatch)
     per: Literal["client", "user", "mail_from", "route"]
     recipients: RateT
-
-    @model_validator(mode="after")
-    def _envelope_only(self) -> QuotaConfig:
-        if self.match.has_content_conditions:
-            message = (
-                "a quota is checked at RCPT, before the content is known: only rcpt,"
-                " mail_from, user and client may be given"
-            )
-            raise _Problems([(("match",), message)])
-        return self
 
 
 class Config(_Model):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .config import MatchConfig, RouteConfig
+from .config import MatchConfig, QuotaMatch, RouteConfig
 from .message import ParsedMessage
 from .patterns import Pattern
 
@@ -58,7 +58,9 @@ def _any(patterns: Sequence[Pattern] | None, value: str, groups: dict[str, str])
     return False
 
 
-def _envelope_matches(match: MatchConfig, envelope: Envelope, groups: dict[str, str]) -> bool:
+def _envelope_matches(
+    match: MatchConfig | QuotaMatch, envelope: Envelope, groups: dict[str, str]
+) -> bool:
     if not _any(match.rcpt, envelope.rcpt, groups):
         return False
     if not _any(match.mail_from, envelope.mail_from, groups):
@@ -76,7 +78,7 @@ def _envelope_matches(match: MatchConfig, envelope: Envelope, groups: dict[str, 
     return True
 
 
-def envelope_matches(match: MatchConfig, envelope: Envelope) -> bool:
+def envelope_matches(match: MatchConfig | QuotaMatch, envelope: Envelope) -> bool:
     """True when the envelope conditions of ``match`` (rcpt, mail_from, user, client) hold."""
     return _envelope_matches(match, envelope, {})
 

@@ -109,7 +109,7 @@ def _config_with(tmp_path: Path, quotas: object) -> str:
         ({"name": "q", "per": "user", "recipients": "0/h"}, "quotas[0].recipients", "at least"),
         ({"name": "q", "per": "host", "recipients": "1/h"}, "quotas[0].per", "mail_from"),
         ({"name": "q", "per": "user", "recipients": "1/h", "match": {"subject": "x"}},
-         "quotas[0].match", "rcpt, mail_from, user and client"),
+         "quotas[0].match.subject", "unknown key"),
         ({"name": "q x", "per": "user", "recipients": "1/h"}, "quotas[0].name", "match"),
         ({"name": "q", "per": "user", "recipients": "1/h", "limit": 3}, "quotas[0].limit",
          "unknown key"),
