@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from .config import Config
+from .errors import StartupError
 
-__all__ = ["FdLimitError", "FdPlan", "ensure_fd_limit", "fd_plan"]
+__all__ = ["FdPlan", "ensure_fd_limit", "fd_plan"]
 
 #: The state store: SQLite's writer and reader connections, each with the
 #: database, its WAL and its shared-memory file (a PostgreSQL pool: its sockets).
@@ -29,10 +30,6 @@ MARGIN_FDS: Final = 64
 
 #: The soft limit asked for when raising it: what the shipped unit sets.
 HEADROOM_FDS: Final = 65536
-
-
-class FdLimitError(Exception):
-    """The hard RLIMIT_NOFILE is below what the config needs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +68,14 @@ def fd_plan(config: Config) -> FdPlan:
 
 def ensure_fd_limit(plan: FdPlan) -> tuple[int, int] | None:
     """Make the soft RLIMIT_NOFILE cover ``plan``: (old, new) soft limit when raised,
-    None when it already did. :class:`FdLimitError` when the hard limit is too low.
+    None when it already did. :class:`StartupError` when the hard limit is too low.
     """
     need = plan.total
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY or soft >= need:
         return None
     if hard != resource.RLIM_INFINITY and hard < need:
-        raise FdLimitError(
+        raise StartupError(
             f"the open file limit (RLIMIT_NOFILE) is {soft} (hard limit {hard}), below the"
             f" {need} descriptors this config may need ({plan.describe()}): raise"
             " LimitNOFILE= in the systemd unit (or `ulimit -n`), or lower smtp.max_connections"
@@ -90,7 +87,7 @@ def ensure_fd_limit(plan: FdPlan) -> tuple[int, int] | None:
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
     except (ValueError, OSError) as exc:
-        raise FdLimitError(
+        raise StartupError(
             f"the open file limit (RLIMIT_NOFILE) is {soft}, below the {need} descriptors"
             f" this config may need ({plan.describe()}), and raising it failed: {exc}"
         ) from None

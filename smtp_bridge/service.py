@@ -33,7 +33,7 @@ from .config import Config, load_config, split_host_port
 from .console import BreakerView, ConsoleSources
 from .delivery import Delivery
 from .errors import ConfigError, StartupError, StoreError, TlsError
-from .fdlimit import FdLimitError, ensure_fd_limit, fd_plan
+from .fdlimit import ensure_fd_limit, fd_plan
 from .history import HistoryRecorder
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
@@ -526,10 +526,7 @@ class BridgeService:
     def _check_fd_limit(self, config: Config) -> None:
         """RLIMIT_NOFILE covers ``config`` (raised if need be), or StartupError."""
         plan = fd_plan(config)
-        try:
-            raised = ensure_fd_limit(plan)
-        except FdLimitError as exc:
-            raise StartupError(str(exc)) from None
+        raised = ensure_fd_limit(plan)
         if raised is not None:
             log_event(log, "fd_limit_raised", old=raised[0], new=raised[1], need=plan.total)
 

@@ -271,7 +271,7 @@ class BridgeHandler:
         smtp_AUTH to check off the event loop (:meth:`check_password`); reply nothing yet."""
         if not isinstance(data, LoginPassword):
             return AuthResult(success=False, handled=False)
-        cast("BridgeSMTP", smtp).auth_attempt = (mechanism, data)
+        cast("BridgeSMTP", smtp).pending_credentials = (mechanism, data)
         return AuthResult(success=False, handled=True)
 
     async def check_password(

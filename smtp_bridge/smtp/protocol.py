@@ -105,7 +105,7 @@ class BridgeSMTP(Engine):
         self._awaiting_proxy = False  # the PROXY header is still being read
         self.queue_id = ""  # of the message being received
         #: PLAIN/LOGIN credentials aiosmtpd parsed, for smtp_AUTH to check off the loop.
-        self.auth_attempt: tuple[str, LoginPassword] | None = None
+        self.pending_credentials: tuple[str, LoginPassword] | None = None
         #: Set by handle_DATA: lower-cased recipient -> its own reply (LMTP).
         self.rcpt_replies: dict[str, Reply] | None = None
 
@@ -437,7 +437,7 @@ class BridgeSMTP(Engine):
                 self.transport.close()
             return
         await super().smtp_AUTH(arg)
-        attempt, self.auth_attempt = self.auth_attempt, None
+        attempt, self.pending_credentials = self.pending_credentials, None
         if attempt is not None:  # aiosmtpd parsed credentials: hash them off the loop
             reply = await self.event_handler.check_password(self, *attempt)
             await self.push(str(reply))
