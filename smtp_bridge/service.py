@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from . import history
 from .admin import AdminServer, format_address
@@ -516,7 +516,8 @@ class BridgeService:
         if isinstance(real, History) and self.history is None:
             config = self.runtime.config
             self.history = HistoryRecorder(
-                real,
+                # Through the proxy, which delegates History to the real store.
+                cast(History, self._store),
                 retention=config.admin.history,
                 encoding=lambda: self.runtime.config.api.encoding,
             )
