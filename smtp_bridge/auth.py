@@ -1,8 +1,15 @@
 """SMTP AUTH policy: scrypt password hashes, credential lookup, failure throttling.
 
-Pure: no sockets, no disk, no clock (callers pass ``now``). The aiosmtpd glue
+No sockets, no disk, no clock (callers pass ``now``). The aiosmtpd glue
 lives in ``smtp/handler.py``; ``smtp-bridge hash-password`` uses :func:`hash_password`
 and :func:`read_password_from`.
+
+scrypt costs tens of milliseconds of CPU by design, so from the event loop it
+runs only through :meth:`Authenticator.verify`: on a small thread pool of its
+own (:data:`HASH_THREADS`), so a burst of AUTH queues there and never stalls
+other sessions. :class:`AuthThrottle` counts the checks in progress with the
+failures (:meth:`AuthThrottle.begin`), so parallel connections from one
+address get no more guesses than one connection does.
 
 Hash format (DESIGN 3, ``smtp.auth.users.*.password_hash``)::
 
@@ -16,16 +23,20 @@ take minutes or allocate gigabytes.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import getpass
 import hashlib
 import hmac
 import ipaddress
+import os
 import re
 import secrets
+import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, TextIO
 
@@ -41,6 +52,7 @@ __all__ = [
     "Credentials",
     "Authenticator",
     "AuthThrottle",
+    "HASH_THREADS",
     "read_password_from",
 ]
 
@@ -65,6 +77,10 @@ MAX_MEMORY = 64 * 1024 * 1024
 MAX_WORK = 8 * DEFAULT_N * DEFAULT_R * DEFAULT_P
 _MAX_R = 64
 _MAX_P = 64
+#: Threads that may run scrypt at once (the whole process): one core is left
+#: to the event loop, so a burst of AUTH waits its turn instead of starving
+#: every session; at most four, since each holds up to :data:`MAX_MEMORY`.
+HASH_THREADS = max(1, min(4, (os.cpu_count() or 2) - 1))
 _SALT_RANGE = (8, 64)
 _KEY_RANGE = (16, 64)
 
@@ -258,11 +274,33 @@ def _dummy(n: int = DEFAULT_N, r: int = DEFAULT_R, p: int = DEFAULT_P) -> _Parse
     return _Parsed(n, r, p, _DUMMY_SALT, b"\0" * KEY_BYTES)
 
 
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """The process's scrypt threads, made on first use (and after a fork, anew)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="scrypt")
+        return _pool
+
+
+def _forget_pool() -> None:
+    # A forked child (``serve --workers``) has none of the parent's threads.
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 class Authenticator:
     """Checks a user name and password; always runs exactly one scrypt.
 
-    The call blocks for one scrypt (~30-50 ms at the defaults): from the event
-    loop, run it with ``asyncio.to_thread``.
+    :meth:`check` blocks for one scrypt (~30-50 ms at the defaults); the event
+    loop awaits :meth:`verify`, which runs it on the scrypt threads.
     """
 
     __slots__ = ("credentials", "_dummy")
@@ -297,6 +335,11 @@ class Authenticator:
             return False
         return hmac.compare_digest(derived, parsed.key)
 
+    async def verify(self, user: str | bytes, password: str | bytes) -> bool:
+        """:meth:`check` off the event loop, on at most :data:`HASH_THREADS` threads."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_hash_pool(), self.check, user, password)
+
 
 def _try_parse(encoded: str) -> _Parsed | None:
     try:
@@ -324,6 +367,10 @@ class AuthThrottle:
     Failures older than ``window`` are forgotten. At most ``max_tracked``
     addresses are kept; the least recently failed is evicted first. IPv6
     clients count per ``ipv6_prefix`` network, IPv4 per address.
+
+    Checks in progress count as failures until they end (:meth:`begin`,
+    :meth:`end`): twenty parallel connections get the ``disconnect_after``
+    guesses one connection gets, not twenty more while the first hashes run.
     """
 
     def __init__(
@@ -351,6 +398,8 @@ class AuthThrottle:
         self._keep = max(disconnect_after, free_failures + 1 + _doublings(base_delay, max_delay))
         # key -> failure times, oldest first; ordered by most recent failure.
         self._failures: OrderedDict[_Network, deque[float]] = OrderedDict()
+        # key -> checks begun and not yet ended (bounded by the connections open).
+        self._pending: dict[_Network, int] = {}
 
     def __len__(self) -> int:
         return len(self._failures)
@@ -372,13 +421,45 @@ class AuthThrottle:
         """Forget the failures of ``ip``: it has logged in."""
         self._failures.pop(_throttle_key(ip, self.ipv6_prefix), None)
 
+    def begin(self, ip: IPAddress, now: float) -> bool:
+        """Reserve one password check for ``ip``; False (nothing reserved) when it is
+        locked out, counting the checks of ``ip`` still in progress as failures.
+
+        Every True must be followed by one :meth:`end`.
+        """
+        if self.should_disconnect(ip, now):
+            return False
+        key = _throttle_key(ip, self.ipv6_prefix)
+        self._pending[key] = self._pending.get(key, 0) + 1
+        return True
+
+    def end(self, ip: IPAddress, ok: bool, now: float) -> None:
+        """Settle a check :meth:`begin` reserved: a success or a failure."""
+        key = _throttle_key(ip, self.ipv6_prefix)
+        left = self._pending.get(key, 0) - 1
+        if left > 0:
+            self._pending[key] = left
+        else:
+            self._pending.pop(key, None)
+        if ok:
+            self.success(ip)
+        else:
+            self.failure(ip, now)
+
+    def in_progress(self, ip: IPAddress) -> int:
+        """Checks of ``ip`` begun and not yet ended."""
+        return self._pending.get(_throttle_key(ip, self.ipv6_prefix), 0)
+
     def failures(self, ip: IPAddress, now: float) -> int:
-        """Failures of ``ip`` within the window (capped at the count that matters)."""
-        times = self._failures.get(_throttle_key(ip, self.ipv6_prefix))
+        """Failures of ``ip`` within the window plus its checks in progress (capped
+        at the count that matters)."""
+        key = _throttle_key(ip, self.ipv6_prefix)
+        pending = self._pending.get(key, 0)
+        times = self._failures.get(key)
         if not times:
-            return 0
+            return pending
         cutoff = now - self.window
-        return sum(1 for t in times if t > cutoff)
+        return pending + sum(1 for t in times if t > cutoff)
 
     def delay_for(self, ip: IPAddress, now: float) -> float:
         """Seconds to wait before answering the next attempt from ``ip``."""

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Collection, Sequence
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__
 from .config import DEFAULT_CONFIG_PATH, Config, json_schema, load_config, parse_config
 from .errors import ConfigError, StartupError, StoreError
-from .logs import configure_logging
+from .logs import configure_logging, log_event
 
 if TYPE_CHECKING:
     from .store import QueueAdmin
@@ -73,6 +74,14 @@ def _print_errors(error: ConfigError) -> None:
         print(issue, file=sys.stderr)
 
 
+def _log_errors(event: str, errors: Sequence[str]) -> None:
+    """``serve``'s start-up errors as log lines (JSON with ``--log-format json``, the
+    default): a log collector parsing the daemon's stderr never meets plain text."""
+    log = logging.getLogger("smtp_bridge.cli")
+    for error in errors:
+        log_event(log, event, level=logging.ERROR, error=error)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .service import BridgeService, settle_heap
 
@@ -80,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = _load(args.config, sandbox=args.sandbox)
     except ConfigError as exc:
-        _print_errors(exc)
+        _log_errors("config_error", [str(issue) for issue in exc.issues])
         return EXIT_CONFIG
     given = _config_arg(args.config)
     config_path = (
@@ -95,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         _run(service.run())
     except StartupError as exc:
-        print(f"smtp-bridge: cannot start: {exc}", file=sys.stderr)
+        _log_errors("cannot_start", [str(exc)])
         return EXIT_STARTUP
     return EXIT_OK
 

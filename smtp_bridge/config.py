@@ -15,6 +15,7 @@ import socket
 import types
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
@@ -51,6 +52,9 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DeliveryConfig",
     "MatchConfig",
+    "QuotaConfig",
+    "QuotaMatch",
+    "Rate",
     "RouteConfig",
     "SmtpConfig",
     "TlsConfig",
@@ -569,6 +573,60 @@ class RouteConfig(_Model):
         return self
 
 
+_RATE_RE = re.compile(r"\s*([0-9]{1,12})\s*/\s*([smhd])\s*", re.IGNORECASE)
+_RATE_UNITS: Mapping[str, float] = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``count`` per ``window`` seconds, written ``N/s``, ``N/m``, ``N/h`` or ``N/d``."""
+
+    count: int
+    window: float
+
+    def __str__(self) -> str:
+        unit = next(u for u, seconds in _RATE_UNITS.items() if seconds == self.window)
+        return f"{self.count}/{unit}"
+
+
+def _to_rate(value: Any) -> Rate:
+    if isinstance(value, Rate):
+        return value
+    found = _RATE_RE.fullmatch(value) if isinstance(value, str) else None
+    if found is None:
+        raise ValueError("expected a rate like 1000/h: a count, '/', and s, m, h or d")
+    count = int(found.group(1))
+    if count < 1:
+        raise ValueError("the count of a rate must be at least 1")
+    return Rate(count, _RATE_UNITS[found.group(2).lower()])
+
+
+RateT = Annotated[
+    Rate,
+    BeforeValidator(_to_rate),
+    WithJsonSchema({"type": "string", "pattern": r"^\s*[0-9]+\s*/\s*[smhdSMHD]\s*$"}),
+]
+
+
+class QuotaMatch(_Model):
+    """A quota's conditions: the envelope's only, since it is checked at RCPT."""
+
+    rcpt: PatternList | None = None
+    mail_from: PatternList | None = None
+    user: PatternList | None = None
+    client: NetworkList | None = None
+
+
+class QuotaConfig(_Model):
+    """``quotas:`` entry: recipients per window, counted per key, for matching envelopes."""
+
+    # Named in the 451 reply and a metric label: plain characters only.
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    match: QuotaMatch = Field(default_factory=QuotaMatch)
+    per: Literal["client", "user", "mail_from", "route"]
+    recipients: RateT
+
+
 class Config(_Model):
     smtp: SmtpConfig = Field(default_factory=SmtpConfig)
     api: ApiConfig = Field(default_factory=ApiConfig)
@@ -576,6 +634,7 @@ class Config(_Model):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     routes: list[RouteConfig] = Field(min_length=1)
     replies: dict[str, ReplyT] = Field(default_factory=dict)
+    quotas: list[QuotaConfig] = Field(default_factory=list)
 
     @field_validator("routes", mode="before")
     @classmethod
@@ -622,6 +681,12 @@ class Config(_Model):
                 message = f"duplicate route name {route.name!r}: names must be unique"
                 problems.append((("routes", i, "name"), message))
             seen.add(route.name)
+        quota_names: set[str] = set()
+        for i, quota in enumerate(self.quotas):
+            if quota.name in quota_names:
+                message = f"duplicate quota name {quota.name!r}: names must be unique"
+                problems.append((("quotas", i, "name"), message))
+            quota_names.add(quota.name)
         if self.api.timeout >= self.smtp.timeout:
             message = (
                 f"must be shorter than smtp.timeout ({_seconds(self.smtp.timeout)}), "

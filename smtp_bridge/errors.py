@@ -11,7 +11,7 @@ nothing else (httpx's ``_exceptions.py`` is the model)::
         +-- StoreError           store/         the state store failed (disk full, read-only,
         |                                       database down); .path; the reply is 451 4.3.0
         +-- StartupError         service.py     the daemon cannot start (port in use,
-        |                                       store unopenable): exit code 2
+        |                                       open-file limit too low): exit code 2
         +-- TlsError             tls.py         smtp.tls's certificate and key cannot be
         |   (also ValueError)                   loaded (also a config error, at smtp.tls.cert)
         +-- TemplateRenderError  templating.py  a route's template failed for one
@@ -82,7 +82,11 @@ class StoreError(BridgeError):
 
 
 class StartupError(BridgeError):
-    """The daemon could not start (port in use, store unwritable...): exit code 2."""
+    """The daemon could not start (port in use, open-file limit too low...): exit code 2.
+
+    A state store that cannot be opened is not one: the daemon starts and answers
+    451 4.3.0 until the store opens (store/deferred.py).
+    """
 
 
 class TlsError(BridgeError, ValueError):

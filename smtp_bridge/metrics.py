@@ -136,6 +136,19 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.quota_exceeded = Counter(
+            "smtp_bridge_quota_exceeded",
+            "Recipients refused at RCPT (451 4.7.1) because a quota was used up, by quota",
+            ["quota"],
+            registry=r,
+        )
+        self.auth_checks = Counter(
+            "smtp_bridge_auth_checks",
+            "SMTP AUTH attempts by result: ok, failed (a password was hashed) or"
+            " locked_out (refused before hashing)",
+            ["result"],
+            registry=r,
+        )
         self.info = Gauge(
             "smtp_bridge_build_info",
             "Always 1; the version as a label",

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .config import MatchConfig, RouteConfig
+from .config import MatchConfig, QuotaMatch, RouteConfig
 from .message import ParsedMessage
 from .patterns import Pattern
 
-__all__ = ["Envelope", "RcptDecision", "RouteMatch", "Router"]
+__all__ = ["Envelope", "RcptDecision", "RouteMatch", "Router", "envelope_matches"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -58,7 +58,9 @@ def _any(patterns: Sequence[Pattern] | None, value: str, groups: dict[str, str])
     return False
 
 
-def _envelope_matches(match: MatchConfig, envelope: Envelope, groups: dict[str, str]) -> bool:
+def _envelope_matches(
+    match: MatchConfig | QuotaMatch, envelope: Envelope, groups: dict[str, str]
+) -> bool:
     if not _any(match.rcpt, envelope.rcpt, groups):
         return False
     if not _any(match.mail_from, envelope.mail_from, groups):
@@ -74,6 +76,11 @@ def _envelope_matches(match: MatchConfig, envelope: Envelope, groups: dict[str, 
         if ip is None or not any(ip.version == net.version and ip in net for net in match.client):
             return False
     return True
+
+
+def envelope_matches(match: MatchConfig | QuotaMatch, envelope: Envelope) -> bool:
+    """True when the envelope conditions of ``match`` (rcpt, mail_from, user, client) hold."""
+    return _envelope_matches(match, envelope, {})
 
 
 def _content_matches(match: MatchConfig, message: ParsedMessage, groups: dict[str, str]) -> bool:

@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from . import history
 from .admin import AdminServer, format_address
@@ -33,6 +33,7 @@ from .config import Config, load_config, split_host_port
 from .console import BreakerView, ConsoleSources
 from .delivery import Delivery
 from .errors import ConfigError, StartupError, StoreError, TlsError
+from .fdlimit import ensure_fd_limit, fd_plan
 from .history import HistoryRecorder
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
@@ -40,7 +41,8 @@ from .policy import RecipientOutcome, session_lease
 from .sandbox import Sandbox
 from .smtp import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
 from .sockets import ipv6_only, is_ipv6_wildcard, listen_socket, takes_ipv4
-from .store import StateStore, open_store
+from .store import StateStore, describe_store, open_store, sqlite_path
+from .store.deferred import DeferredStore
 from .store.history import History
 from .worker import QueueWorker
 
@@ -197,7 +199,7 @@ class BridgeService:
         self._api: ApiClient | None = None
         self._worker: QueueWorker | None = None
         self._delivery: Delivery | None = None
-        self._store: StateStore | None = None
+        self._store: DeferredStore | None = None
         self._admin: AdminServer | None = None
         self._admin_activated = False
         self._watchdog: asyncio.Task[None] | None = None
@@ -214,7 +216,10 @@ class BridgeService:
 
     async def startup(self) -> None:
         self._start_watchdog()
+        if self._watchdog is not None:
+            await asyncio.sleep(0)  # the first ping out now, before the store is opened
         config = self.runtime.config
+        self._check_fd_limit(config)
         self._secrets = register_secrets(_config_secrets(config))
         if self.use_sandbox:
             self.sandbox = Sandbox()
@@ -222,43 +227,39 @@ class BridgeService:
             log_event(log, "sandbox_started", url=url)
             config = self._with_sandbox(config)
             self.runtime = Runtime.build(config)
-        try:
-            self._store = await open_store(config.delivery)
-            # The spool is ours: claims left by a process that died are due again.
-            recovered = await self._store.recover_claims()
-            settled = await self._store.resolve_stale(older_than=2 * session_lease(config))
-        except StoreError as exc:
-            raise StartupError(f"state store: {exc}") from None
-        if recovered:
-            log_event(log, "spool_recovered", level=logging.WARNING, recipients=recovered)
-        if settled:
-            log_event(log, "stale_settled", level=logging.WARNING, rows=settled)
-        if isinstance(self._store, History):
-            self.history = HistoryRecorder(
-                self._store,
-                retention=config.admin.history,
-                encoding=lambda: self.runtime.config.api.encoding,
-            )
-            history.install(self.history)
-            self.history.start()
+        # A store that cannot be opened (full or read-only disk) does not stop the
+        # start: mail gets 451 4.3.0 and /readyz says why until it opens by itself.
+        store = self._store = DeferredStore(
+            functools.partial(_open_ready_store, config),
+            name=describe_store(config.delivery),
+            dedup_ttl=config.delivery.dedup_ttl,
+        )
+        if not await store.start() and sqlite_path(config.delivery) is None:
+            # A database that cannot be reached at start is most often a wrong
+            # URL, password or firewall: say so and stop (systemd retries), where
+            # a full local disk is weathered with 451s until it has room again.
+            await store.close()
+            raise StartupError(f"state store: {store.error}")
         self._api = _api_client(config)
         delivery = self._delivery = Delivery(
-            self._api, self._store, self.metrics, mode=config.delivery.mode
+            self._api, store, self.metrics, mode=config.delivery.mode
         )
         # Workers run in every mode: mail spooled before a change of mode still goes out.
         worker = self._worker = QueueWorker(
             delivery.gate,
-            self._store,
+            store,
             lambda: self.runtime,
             mode=config.delivery.mode,
             flow=delivery.flow,
             metrics=self.metrics,
         )
         delivery.on_spooled = worker.wake
-        # Mail spooled by another instance (PostgreSQL's NOTIFY) wakes ours too.
-        self._store.on_spooled(worker.wake)
-        worker.start()
+        if store.is_open:
+            self._store_opened()
+        else:
+            store.on_open = self._store_opened  # when the store opens by itself
         handler = self.handler = BridgeHandler(delivery, self._track)
+        handler.quota_store = store
         loop = asyncio.get_running_loop()
 
         def factory(implicit_tls: bool = False) -> BridgeSMTP:
@@ -441,6 +442,10 @@ class BridgeService:
         except TlsError as exc:  # the files changed since load_config read them
             return self._refuse([f"smtp.tls: {exc}"])
         old = self.runtime.config
+        try:
+            self._check_fd_limit(config)
+        except StartupError as exc:
+            return self._refuse([str(exc)])
 
         # Bind what is new before changing anything: a port that cannot be
         # bound refuses the reload as a whole.
@@ -506,6 +511,33 @@ class BridgeService:
         if gc.get_freeze_count():
             settle_heap()
         return True
+
+    def _store_opened(self) -> None:
+        """The store is open (at start, or later by itself): the spool workers and
+        the console's history recorder start."""
+        if self._worker is not None:
+            # Mail spooled by another instance (PostgreSQL's NOTIFY) wakes ours too.
+            if self._store is not None:
+                self._store.on_spooled(self._worker.wake)
+            self._worker.start()
+        real = self._store.real if self._store is not None else None
+        if isinstance(real, History) and self.history is None:
+            config = self.runtime.config
+            self.history = HistoryRecorder(
+                # Through the proxy, which delegates History to the real store.
+                cast(History, self._store),
+                retention=config.admin.history,
+                encoding=lambda: self.runtime.config.api.encoding,
+            )
+            history.install(self.history)
+            self.history.start()
+
+    def _check_fd_limit(self, config: Config) -> None:
+        """RLIMIT_NOFILE covers ``config`` (raised if need be), or StartupError."""
+        plan = fd_plan(config)
+        raised = ensure_fd_limit(plan)
+        if raised is not None:
+            log_event(log, "fd_limit_raised", old=raised[0], new=raised[1], need=plan.total)
 
     def _refuse(self, errors: list[str]) -> bool:
         log_event(log, "reload_refused", level=logging.ERROR, errors=errors)
@@ -645,7 +677,7 @@ class BridgeService:
         return None
 
     async def _check_store(self) -> str | None:
-        if self._store is None:
+        if self._store is None or not self._store.is_open:
             return "not open"
         return None if await self._store.check_writable() else "not writable"
 
@@ -660,7 +692,7 @@ class BridgeService:
     async def _refresh_metrics(self) -> None:
         """Queue depth and age, dead letters and breaker state, fresh for each scrape
         (the worker also refreshes them on its own schedule)."""
-        if self._worker is not None:
+        if self._worker is not None and self._store is not None and self._store.is_open:
             await self._worker.refresh_gauges()
 
     # ------------------------------------------------------------ helpers
@@ -729,6 +761,24 @@ class BridgeService:
     def _track(self, task: asyncio.Task[list[RecipientOutcome]]) -> None:
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
+
+
+async def _open_ready_store(config: Config) -> StateStore:
+    """Open the store and take over the spool: claims left by a process that died
+    are due again, stale in-flight rows settled. StoreError, with nothing left
+    open, when any of it fails."""
+    store = await open_store(config.delivery)
+    try:
+        recovered = await store.recover_claims()
+        settled = await store.resolve_stale(older_than=2 * session_lease(config))
+    except StoreError:
+        await store.close()
+        raise
+    if recovered:
+        log_event(log, "spool_recovered", level=logging.WARNING, recipients=recovered)
+    if settled:
+        log_event(log, "stale_settled", level=logging.WARNING, rows=settled)
+    return store
 
 
 def _reason(exc: OSError) -> str:

@@ -149,7 +149,7 @@ def serve_workers(
     try:
         run(service.run())
     except StartupError as exc:
-        print(f"smtp-bridge: worker {slot.index}: cannot start: {exc}", file=sys.stderr)
+        log_event(log, "cannot_start", level=logging.ERROR, worker=slot.index, error=str(exc))
         return EXIT_STARTUP
     return EXIT_OK
 
@@ -189,12 +189,14 @@ class _Supervisor:
 
     async def run(self) -> int:
         if listen_fds():
-            print("smtp-bridge: --workers cannot use socket activation", file=sys.stderr)
+            log_event(log, "cannot_start", level=logging.ERROR,
+                      error="--workers cannot use socket activation")  # fmt: skip
             return EXIT_STARTUP
         try:
             self.listen = self._resolve_ports()
         except OSError as exc:
-            print(f"smtp-bridge: cannot listen: {os.strerror(exc.errno or 0)}", file=sys.stderr)
+            log_event(log, "cannot_start", level=logging.ERROR,
+                      error=f"cannot listen: {os.strerror(exc.errno or 0)}")  # fmt: skip
             return EXIT_STARTUP
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -472,3 +472,15 @@ def test_read_password_interactive_empty() -> None:
 def test_password_read_then_hashed_verifies() -> None:
     password = read_password_from(io.StringIO("piped pw\n"), interactive=False)
     assert verify_password("piped pw", hash_password(password, n=FAST))
+
+
+def test_checks_in_progress_count_toward_the_lockout() -> None:
+    throttle = AuthThrottle(disconnect_after=3)
+    ip = ipaddress.ip_address("192.0.2.7")
+    assert [throttle.begin(ip, 0.0) for _ in range(4)] == [True, True, True, False]
+    assert throttle.in_progress(ip) == 3
+    throttle.end(ip, False, 1.0)
+    assert throttle.failures(ip, 1.0) == 3 and not throttle.begin(ip, 1.0)
+    throttle.end(ip, True, 1.0)  # one of them was right: failures forgotten
+    throttle.end(ip, False, 1.0)
+    assert throttle.in_progress(ip) == 0 and throttle.failures(ip, 1.0) == 1

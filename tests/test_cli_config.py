@@ -158,7 +158,15 @@ def test_schema_prints_json() -> None:
     result = run("schema")
     assert result.returncode == 0, result.stderr
     schema = json.loads(result.stdout)
-    assert set(schema["properties"]) == {"smtp", "api", "delivery", "admin", "routes", "replies"}
+    assert set(schema["properties"]) == {
+        "smtp",
+        "api",
+        "delivery",
+        "admin",
+        "routes",
+        "replies",
+        "quotas",
+    }
     assert schema["additionalProperties"] is False
 
 

@@ -1079,7 +1079,15 @@ def test_load_config_unreadable(tmp_path: Path, kind: str) -> None:
 
 def test_json_schema() -> None:
     schema = json.loads(json.dumps(json_schema()))
-    assert set(schema["properties"]) == {"smtp", "api", "delivery", "admin", "routes", "replies"}
+    assert set(schema["properties"]) == {
+        "smtp",
+        "api",
+        "delivery",
+        "admin",
+        "routes",
+        "replies",
+        "quotas",
+    }
     assert schema["additionalProperties"] is False
     assert schema["required"] == ["routes"]
     for name, definition in schema["$defs"].items():

@@ -381,8 +381,12 @@ async def test_a_store_of_the_version_before_gains_the_history_tables(tmp_path: 
 
     from smtp_bridge.store.sqlite.schema import MIGRATIONS, SCHEMA_VERSION
 
-    before = SCHEMA_VERSION - 1  # the history tables are the last migration
-    assert any("history_messages" in statement for statement in MIGRATIONS[before])
+    # The version just before the migration that adds the history tables (later
+    # migrations, such as quotas', come after it).
+    before = next(
+        i for i, step in enumerate(MIGRATIONS) if any("history_messages" in s for s in step)
+    )
+    assert before < SCHEMA_VERSION
     path = tmp_path / "state.sqlite3"
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
         for statements in MIGRATIONS[:before]:

@@ -404,9 +404,11 @@ async def test_port_in_use_exits_2(tmp_path: Path) -> None:
         env = daemon_env(PYTHONDEVMODE="1")
         code, stderr = await run_command("serve", "--sandbox", "--config", str(config), env=env)
     assert code == 2, stderr
-    assert re.search(rf"cannot start: cannot listen on 127\.0\.0\.1:{port}: .*in use", stderr), (
-        stderr
-    )
+    # Every line JSON, the start-up error included (issue 13).
+    events = [json.loads(line) for line in stderr.splitlines()]
+    failed = [e for e in events if e["event"] == "cannot_start"]
+    assert len(failed) == 1 and failed[0]["level"] == "error", stderr
+    assert re.fullmatch(rf"cannot listen on 127\.0\.0\.1:{port}: .*in use", failed[0]["error"])
     assert_no_traceback(stderr)
     assert "ResourceWarning" not in stderr, stderr
 
@@ -418,7 +420,9 @@ async def test_bad_config_exits_1(tmp_path: Path) -> None:
     )
     code, stderr = await run_command("serve", "--config", str(config))
     assert code == 1, stderr
-    lines = stderr.splitlines()
+    events = [json.loads(line) for line in stderr.splitlines()]  # every line JSON
+    assert {e["event"] for e in events} == {"config_error"}, stderr
+    lines = [e["error"] for e in events]
     assert f"{config}:3: smtp.max_recipients: must be greater than or equal to 1" in lines, stderr
     assert any(line.startswith(f"{config}:4: smtp.max_conections: unknown key") for line in lines)
     assert_no_traceback(stderr)
@@ -428,7 +432,9 @@ async def test_missing_config_file_exits_1(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.yaml"
     code, stderr = await run_command("serve", "--config", str(missing))
     assert code == 1, stderr
-    assert str(missing) in stderr and "cannot read" in stderr, stderr
+    [event] = [json.loads(line) for line in stderr.splitlines()]
+    assert event["event"] == "config_error", stderr
+    assert str(missing) in event["error"] and "cannot read" in event["error"], stderr
     assert_no_traceback(stderr)
 
 

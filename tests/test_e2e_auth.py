@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 
 import aiosmtplib
 import pytest
@@ -236,3 +237,54 @@ async def test_trusted_network_still_exempt_with_real_tls(bridge, tls: TlsFiles)
         code, _ = await _send_as(b, "crm", CRM_PASSWORD)  # plaintext, from loopback
         assert code == 250
         assert b.delivered()[0]["key"] == fingerprint(CRM_KEY)
+
+
+# ---------------------------------------------------------------- parallel guessing
+
+
+async def _raw_auth(host: str, port: int, login: bytes, start: asyncio.Event) -> str:
+    """One connection: EHLO, wait for ``start``, AUTH PLAIN; the reply line."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        await reader.readline()
+        writer.write(b"EHLO test\r\n")
+        while not (await reader.readline()).startswith(b"250 "):
+            pass
+        await start.wait()
+        writer.write(b"AUTH PLAIN " + base64.b64encode(login) + b"\r\n")
+        await writer.drain()
+        return (await reader.readline()).decode().rstrip("\r\n")
+    finally:
+        writer.close()
+
+
+async def test_parallel_guesses_get_no_more_checks_than_one_connection(bridge) -> None:
+    # The real scrypt cost, so checks overlap on the hashing threads, and a
+    # short tarpit, so connections wait past each other's checks as they did
+    # when 20 connections got 23 checks.
+    slow = hash_password(CRM_PASSWORD)
+    async with bridge(auth_config().replace(CRM_HASH, slow)) as b:
+        assert b.service.handler is not None
+        throttle = AuthThrottle(base_delay=0.01, max_delay=0.04)
+        b.service.handler.throttle = throttle
+        start = asyncio.Event()
+        tasks = [
+            asyncio.create_task(_raw_auth(b.host, b.port, f"\0crm\0guess-{i}".encode(), start))
+            for i in range(20)
+        ]
+        await asyncio.sleep(0)  # let the connections queue up their EHLO
+        start.set()
+        answers = await asyncio.gather(*tasks)
+        sample = b.service.metrics.registry.get_sample_value
+        checked = sample("smtp_bridge_auth_checks_total", {"result": "failed"})
+        invalid = [a for a in answers if a.startswith("535 ")]
+        locked = [a for a in answers if a == str(replies.AUTH_TOO_MANY_FAILURES)]
+        # Exactly the guesses one connection gets in sequence, and each was a check.
+        assert len(invalid) == throttle.disconnect_after == checked
+        assert len(locked) == 20 - throttle.disconnect_after
+        assert throttle.in_progress(ipaddress.ip_address("127.0.0.1")) == 0
+        # Locked out now, even with the right password.
+        right = await _raw_auth(b.host, b.port, f"\0crm\0{CRM_PASSWORD}".encode(), start)
+        assert right == str(replies.AUTH_TOO_MANY_FAILURES)
+        assert sample("smtp_bridge_auth_checks_total", {"result": "ok"}) is None
+    assert b.sandbox.sent() == []

@@ -70,6 +70,7 @@ def test_exports() -> None:
         "MessageRecord",
         "Notice",
         "QueueAdmin",
+        "Quotas",
         "RecipientRecord",
         "Spool",
         "SpoolStats",

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import sys
@@ -171,7 +172,12 @@ class Supervisor:
 
 @contextlib.asynccontextmanager
 async def supervisor(
-    tmp_path: Path, api_url: str, *, watchdog_usec: int = 0, admin_listen: str = "null"
+    tmp_path: Path,
+    api_url: str,
+    *,
+    watchdog_usec: int = 0,
+    admin_listen: str = "null",
+    nofile: int = 0,
 ) -> AsyncIterator[Supervisor]:
     config = tmp_path / "config.yaml"
     config.write_text(config_text(tmp_path / "state", api_url, admin_listen=admin_listen))
@@ -186,6 +192,8 @@ async def supervisor(
         sys.executable, "-m", "smtp_bridge", "serve", "--config", str(config), "--workers", "2",
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE, env=env,
+        preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+        if nofile else None,
     )  # fmt: skip
     running = Supervisor(proc, notify)
     try:
@@ -264,11 +272,13 @@ async def test_a_worker_whose_loop_is_stuck_is_killed_and_replaced(
 
 
 async def test_a_worker_that_cannot_start_stops_the_daemon_with_exit_2(tmp_path: Path) -> None:
-    # The state directory is a file: the store cannot open, in every worker.
-    (tmp_path / "state").write_text("not a directory")
-    async with supervisor(tmp_path, "http://127.0.0.1:9/x") as sup:
+    # An open-file limit below what smtp.max_connections (1000) needs, hard
+    # too: no worker can start. (A store that cannot open no longer stops a
+    # start: the workers run and answer 451, tests/test_store_outage.py.)
+    async with supervisor(tmp_path, "http://127.0.0.1:9/x", nofile=512) as sup:
         assert await asyncio.wait_for(sup.proc.wait(), WAIT) == 2
         await sup.wait_for("worker_failed_to_start")
+        assert any("RLIMIT_NOFILE" in e["error"] for e in sup.named("cannot_start"))
 
 
 # --------------------------------------------------------------------------- store

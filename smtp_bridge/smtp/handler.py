@@ -19,11 +19,14 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from .. import history, replies
 from ..auth import AuthThrottle
 from ..delivery import Delivery, IncomingMessage
+from ..errors import StoreError
 from ..logs import log_event
 from ..message import has_bare_line_end, is_valid_address, normalize_line_ends, parse_message
 from ..policy import RecipientOutcome, aggregate
+from ..quotas import quota_reply
 from ..replies import Reply
 from ..rules import Envelope
+from ..store import Quotas
 from ..templating import ClientInfo
 from .runtime import Runtime
 
@@ -39,6 +42,11 @@ log = logging.getLogger("smtp_bridge.smtp")
 PARSE_IN_THREAD_BYTES = 256 * 1024
 
 
+#: aiosmtpd's own AUTH replies, now that the check is ours.
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
+
+
 class BridgeHandler:
     """aiosmtpd handler hooks: policy at AUTH, MAIL and RCPT, delivery at DATA."""
 
@@ -51,6 +59,8 @@ class BridgeHandler:
         self._track = track
         self.throttle = AuthThrottle()
         self.metrics = delivery.metrics
+        #: Where ``quotas:`` count (the service's store); None: quotas are not checked.
+        self.quota_store: Quotas | None = None
 
     async def before_auth(self, server: BridgeSMTP) -> Reply | None:
         """AUTH's policy before the exchange: a refusal, or None to go on.
@@ -151,9 +161,8 @@ class BridgeHandler:
             self.metrics.rcpt_rejected.labels(reason="bad_syntax").inc()
             return str(replies.RCPT_BAD_SYNTAX)
         user = _user(session)
-        decision = runtime.router.at_rcpt(
-            Envelope(_sender(envelope), address, user, server.client_ip)
-        )
+        rcpt_envelope = Envelope(_sender(envelope), address, user, server.client_ip)
+        decision = runtime.router.at_rcpt(rcpt_envelope)
         if decision.verdict == "no_route":
             log_event(log, "rcpt_no_route", session=server.session_id, rcpt=address)
             self.metrics.rcpt_rejected.labels(reason="no_route").inc()
@@ -169,6 +178,15 @@ class BridgeHandler:
             )
             self.metrics.rcpt_rejected.labels(reason="policy").inc()
             return str(decision.route.reply or replies.REJECTED)
+        if runtime.config.quotas and self.quota_store is not None:
+            try:
+                over = await quota_reply(self.quota_store, runtime.config.quotas, rcpt_envelope,
+                                         decision.route, metrics=self.metrics,
+                                         session=server.session_id)  # fmt: skip
+            except StoreError:
+                over = str(replies.INTERNAL)  # uncounted: the store is down, as DATA would be
+            if over is not None:
+                return over
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
@@ -249,15 +267,41 @@ class BridgeHandler:
     def authenticate(
         self, smtp: SMTP, session: Session, envelope: SmtpEnvelope, mechanism: str, data: Any
     ) -> AuthResult:
-        """aiosmtpd's authenticator: check PLAIN/LOGIN credentials (never logged)."""
-        server = cast("BridgeSMTP", smtp)
+        """aiosmtpd's (synchronous) authenticator: keep PLAIN/LOGIN credentials for
+        smtp_AUTH to check off the event loop (:meth:`check_password`); reply nothing yet."""
         if not isinstance(data, LoginPassword):
             return AuthResult(success=False, handled=False)
+        cast("BridgeSMTP", smtp).pending_credentials = (mechanism, data)
+        return AuthResult(success=False, handled=True)
+
+    async def check_password(
+        self, server: BridgeSMTP, mechanism: str, data: LoginPassword
+    ) -> Reply:
+        """One password check within the AUTH throttle (never logged): the reply.
+
+        The check is reserved before hashing (:meth:`AuthThrottle.begin`), so checks
+        in progress count toward the lockout; scrypt runs off the event loop.
+        """
         user = data.login.decode("utf-8", "replace")
         ip = server.client_ip
-        if server.runtime.authenticator.check(data.login, data.password):
+        throttle = self.throttle
+        if ip is not None and not throttle.begin(ip, time.monotonic()):
+            log_event(
+                log, "auth_locked_out", level=logging.WARNING, session=server.session_id,
+                client=str(ip),
+            )  # fmt: skip
+            self.metrics.auth_checks.labels(result="locked_out").inc()
+            return replies.AUTH_TOO_MANY_FAILURES
+        ok = False
+        try:
+            ok = await server.runtime.authenticator.verify(data.login, data.password)
+        finally:
             if ip is not None:
-                self.throttle.success(ip)
+                throttle.end(ip, ok, time.monotonic())
+        self.metrics.auth_checks.labels(result="ok" if ok else "failed").inc()
+        if ok:
+            session: Any = server.session  # aiosmtpd types auth_data as None
+            session.authenticated, session.auth_data, session.login_data = True, user, data.login
             log_event(
                 log,
                 "auth_ok",
@@ -266,9 +310,7 @@ class BridgeHandler:
                 user=user,
                 mechanism=mechanism,
             )
-            return AuthResult(success=True, auth_data=user)
-        if ip is not None:
-            self.throttle.failure(ip, time.monotonic())
+            return AUTH_OK
         log_event(
             log,
             "auth_failed",
@@ -278,7 +320,7 @@ class BridgeHandler:
             user=user[:64],
             mechanism=mechanism,
         )
-        return AuthResult(success=False, handled=False)  # aiosmtpd answers 535 5.7.8
+        return AUTH_INVALID
 
 
 def _sender(envelope: SmtpEnvelope) -> str:

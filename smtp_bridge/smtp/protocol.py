@@ -15,7 +15,7 @@ import secrets
 import ssl
 from typing import TYPE_CHECKING, Any, AnyStr, cast
 
-from aiosmtpd.smtp import TLSSetupException, syntax
+from aiosmtpd.smtp import LoginPassword, TLSSetupException, syntax
 
 from .. import replies
 from ..ids import new_queue_id
@@ -104,6 +104,8 @@ class BridgeSMTP(Engine):
         self._session_timer: asyncio.TimerHandle | None = None
         self._awaiting_proxy = False  # the PROXY header is still being read
         self.queue_id = ""  # of the message being received
+        #: PLAIN/LOGIN credentials aiosmtpd parsed, for smtp_AUTH to check off the loop.
+        self.pending_credentials: tuple[str, LoginPassword] | None = None
         #: Set by handle_DATA: lower-cased recipient -> its own reply (LMTP).
         self.rcpt_replies: dict[str, Reply] | None = None
 
@@ -435,6 +437,12 @@ class BridgeSMTP(Engine):
                 self.transport.close()
             return
         await super().smtp_AUTH(arg)
+        attempt, self.pending_credentials = self.pending_credentials, None
+        if attempt is not None:  # aiosmtpd parsed credentials: hash them off the loop
+            reply = await self.event_handler.check_password(self, *attempt)
+            await self.push(str(reply))
+            if reply.code == 421 and self.transport is not None:  # locked out
+                self.transport.close()
 
     # ------------------------------------------------------------ DATA
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote, urlsplit
 
 from ..errors import StoreError
-from .base import Health, Ledger, QueueAdmin, Spool, StateStore
+from .base import Health, Ledger, QueueAdmin, Quotas, Spool, StateStore
 from .records import (
     FINAL_STATES,
     Admission,
@@ -42,6 +42,7 @@ __all__ = [
     "MessageRecord",
     "Notice",
     "QueueAdmin",
+    "Quotas",
     "RecipientRecord",
     "Spool",
     "SpoolStats",

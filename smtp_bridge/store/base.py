@@ -3,7 +3,8 @@
 Callers depend on the role they use, never on a backend class: delivery (direct,
 hybrid and queue sessions) on :class:`Ledger`, the spool workers on
 :class:`Spool`, ``smtp-bridge queue`` on :class:`QueueAdmin`, ``/readyz`` on
-:class:`Health`. :class:`StateStore` is all of them plus ``close()``; a backend
+:class:`Health`, the RCPT check of ``quotas:`` on :class:`Quotas`.
+:class:`StateStore` is all of them plus ``close()``; a backend
 (``sqlite``, ``postgres``) implements it, and ``tests/test_store_conformance.py``
 holds each to the rules below.
 
@@ -43,6 +44,9 @@ The rules (they used to live only inside the SQL):
 * **Keys.** A dedup key starting with ``sha:`` (content only: no
   Idempotency-Key, no Message-ID) is remembered for ``anonymous_ttl``, others
   for ``dedup_ttl``.
+* **A quota never lets more through than its limit.** :meth:`Quotas.take_quota`
+  reads and bumps its counter in one transaction, so instances sharing a store
+  (PostgreSQL) share the count, and concurrent takers never both get the last unit.
 * **Content lives as long as someone may send it.** A spooled message keeps its
   content until every recipient is delivered, dropped or failed; dead letters
   keep it so ``queue retry`` can resend.
@@ -56,7 +60,7 @@ from typing import Protocol, runtime_checkable
 from ..outcomes import RecipientState
 from .records import Admission, Guard, MessageRecord, Notice, RecipientRecord, SpoolStats
 
-__all__ = ["Health", "Ledger", "QueueAdmin", "Spool", "StateStore"]
+__all__ = ["Health", "Ledger", "QueueAdmin", "Quotas", "Spool", "StateStore"]
 
 
 class Ledger(Protocol):
@@ -268,6 +272,25 @@ class QueueAdmin(Protocol):
         ...
 
 
+class Quotas(Protocol):
+    """What the RCPT check of ``quotas:`` uses: shared, atomic counters."""
+
+    async def take_quota(
+        self, name: str, key: str, *, window: float, limit: int, now: float | None = None
+    ) -> bool:
+        """Count one recipient against quota ``name`` for ``key``; False (nothing
+        counted) when ``limit`` recipients were counted in the current window already.
+
+        One transaction. A fixed window per (name, key): it starts at the first
+        recipient counted (``now``, default the store's clock) and lasts ``window``
+        seconds; the first take at or after its end starts a new window with a
+        count of 1. Within a window the count is raised only while it is below
+        ``limit``. Counters whose window has ended may be dropped by
+        :meth:`Spool.purge_expired`.
+        """
+        ...
+
+
 class Health(Protocol):
     """What ``/readyz`` asks."""
 
@@ -277,7 +300,7 @@ class Health(Protocol):
 
 
 @runtime_checkable
-class StateStore(Ledger, Spool, QueueAdmin, Health, Protocol):
+class StateStore(Ledger, Spool, QueueAdmin, Quotas, Health, Protocol):
     """A whole backend: every role, a name for messages, and ``close()``."""
 
     @property

@@ -45,6 +45,7 @@ from . import ledger
 from .admin import QueueAdminMixin
 from .db import DEFAULT_TIMEOUT, Conn, Database
 from .listener import SpoolListener
+from .quotas import QuotaMixin
 from .rows import (
     NOTIFY,
     check_recipients,
@@ -62,7 +63,7 @@ _log = logging.getLogger("smtp_bridge.store")
 _SKEW_WARNING: Final = 1.0
 
 
-class PostgresStore(SpoolMixin, QueueAdminMixin):
+class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin):
     """The PostgreSQL state store. Create with ``await PostgresStore.open(url)``."""
 
     def __init__(

@@ -81,6 +81,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # Small key/value table; also the target of the /readyz write probe.
         "CREATE TABLE meta (key text PRIMARY KEY, value text NULL)",
     ),
+    (
+        # `quotas:` counters (Quotas.take_quota): one fixed window per (quota, key).
+        """CREATE TABLE quota_counters (
+            name text COLLATE "C" NOT NULL,
+            key text COLLATE "C" NOT NULL,
+            window_start double precision NOT NULL,
+            window_end double precision NOT NULL,
+            count integer NOT NULL,
+            PRIMARY KEY (name, key)
+        )""",
+        "CREATE INDEX quota_counters_end ON quota_counters (window_end)",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

@@ -377,7 +377,8 @@ class SQLiteStore:
         will ever work on those again. Dead letters with content stay until
         ``queue retry`` or ``queue purge``.
         """
-        cutoff = (self._clock() if now is None else now) - self._dedup_ttl
+        at = self._clock() if now is None else now
+        cutoff = at - self._dedup_ttl
         # DEAD is not among them: a dead letter with its content is kept until the
         # operator retries or purges it (`smtp-bridge queue`).
         final = list(CONTENT_DONE_STATES)
@@ -418,6 +419,10 @@ class SQLiteStore:
             for table in ("recipients", "messages"):
                 cursor = conn.executemany(f"DELETE FROM {table} WHERE queue_id = ?", expired)
                 removed += cursor.rowcount
+            # Quota windows that have ended count nothing any more.
+            removed += conn.execute(
+                "DELETE FROM quota_counters WHERE window_end <= ?", (at,)
+            ).rowcount
             # Recipient rows written without a message row (update_recipient upserts).
             removed += conn.execute(
                 "DELETE FROM recipients AS r WHERE r.updated_at <= ?"
@@ -835,6 +840,38 @@ class SQLiteStore:
     async def trim_history(self, before: float) -> int:
         """Forget history older than ``before``."""
         return await self._write("trim history", lambda conn: history.trim(conn, before))
+
+    async def take_quota(
+        self, name: str, key: str, *, window: float, limit: int, now: float | None = None
+    ) -> bool:
+        """Count one recipient against quota ``name`` for ``key`` (see :class:`Quotas`)."""
+        at = self._clock() if now is None else now
+
+        def write(conn: sqlite3.Connection) -> bool:
+            # The writer thread runs one function at a time: read-then-write is atomic.
+            row = conn.execute(
+                "SELECT window_end, count FROM quota_counters WHERE name = ? AND key = ?",
+                (name, key),
+            ).fetchone()
+            if row is None or at >= row[0] or at < row[0] - window:
+                # No window yet, or it has ended (or the clock went back past it).
+                conn.execute(
+                    "INSERT INTO quota_counters (name, key, window_start, window_end, count)"
+                    " VALUES (?, ?, ?, ?, 1) ON CONFLICT (name, key) DO UPDATE SET"
+                    " window_start = excluded.window_start, window_end = excluded.window_end,"
+                    " count = 1",
+                    (name, key, at, at + window),
+                )
+                return limit >= 1
+            if row[1] >= limit:
+                return False
+            conn.execute(
+                "UPDATE quota_counters SET count = count + 1 WHERE name = ? AND key = ?",
+                (name, key),
+            )
+            return True
+
+        return await self._write("take quota", write)
 
     async def check_writable(self) -> bool:
         """A cheap write probe for /readyz: True when a transaction commits."""

@@ -15,7 +15,7 @@ __all__ = [
 
 #: ``PRAGMA user_version`` of the schema this module writes; ``MIGRATIONS[i]``
 #: takes a database from version ``i`` to ``i + 1``.
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
     (
         """CREATE TABLE IF NOT EXISTS messages (
@@ -115,6 +115,18 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )""",
         "CREATE INDEX IF NOT EXISTS history_attempts_message ON history_attempts (queue_id, at)",
         "CREATE INDEX IF NOT EXISTS history_attempts_at ON history_attempts (at)",
+    ),
+    (
+        # `quotas:` counters (Quotas.take_quota): one fixed window per (quota, key).
+        """CREATE TABLE IF NOT EXISTS quota_counters (
+            name TEXT NOT NULL,
+            key TEXT NOT NULL,
+            window_start REAL NOT NULL,
+            window_end REAL NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (name, key)
+        )""",
+        "CREATE INDEX IF NOT EXISTS quota_counters_end ON quota_counters (window_end)",
     ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
