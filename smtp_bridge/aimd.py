@@ -1,6 +1,6 @@
 """Each API key's pace, AIMD: an HTTP 429 slows the key down, successes speed it up.
 
-A rate limit says "slower", not "stop" (DESIGN 5, end). As TCP treats its
+A rate limit says "slower", not "stop" (docs/guarantees.md). As TCP treats its
 congestion window: a 429 halves the key's allowed concurrency (multiplicative
 decrease, never below 1), and every ``limit`` calls the API answers without
 throttling (a round) add one slot back (additive increase), up to

@@ -1,7 +1,7 @@
 """ApiClient: one AOTsend call per :class:`ApiRequest`, classified into an :class:`ApiResult`.
 
 The thin IO layer between the delivery policy and the network. Its one hard job
-is telling "the request never left" (safe to retry, DESIGN 5 ``451 4.4.1``)
+is telling "the request never left" (safe to retry, docs/replies.md ``451 4.4.1``)
 from "it left and we got no answer" (outcome unknown, ``451 4.4.2``).
 
 httpx_aiohttp maps aiohttp's exceptions lossily (``ServerDisconnectedError``, a
@@ -296,7 +296,7 @@ def _url_authorization(url: httpx.URL | None) -> str | None:
 def request_fields(
     request: ApiRequest, app_key: str, encoding: Literal["form", "json"] = "form"
 ) -> dict[str, Any]:
-    """The request fields (DESIGN 1), as sent; also what ``smtp-bridge route`` prints.
+    """The request fields (docs/upstream-api.md), as sent; also what ``smtp-bridge route`` prints.
 
     ValueError if ``data`` is not JSON-serialisable.
     """

@@ -11,7 +11,7 @@ other sessions. :class:`AuthThrottle` counts the checks in progress with the
 failures (:meth:`AuthThrottle.begin`), so parallel connections from one
 address get no more guesses than one connection does.
 
-Hash format (DESIGN 3, ``smtp.auth.users.*.password_hash``)::
+Hash format (docs/configuration.md, ``smtp.auth.users.*.password_hash``)::
 
     scrypt$<n>$<r>$<p>$<salt, base64>$<key, base64>
 
@@ -497,7 +497,7 @@ def read_password_from(
     interactive: bool,
     prompt: Callable[[str], str] = getpass.getpass,
 ) -> str:
-    """The password for ``smtp-bridge hash-password`` (DESIGN 6).
+    """The password for ``smtp-bridge hash-password`` (docs/cli.md).
 
     Not a terminal: the first line of ``stdin`` (its line end removed, nothing
     else). A terminal: prompted twice without echo. ValueError if it is empty

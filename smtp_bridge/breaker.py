@@ -1,4 +1,4 @@
-"""The API circuit breaker (DESIGN 5, end): pure policy, the time is always passed in.
+"""The API circuit breaker (docs/guarantees.md): pure policy, the time is always passed in.
 
 One :class:`Breaker` per API key. It opens on an answer that says every call
 would fail the same way (40001, 40002, 40007), for an HTTP 429's Retry-After

@@ -1,4 +1,4 @@
-"""The ``smtp-bridge`` command line (DESIGN 6)."""
+"""The ``smtp-bridge`` command line (docs/cli.md)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _default_state_dir() -> Path:
     return Path(base) / "smtp-bridge"
 
 
-#: Sets the default of ``--config`` (DESIGN 6).
+#: Sets the default of ``--config`` (docs/cli.md).
 CONFIG_ENV = "SMTP_BRIDGE_CONFIG"
 
 
@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"smtp-bridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    # Options may stand before or after a subcommand's own words (DESIGN 6): they are
+    # Options may stand before or after a subcommand's own words (docs/cli.md): they are
     # declared on the command and again on each of its actions; there with SUPPRESS,
     # so an action's parser sets them only when they are given to it.
     def with_config(p: argparse.ArgumentParser, *, nested: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Typed, frozen configuration (DESIGN 3) and its loader.
+"""Typed, frozen configuration (docs/configuration.md) and its loader.
 
 ``load_config`` reads YAML, expands ``${VAR}`` / ``${VAR:-default}``, reads
 ``*_file`` secrets, validates with pydantic, compiles patterns and templates,
@@ -170,7 +170,7 @@ def _compile_quietly(source: str) -> CompiledTemplate:
     """``compile_template`` without Jinja's DeprecationWarning for escapes like ``'\\S'``.
 
     Jinja decodes string literals with ``unicode-escape``, which keeps an unknown
-    escape as written (what a regex such as DESIGN 3's ``regex_search('https://\\S+')``
+    escape as written (what a regex such as docs/configuration.md's ``regex_search('https://\\S+')``
     wants) but warns; where warnings are errors, Jinja reports that warning as a
     syntax error, so the same file would pass or fail depending on -W flags.
     """

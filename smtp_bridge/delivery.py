@@ -1,4 +1,4 @@
-"""Delivery of one message in the three modes of DESIGN 2, and the gate every API call passes.
+"""One message delivered in the modes of docs/guarantees.md; the gate every API call passes.
 
 ``direct``: the recipients' API calls run while the client waits, and the reply
 says what happened. ``queue``: the message is committed to the spool before the
@@ -205,7 +205,7 @@ class ApiGate:
             result = await self._send(request, app_key, pace.label)
             calls = 1
             if result.kind is ResultKind.API and result.code == 40006 and request.reply_to:
-                # An optional header must not lose the mail: resend without it (DESIGN 5).
+                # An optional header must not lose the mail: resend without it (docs/replies.md).
                 log_event(log, "reply_to_rejected", level=logging.WARNING, **log_fields)
                 await self.limiter.acquire()
                 result = await self._send(request.without_reply_to(), app_key, pace.label)
@@ -268,7 +268,7 @@ class ApiGate:
         reply: Reply,
         label: str,
     ) -> None:
-        """One line per change of a breaker's pause (DESIGN 5): opened, reopened, closed."""
+        """One line per change of a breaker's pause (docs/replies.md): opened, reopened, closed."""
         if transition in (Transition.OPENED, Transition.REOPENED):
             log_event(
                 log,
@@ -290,7 +290,7 @@ class ApiGate:
 
 
 class Delivery:
-    """Delivers a received message in the mode fixed at startup (DESIGN 2)."""
+    """Delivers a received message in the mode fixed at startup (docs/guarantees.md)."""
 
     def __init__(
         self,
@@ -342,7 +342,7 @@ class Delivery:
 
         A recipient listed twice (in any letter case) gets one API call. A client
         that gave up and retries while the first attempt's calls are still in
-        flight waits for their recorded outcome instead of sending again (DESIGN 2).
+        flight waits for their recorded outcome instead of sending again (docs/guarantees.md).
 
         ``per_recipient``: each recipient gets its own reply (LMTP), so permanent
         failures beside deliveries are told to the client, not dead-lettered.

@@ -94,7 +94,7 @@ class TlsError(BridgeError, ValueError):
 
 
 class TemplateRenderError(BridgeError):
-    """A route's template failed to render; the reply is 451 4.3.5 (DESIGN 5)."""
+    """A route's template failed to render; the reply is 451 4.3.5 (docs/replies.md)."""
 
     def __init__(self, field: str, reason: str) -> None:
         super().__init__(f"{field}: {reason}")

@@ -1,4 +1,4 @@
-"""Pure: raw RFC 5322 bytes -> ParsedMessage, the values templates see (DESIGN 4).
+"""Pure: raw RFC 5322 bytes -> ParsedMessage, the values templates see (docs/routing.md).
 
 Nothing here touches a socket or the disk, and :func:`parse_message` never
 raises: a message the stdlib cannot make sense of still gets routed, with
@@ -108,7 +108,7 @@ class HeaderMap(Mapping[str, str]):
 
 @dataclass(frozen=True, slots=True)
 class ParsedMessage:
-    """Everything the template context takes from the message itself (DESIGN 4)."""
+    """Everything the template context takes from the message itself (docs/routing.md)."""
 
     subject: str = ""
     sender: Address = EMPTY_ADDRESS
@@ -273,7 +273,7 @@ def has_bare_line_end(raw: bytes) -> bool:
 
 
 def content_hash(raw: bytes) -> str:
-    """Hex SHA-256 of the message with line ends normalised to CRLF (DESIGN 2's 'same content')."""
+    """Hex SHA-256 of the message, line ends normalised to CRLF (docs/guarantees.md)."""
     return hashlib.sha256(normalize_line_ends(raw)).hexdigest()
 
 

@@ -16,7 +16,7 @@ __all__ = ["ApiRequest", "ApiResult", "ResultKind", "RecipientState"]
 
 @dataclass(frozen=True, slots=True)
 class ApiRequest:
-    """One AOTsend call: one template, one bare recipient address (DESIGN 1)."""
+    """One AOTsend call: one template, one bare recipient address (docs/upstream-api.md)."""
 
     template_id: str
     to: str
@@ -26,7 +26,7 @@ class ApiRequest:
     is_random: bool | None = None
 
     def without_reply_to(self) -> ApiRequest:
-        """The same request minus ``reply_to``: the 40006 resend (DESIGN 5)."""
+        """The same request minus ``reply_to``: the 40006 resend (docs/replies.md)."""
         return ApiRequest(self.template_id, self.to, self.data, self.alias, None, self.is_random)
 
 
@@ -62,7 +62,7 @@ class ApiResult:
 
 
 class RecipientState(enum.StrEnum):
-    """Recorded state of one (message, recipient) pair (DESIGN 2)."""
+    """Recorded state of one (message, recipient) pair (docs/guarantees.md)."""
 
     DELIVERED = "delivered"
     RETRYING = "retrying"

@@ -1,4 +1,4 @@
-"""Route patterns: a shell glob, or a Python regex after ``re:`` (DESIGN 3).
+"""Route patterns: a shell glob, or a Python regex after ``re:`` (docs/configuration.md).
 
 Both are case-insensitive. A regex is searched, not anchored; a glob must match
 the whole value. Patterns are compiled once, at config load, so a bad regex is

@@ -104,7 +104,7 @@ class RecipientOutcome:
 
 
 def aggregate(outcomes: Sequence[RecipientOutcome]) -> Reply:
-    """One SMTP reply for a multi-recipient message (DESIGN 2), in every mode.
+    """One SMTP reply for a multi-recipient message (docs/guarantees.md), in every mode.
 
     Any transient failure left with the client -> that 4xx. Otherwise anything
     delivered or spooled -> 250 (hybrid and queue modes spool their transient
@@ -151,7 +151,7 @@ def next_delay(
     retry_after: float | None = None,
     rand: Callable[[], float] = random.random,
 ) -> float:
-    """Seconds before the next try after ``attempts`` failed ones (DESIGN 2).
+    """Seconds before the next try after ``attempts`` failed ones (docs/guarantees.md).
 
     The ``attempts``-th step of ``delivery.backoff`` (the last one repeats), times
     a jitter factor so retries of many recipients spread out; never sooner than the
@@ -382,7 +382,7 @@ def failure_notice(
     client: str = "",
     now: float | None = None,
 ) -> Notice | None:
-    """The failure notice to the envelope sender, as a message to spool (DESIGN 2).
+    """The failure notice to the envelope sender, as a message to spool (docs/guarantees.md).
 
     None when ``delivery.bounce_template_id`` is unset or the sender is null (a
     notice is never sent for ``<>``, so notices never beget notices). The notice is

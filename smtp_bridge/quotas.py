@@ -1,4 +1,4 @@
-"""``quotas:`` (DESIGN 3): recipients per window, checked at RCPT, counted in the store.
+"""``quotas:`` (docs/configuration.md): recipients per window, checked at RCPT, in the store.
 
 A runaway cron job or a compromised app must not burn the provider balance:
 each quota whose envelope conditions match counts the recipient under its key

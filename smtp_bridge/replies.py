@@ -2,9 +2,9 @@
 
 Pure: no sockets, no disk. Every reply the bridge sends is a :class:`Reply`
 constant here, so tests compare against the constants and no reply text is
-improvised elsewhere. :func:`reply_for` is DESIGN section 5 as code.
+improvised elsewhere. :func:`reply_for` is the table of docs/replies.md as code.
 
-Reply texts never carry secrets or exception text (DESIGN 5). Enhanced status
+Reply texts never carry secrets or exception text (docs/replies.md). Enhanced status
 codes are RFC 3463 (class.subject.detail, https://www.rfc-editor.org/rfc/rfc3463);
 the class digit always equals the first digit of the basic code.
 """
@@ -19,7 +19,7 @@ from smtp_bridge.outcomes import ApiResult, ResultKind
 
 __all__ = [
     "Reply",
-    # DATA outcomes (DESIGN 5)
+    # DATA outcomes (docs/replies.md)
     "OK",
     "DROPPED",
     "QUEUED",
@@ -108,7 +108,7 @@ class Reply:
         return 500 <= self.code < 600
 
     def with_id(self, queue_id: str) -> str:
-        """The reply line ending with ``id=<queue_id>``: every DATA reply does (DESIGN 5)."""
+        """The reply line ending with ``id=<queue_id>``: every DATA reply does (docs/replies.md)."""
         return f"{self} id={queue_id}"
 
     @classmethod
@@ -144,7 +144,7 @@ class Reply:
         return cls(int(m["code"]), m["status"], text)
 
 
-# --- replies to DATA, derived from API results (DESIGN 5) -------------------------
+# --- replies to DATA, derived from API results (docs/replies.md) -------------------------
 
 OK = Reply(250, "2.0.0", "Ok")
 #: A route with ``action: drop`` accepts and discards (the client must not retry).
@@ -171,7 +171,7 @@ INTERNAL = Reply(451, "4.3.0", "Internal error, try again later")
 #: Any API code, HTTP status or body the table does not know: keep the mail.
 UNKNOWN_CODE = Reply(451, "4.3.0", "Unexpected answer from the email API, try again later")
 #: 40006 after the resend without reply_to still answered 40006 (the caller resends
-#: once, DESIGN 5); only then does a 40006 reach the table.
+#: once, docs/replies.md); only then does a 40006 reach the table.
 REPLY_TO_REJECTED = Reply(
     451, "4.3.0", "Reply-to address rejected by the email API, try again later"
 )
@@ -193,7 +193,7 @@ TEMPLATE_FAILED = Reply(451, "4.3.5", "Template rendering failed, try again late
 #: Default reply of a route with ``action: reject``.
 REJECTED = Reply(550, "5.7.1", "Message rejected by policy")
 
-# --- SMTP-level replies (DESIGN 2 and 3) -------------------------------------------
+# --- SMTP-level replies (docs/guarantees.md, docs/configuration.md) -------------------
 
 RCPT_BAD_SYNTAX = Reply(553, "5.1.3", "Bad recipient address syntax")
 RCPT_NO_ROUTE = Reply(550, "5.1.1", "Recipient not accepted: no route")
@@ -282,7 +282,7 @@ def override_key(result: ApiResult) -> str | None:
 
 
 def reply_for(result: ApiResult, overrides: Mapping[str, Reply] | None = None) -> Reply:
-    """The SMTP reply for one API result: DESIGN 5, with operator overrides.
+    """The SMTP reply for one API result: docs/replies.md, with operator overrides.
 
     An override replaces the default reply for its key (see :func:`override_key`).
     As a last guard against losing mail, an override that would turn a failure
@@ -344,7 +344,7 @@ def parse_overrides(raw: Mapping[str, str]) -> dict[str, Reply]:
     return out
 
 
-# --- circuit breaker inputs (end of DESIGN 5) ----------------------------------------
+# --- circuit breaker inputs (end of docs/replies.md) ----------------------------------------
 
 _BREAKER_CODES = frozenset({40001, 40002, 40007})
 
@@ -353,7 +353,7 @@ def opens_breaker(result: ApiResult) -> bool:
     """True for answers that open the breaker at once: 40001, 40002, 40007.
 
     Not HTTP 429 (:func:`is_throttled`): a rate limit slows the key down, and
-    pauses it only for a Retry-After or a run of them (DESIGN 5, end).
+    pauses it only for a Retry-After or a run of them (docs/guarantees.md (breaker and rate limit)).
     """
     return result.kind is ResultKind.API and result.code in _BREAKER_CODES
 

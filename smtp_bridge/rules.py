@@ -1,4 +1,4 @@
-"""Routing: which route handles a recipient (DESIGN 3). Pure: no IO.
+"""Routing: which route handles a recipient (docs/configuration.md). Pure: no IO.
 
 Two decisions. At RCPT only the envelope is known, so :meth:`Router.at_rcpt`
 asks whether *any* route could still match; at DATA :meth:`Router.match`

@@ -1,6 +1,6 @@
 """The AOTsend-compatible local API: validates like the real one, records, and fails on cue.
 
-``POST /index/api/send_email`` answers the codes of DESIGN 1 with the
+``POST /index/api/send_email`` answers the codes of docs/upstream-api.md with the
 handbook's messages. Everything it receives is kept (``GET /_sent``, newest
 first; the key only as a fingerprint) so a user sees what would have been
 sent; ``GET /_wait?received=N`` answers once N requests have come. ``POST
@@ -297,7 +297,7 @@ class Sandbox:
         return _Fields("form", {k: v for k, v in form.items() if k in _FIELDS})
 
     def _validate(self, f: _Fields) -> tuple[int, Any]:
-        """DESIGN 1 checks in the real API's order: (code, parsed data or None)."""
+        """docs/upstream-api.md checks in the real API's order: (code, parsed data or None)."""
         app_key = f.text("app_key")
         if not app_key:
             return 40001, None

@@ -620,7 +620,7 @@ class BridgeService:
     async def _start_admin(
         self, listen: str | None, *, sock: socket.socket | None = None
     ) -> AdminServer:
-        # Queue and hybrid mode spool while the breaker is open: still ready (DESIGN 6).
+        # Queue and hybrid mode spool while the breaker is open: still ready (docs/cli.md).
         mode = self._delivery.mode if self._delivery else self.runtime.config.delivery.mode
         admin = AdminServer(
             self.metrics,
@@ -743,7 +743,7 @@ class BridgeService:
         return config.model_copy(update={"api": config.api.model_copy(update=update)})
 
     def breaker_is_open(self) -> bool:
-        """True while the API circuit breaker of any key is open or probing (DESIGN 5)."""
+        """True while the API circuit breaker of any key is open or probing (docs/replies.md)."""
         return self._delivery is not None and self._delivery.gate.is_open()
 
     @property

@@ -185,7 +185,7 @@ def build_context(
     client: ClientInfo | None = None,
     match: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The DESIGN 4 template context for one recipient of one message."""
+    """The docs/routing.md template context for one recipient of one message."""
     return {
         "subject": message.subject,
         "sender": message.sender,
@@ -295,7 +295,7 @@ def render_request(
     tid = overrides.get("template_id") or render_field(template_id, context, "template_id").strip()
     address = render_field(to, context, "to").strip()
     if not is_valid_address(address):
-        # `to` must be a bare address (DESIGN 2); a template that renders
+        # `to` must be a bare address (docs/guarantees.md); a template that renders
         # anything else is the route's fault, not the recipient's.
         raise TemplateRenderError("to", "did not render to one bare address")
     alias_value = clean_text(

@@ -242,7 +242,7 @@ class QueueWorker:
             self.flow.release_all()  # paused: the spool takes the mail at full speed
         paused_for = self.gate.retry_in(default_key)
         if paused_for > 0:
-            return max(paused_for, 0.01)  # breaker open: the workers pause (DESIGN 5)
+            return max(paused_for, 0.01)  # breaker open: the workers pause (docs/replies.md)
         if not self.gate.closed(default_key):
             if self._probe is not None and not self._probe.done():
                 return self.idle_poll  # the probe's end wakes the loop

@@ -1,4 +1,4 @@
-"""Each API key's pace (AIMD, DESIGN 5 end): the pure policy, then its asyncio face.
+"""Each API key's pace (AIMD, docs/guarantees.md): the pure policy, then its asyncio face.
 
 No clock is needed for the concurrency: a drop and a climb are counted in
 answers, not in seconds. The rate part takes its clock from the test.

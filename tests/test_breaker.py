@@ -1,4 +1,4 @@
-"""The API circuit breaker and the rate limit (DESIGN 5, end).
+"""The API circuit breaker and the rate limit (docs/guarantees.md (breaker and rate limit)).
 
 The policy on its own with the time passed in, then the real bridge against
 the real sandbox: direct mode refuses at MAIL FROM while the breaker is open

@@ -1,4 +1,4 @@
-"""``smtp-bridge check-config`` and ``smtp-bridge schema``, run as real processes (DESIGN 6)."""
+"""``smtp-bridge check-config`` and ``smtp-bridge schema``, run as real processes (docs/cli.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The command line as an operator's hands expect it (DESIGN 6): options anywhere,
+"""The command line as an operator's hands expect it (docs/cli.md): options anywhere,
 ``SMTP_BRIDGE_CONFIG``, columns and ``--json``, progress on a terminal, completion,
 and ``serve --sandbox`` telling a newcomer where to look.
 """

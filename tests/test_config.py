@@ -1,4 +1,4 @@
-"""The config loader (DESIGN 3): defaults, value types, env and secret files, and errors.
+"""The config loader (docs/configuration.md): defaults, types, env and secret files, errors.
 
 Every error test checks what an operator sees: the file, the line and the key
 path of the problem, in words that say what is expected. ``env=`` is always
@@ -40,7 +40,7 @@ routes:
   - template_id: "E_1"
 """
 
-# DESIGN 3's example, verbatim except for the tls files (they must exist: the
+# docs/configuration.md's example, verbatim except for the tls files (they must exist: the
 # loader checks they can be read) and the password hash.
 DESIGN_EXAMPLE = r"""
 smtp:
@@ -204,7 +204,7 @@ def _without(dump: dict[str, Any], *paths: str) -> dict[str, Any]:
 
 
 def test_every_default_equals_the_design_example(design: Config) -> None:
-    """DESIGN 3: "The values in the example are the defaults, except listen, routes,
+    """docs/configuration.md: "The values in the example are the defaults, except listen, routes,
     tls, auth.users and secrets" (and hostname, whose default is the FQDN)."""
     default = parse(MINIMAL)
     exempt = ("smtp.listen", "smtp.hostname", "smtp.tls", "smtp.auth.users", "api.app_key")
@@ -244,8 +244,8 @@ def test_defaults_when_keys_are_absent() -> None:
     assert api.timeout == 10.0
     assert api.max_concurrency == 64
     assert api.rate_limit == 0
-    assert api.breaker_failures == 5  # DESIGN 5
-    assert api.breaker_interval == 30.0  # DESIGN 5
+    assert api.breaker_failures == 5  # docs/replies.md
+    assert api.breaker_interval == 30.0  # docs/replies.md
 
     assert delivery.mode == "direct"
     assert delivery.state_dir == Path("/var/lib/smtp-bridge")

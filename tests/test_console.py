@@ -1,4 +1,4 @@
-"""The operator console over HTTP (DESIGN 7), and the message history behind it.
+"""The operator console over HTTP (docs/README.md (the console)), and the message history behind it.
 
 A real bridge in-process with ``admin.listen: 127.0.0.1:0`` and the sandbox as the
 API; mail goes in over SMTP, the console is read with httpx. The history store

@@ -1,4 +1,4 @@
-"""DESIGN 2 end to end: multi-recipient replies, no duplicates on client retry, no lost
+"""docs/guarantees.md end to end: multi-recipient replies, no duplicates on client retry, no lost
 calls when the client goes away, and no secrets in replies or logs.
 
 Every test speaks SMTP to the real daemon, which calls the real sandbox API; the

@@ -287,7 +287,7 @@ async def test_message_over_size_limit(bridge, body: bytes) -> None:
     async with bridge(SIZE_LIMIT) as b, raw_session(b) as s:
         await s.start_mail(["bob@example.org"])
         await s.send(ended(message(body)))
-        # A reply to DATA, so it carries the queue id like every other (DESIGN 5).
+        # A reply to DATA, so it carries the queue id like every other (docs/replies.md).
         assert re.fullmatch(rf"{re.escape(str(replies.TOO_LARGE))} id=[0-9A-F]+", await s.line())
         # The session stays usable.
         assert (await s.cmd("NOOP")).startswith("250 ")

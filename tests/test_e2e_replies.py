@@ -1,9 +1,9 @@
-"""DESIGN 5 end to end: every API result, through a real SMTP session, to its exact reply.
+"""docs/replies.md: every API result, through a real SMTP session, to its exact reply.
 
 SMTP client (aiosmtplib) -> the daemon -> the sandbox API, which is scripted to give
 each answer of the table. Replies are compared with the constants of
 ``smtp_bridge.replies`` and, beside them, with the code and enhanced status the
-DESIGN table names, so a wrong constant fails as well as a wrong mapping.
+docs/replies.md names, so a wrong constant fails as well as a wrong mapping.
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ def assert_no_leak(line: str) -> None:
 
 async def check_reply(b: Any, line: str, expected: Reply, code: int, status: str) -> str:
     """The reply is ``expected`` (which is ``code status``) with the id of a stored record."""
-    assert (expected.code, expected.status) == (code, status), "constant disagrees with DESIGN 5"
+    assert (expected.code, expected.status) == (code, status), (
+        "constant disagrees with docs/replies.md"
+    )
     reply, qid = split_id(line)
     assert reply == str(expected)
     assert line == expected.with_id(qid)

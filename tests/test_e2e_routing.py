@@ -1,4 +1,4 @@
-"""End to end: routing rules, actions and the template context (DESIGN 3 and 4).
+"""End to end: routing rules, actions and the template context (docs/routing.md).
 
 A real SMTP client (aiosmtplib, or stdlib smtplib in a thread) talks to the real
 daemon, which calls the real sandbox API. Every test asserts the exact SMTP reply
@@ -98,7 +98,7 @@ def _smtplib_transact(
 
 
 def assert_data_reply(reply: tuple[int, str] | None, expected: Reply) -> None:
-    """The DATA reply is exactly ``expected`` followed by ``id=<queue id>`` (DESIGN 5)."""
+    """The DATA reply is exactly ``expected`` followed by ``id=<queue id>`` (docs/replies.md)."""
     assert reply is not None, "DATA was never sent: no recipient was accepted"
     code, text = reply
     body, sep, queue_id = text.rpartition(" id=")
@@ -115,7 +115,7 @@ _FIELDS = ("to", "template_id", "data", "alias", "reply_to", "is_random", "encod
 
 
 def received(b: Any) -> list[dict[str, Any]]:
-    """Every request the sandbox API got, oldest first, as the fields DESIGN 1 names."""
+    """Every request the sandbox API got, oldest first, as the fields docs/upstream-api.md names."""
     records = list(reversed(b.sandbox.sent()))
     key = fingerprint(b.service.runtime.config.app_key())
     assert all(r["key"] == key for r in records)
@@ -364,7 +364,7 @@ async def test_first_match_wins(bridge: Any) -> None:
 
 
 async def test_design_example_routes(bridge: Any) -> None:
-    """The ``routes:`` of DESIGN 3, verbatim, route as the contract says."""
+    """The ``routes:`` of docs/configuration.md, verbatim, route as the contract says."""
     config = r"""
     routes:                             # first match wins
       - name: password-reset
@@ -712,7 +712,7 @@ async def test_content_routes_that_fail_answer_550_571_at_data(bridge: Any) -> N
         assert result.rcpt == {"bob@example.com": ACCEPTED}
         assert_data_reply(result.data, replies.NO_ROUTE_DATA)
         assert received(b) == []
-        # Beside a delivered recipient the message is accepted (DESIGN 2): 250,
+        # Beside a delivered recipient the message is accepted (docs/guarantees.md): 250,
         # the unroutable recipient is a dead letter.
         result = await transact(
             b, make_message(subject="hello"), ["bob@example.com", "alice@example.org"]
@@ -751,7 +751,7 @@ async def test_bad_recipient_syntax_is_553_513(bridge: Any, address: str, client
     ]
 
 
-# --- the template context (DESIGN 4) ----------------------------------------------
+# --- the template context (docs/routing.md) ----------------------------------------------
 
 CONTEXT_MESSAGE = (
     b'From: "Shop Team" <Shop@Example.com>\r\n'

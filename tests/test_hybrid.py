@@ -1,4 +1,4 @@
-"""Hybrid mode (DESIGN 2): direct delivery, and the spool for what could not go now.
+"""Hybrid mode (docs/guarantees.md): direct delivery, and the spool for what could not go now.
 
 A permanent answer is told to the client as it is; a transient or unknown one
 puts the recipient in the spool and the client gets 250; the queue worker

@@ -1,5 +1,5 @@
 """LMTP (RFC 2033) for Postfix's lmtp transport: LHLO, and after DATA one reply
-per accepted recipient, in RCPT order, each the DESIGN 5 reply of that
+per accepted recipient, in RCPT order, each the docs/replies.md reply of that
 recipient's own API result (the sandbox's script makes some fail)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""smtp_bridge.message: raw bytes -> the values templates see (DESIGN 4)."""
+"""smtp_bridge.message: raw bytes -> the values templates see (docs/routing.md)."""
 
 from __future__ import annotations
 

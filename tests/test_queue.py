@@ -1,4 +1,4 @@
-"""Queue mode (DESIGN 2): a 250 is a promise kept by the spool and its workers.
+"""Queue mode (docs/guarantees.md): a 250 is a promise kept by the spool and its workers.
 
 The real bridge on a loopback port, real SMTP clients, the real sandbox API
 scripted to fail; ``smtp-bridge queue`` run as the operator would, against the

@@ -1,5 +1,5 @@
 """``quotas:``: recipients per window per key, counted in the state store, refused at
-RCPT with 451 4.7.1 naming the quota (issue 13, DESIGN 3)."""
+RCPT with 451 4.7.1 naming the quota (issue 13, docs/configuration.md)."""
 
 from __future__ import annotations
 

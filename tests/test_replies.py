@@ -1,4 +1,4 @@
-"""The DESIGN 5 table, reply parsing and operator overrides."""
+"""The the reply table (docs/replies.md), reply parsing and operator overrides."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ NEVER = ApiResult(kind=ResultKind.NEVER_SENT, message="connection refused")
 UNKNOWN = ApiResult(kind=ResultKind.UNKNOWN, message="timed out after sending")
 BAD_BODY = ApiResult(kind=ResultKind.BAD_BODY, http_status=200)
 
-# (id, result, expected code, expected enhanced status) -- one row per DESIGN 5 row.
+# (id, result, expected code, expected enhanced status) -- one row per docs/replies.md row.
 TABLE = [
     ("200-delivered", api(200), 250, "2.0.0"),
     ("40001-key-empty", api(40001), 451, "4.3.5"),

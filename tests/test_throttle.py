@@ -1,4 +1,4 @@
-"""Trouble upstream (issue 13): slow down, never freeze (DESIGN 5 end, and /readyz in 6).
+"""Trouble upstream (issue 13): slow down, never freeze (docs/guarantees.md; /readyz: docs/cli.md).
 
 The real bridge against the real sandbox, scripted to answer HTTP 429 with or
 without Retry-After for chosen recipients; real SMTP clients; /readyz and

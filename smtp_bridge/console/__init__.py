@@ -1,4 +1,4 @@
-"""The operator's web console (DESIGN 7), served by the admin endpoint.
+"""The operator's web console (docs/README.md (the console)), served by the admin endpoint.
 
 Server-rendered Jinja2 pages with autoescaping, a small stylesheet and script
 shipped in the package, no inline script or style (the CSP forbids them), and

@@ -127,7 +127,7 @@ class BridgeHandler:
         if sender and not is_valid_address(sender):
             return "553 5.1.7 Bad sender address syntax"
         # Direct mode with the API's breaker open: the 4xx that opened it, now,
-        # without reading the message or calling the API (DESIGN 5).
+        # without reading the message or calling the API (docs/replies.md).
         held = self.delivery.blocked(runtime.config, _user_key(runtime, _user(session)))
         if held is not None:
             log_event(
@@ -226,7 +226,7 @@ class BridgeHandler:
         )
         # The delivery runs in its own task: aiosmtpd cancels the handler when
         # the client disconnects, and calls already sent must finish and be
-        # recorded, or a retry would send them twice (DESIGN 2).
+        # recorded, or a retry would send them twice (docs/guarantees.md).
         task = asyncio.get_running_loop().create_task(
             self.delivery.deliver(
                 message,

@@ -12,7 +12,7 @@ __all__ = ["BridgeLMTP"]
 class BridgeLMTP(BridgeSMTP):
     """LMTP (RFC 2033), for Postfix's ``lmtp`` transport: LHLO instead of
     HELO/EHLO, and after DATA one reply per accepted recipient, in RCPT order,
-    each the DESIGN 5 reply of that recipient's own API result."""
+    each the docs/replies.md reply of that recipient's own API result."""
 
     banner_ident = "LMTP"
     per_recipient_replies = True

@@ -481,7 +481,7 @@ class BridgeSMTP(Engine):
         if received is None:
             return
         data, too_big = received
-        # Every reply to DATA carries the queue id (DESIGN 5), refusals too.
+        # Every reply to DATA carries the queue id (docs/replies.md), refusals too.
         self.queue_id = new_queue_id()
         rcpts = list(self.envelope.rcpt_tos)
         self.rcpt_replies = None
