@@ -31,7 +31,6 @@ import psycopg
 
 from ...outcomes import RecipientState
 from ..records import (
-    ANONYMOUS_KEY_PREFIX,
     CONTENT_DONE_STATES,
     Admission,
     Guard,
@@ -41,6 +40,7 @@ from ..records import (
     RecipientRecord,
     StoreError,
 )
+from ..rules import as_duplicate, ttl_for, waits_in_spool
 from . import ledger
 from .admin import QueueAdminMixin
 from .db import DEFAULT_TIMEOUT, Conn, Database
@@ -274,7 +274,7 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin):
 
         async def write(conn: Conn) -> Admission:
             reused = await self._reused_message_id(conn, message, now)
-            spooled = [r.rcpt for r in recipients if _waits_in_spool(r)]
+            spooled = [r.rcpt for r in recipients if waits_in_spool(r)]
             guards = await ledger.acquire(
                 conn,
                 message.message_key,
@@ -285,10 +285,10 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin):
                 now=now,
                 ttl=ttl,
             )
-            rows = [_as_duplicate(r, guards.get(r.rcpt.lower())) for r in recipients]
+            rows = [as_duplicate(r, guards.get(r.rcpt.lower())) for r in recipients]
             kept = message
             copies = any(r.state is RecipientState.DUPLICATE for r in rows)
-            if copies and not any(_waits_in_spool(r) for r in rows):
+            if copies and not any(waits_in_spool(r) for r in rows):
                 kept = dataclasses.replace(message, content=None)  # another copy sends it
             await self._insert_message(conn, kept, rows)
             return Admission(guards, reused)
@@ -366,9 +366,7 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin):
 
     def _ttl(self, message_key: str) -> float:
         """How long the outcome of a message with this key is remembered."""
-        if message_key.startswith(ANONYMOUS_KEY_PREFIX):
-            return self._anonymous_ttl
-        return self._dedup_ttl
+        return ttl_for(message_key, self._dedup_ttl, self._anonymous_ttl)
 
     async def _reused_message_id(self, conn: Conn, message: MessageRecord, now: float) -> str:
         """The queue id of an earlier message with this Message-ID and other content, or ""."""
@@ -396,24 +394,3 @@ async def _clock_skew(conn: Conn) -> float:
     cursor = await conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8")
     row = await cursor.fetchone()
     return time.time() - float(row[0]) if row is not None else 0.0
-
-
-def _waits_in_spool(record: RecipientRecord) -> bool:
-    return record.next_attempt is not None and record.state in (
-        RecipientState.RETRYING,
-        RecipientState.UNKNOWN,
-    )
-
-
-def _as_duplicate(record: RecipientRecord, guard: Guard | None) -> RecipientRecord:
-    """A spooled recipient whose guard another copy holds: this copy will not send it."""
-    if guard is None or guard.acquired or not _waits_in_spool(record):
-        return record
-    state = guard.state.value if guard.state else "held"
-    return dataclasses.replace(
-        record,
-        state=RecipientState.DUPLICATE,
-        next_attempt=None,
-        spooled_at=None,
-        error=f"same message as {guard.holder} ({state})",
-    )

@@ -11,13 +11,13 @@ UPDATE: two copies on two hosts never both acquire one guard.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 from ...outcomes import RecipientState
 from ..records import Guard, GuardState, RecipientRecord
+from ..rules import LedgerRow, claimable, decide, guard_after, remembered_state, untouched
 
 __all__ = [
-    "LedgerRow",
     "acquire",
     "claim",
     "extend",
@@ -42,13 +42,6 @@ _UPSERT: Final = (
     " updated_at = excluded.updated_at, lease_until = excluded.lease_until,"
     " owner = excluded.owner"
 )
-
-
-class LedgerRow(NamedTuple):
-    state: GuardState
-    holder: str
-    until: float | None
-    updated_at: float
 
 
 async def lock_pairs(conn: Conn, message_key: str, rcpts: Iterable[str]) -> None:
@@ -82,13 +75,6 @@ async def held(conn: Conn, message_key: str, rcpts: Sequence[str]) -> dict[str, 
     }
 
 
-def _live(row: LedgerRow, now: float, ttl: float) -> bool:
-    """Whether ``row`` still says something: memories last ``ttl``, holds until released."""
-    if row.state in (GuardState.DELIVERED, GuardState.UNKNOWN):
-        return row.updated_at > now - ttl
-    return True
-
-
 async def remembered(
     conn: Conn, message_key: str, rcpts: Sequence[str], now: float, ttl: float
 ) -> dict[str, RecipientState]:
@@ -102,15 +88,11 @@ async def remembered(
     )
     found: dict[str, RecipientState] = {}
     for rcpt, state, holder, until, updated_at in await cursor.fetchall():
-        row = LedgerRow(GuardState(state), holder, until, updated_at)
-        if not _live(row, now, ttl):
-            continue
-        if row.state is GuardState.DELIVERED:
-            found[rcpt] = RecipientState.DELIVERED
-        elif row.state is GuardState.UNKNOWN or (
-            row.state is GuardState.SENDING and (row.until or 0.0) <= now
-        ):
-            found[rcpt] = RecipientState.UNKNOWN
+        remembered = remembered_state(
+            LedgerRow(GuardState(state), holder, until, updated_at), now, ttl
+        )
+        if remembered is not None:
+            found[rcpt] = remembered
     return found
 
 
@@ -133,19 +115,9 @@ async def acquire(
     guards: dict[str, Guard] = {}
     taken: list[str] = []
     for rcpt in wanted:
-        row = rows.get(rcpt)
-        if row is None or not _live(row, now, ttl):
-            guards[rcpt] = Guard(True)
-        elif (
-            row.holder == holder
-            or row.state is GuardState.UNKNOWN
-            or (row.state is GuardState.SENDING and (row.until or 0.0) <= now)
-        ):
-            guards[rcpt] = Guard(True, row.state, row.holder, row.until)
-        else:
-            guards[rcpt] = Guard(False, row.state, row.holder, row.until)
-            continue
-        taken.append(rcpt)
+        guards[rcpt] = guard = decide(rows.get(rcpt), holder, now, ttl)
+        if guard.acquired:
+            taken.append(rcpt)
     if taken:
         async with conn.cursor() as cursor:
             await cursor.executemany(
@@ -165,20 +137,13 @@ async def claim(
     another holder has is left alone.
     """
     rcpt = rcpt.lower()
-    row = (await held(conn, message_key, [rcpt])).get(rcpt)
-    taken = row is not None and row.holder != holder and row.state is not GuardState.UNKNOWN
-    if (
-        taken
-        and row is not None
-        and (row.state is not GuardState.SENDING or (row.until or 0) > now)
-    ):
+    take, prior = claimable((await held(conn, message_key, [rcpt])).get(rcpt), holder, now)
+    if not take:
         return None
     await conn.execute(
         _UPSERT, (message_key, rcpt, holder, GuardState.SENDING.value, now, until, None)
     )
-    if row is not None and row.state in (GuardState.SENDING, GuardState.UNKNOWN):
-        return row.state
-    return None
+    return prior
 
 
 async def release(conn: Conn, message_key: str, rcpt: str, holder: str) -> None:
@@ -211,21 +176,11 @@ async def record_outcome(
     conn: Conn, message_key: str, record: RecipientRecord, *, ttl: float
 ) -> None:
     """The guard after ``record`` is written (the rules of SQLite's record_outcome)."""
-    state = RecipientState(record.state)
-    holder = record.queue_id
-    if state is RecipientState.DUPLICATE:
+    if untouched(record):
         return
-    spooled = record.next_attempt is not None and state in (
-        RecipientState.RETRYING,
-        RecipientState.UNKNOWN,
-    )
-    if state is RecipientState.DELIVERED:
-        new = GuardState.DELIVERED
-    elif spooled:
-        new = GuardState.QUEUED
-    elif state is RecipientState.UNKNOWN:
-        new = GuardState.UNKNOWN
-    else:
+    holder = record.queue_id
+    new = guard_after(record)
+    if new is None:
         await release(conn, message_key, record.rcpt, holder)
         return
     await lock_pairs(conn, message_key, [record.rcpt])

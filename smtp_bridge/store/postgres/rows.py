@@ -7,6 +7,7 @@ from typing import Any, Final
 
 from ...outcomes import RecipientState
 from ..records import MessageRecord, RecipientRecord
+from ..rules import message_from_row, recipient_from_row
 from . import ledger
 from .schema import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 
@@ -18,6 +19,10 @@ __all__ = [
     "put_recipients",
     "recipient_row",
 ]
+
+#: The shared decoders (store/rules.py), under the names this backend uses.
+message_row = message_from_row
+recipient_row = recipient_from_row
 
 Conn = Any  # psycopg.AsyncConnection; kept loose here so the SQL helpers stay small
 
@@ -99,42 +104,3 @@ async def put_recipients(
         await cursor.executemany(_PUT_RECIPIENT, rows)
     for record in records:
         await ledger.record_outcome(conn, message_key, record, ttl=ttl)
-
-
-def message_row(row: Sequence[Any]) -> MessageRecord:
-    """A MessageRecord from the columns of MESSAGE_COLUMNS."""
-    queue_id, key, mail_from, client, user, subject, size, received_at, mode, content = row[:10]
-    message_id = row[10] if len(row) > 10 else ""
-    return MessageRecord(
-        queue_id=queue_id,
-        message_key=key,
-        mail_from=mail_from,
-        client=client,
-        user=user,
-        subject=subject,
-        size=int(size),
-        received_at=received_at,
-        mode=mode,
-        content=None if content is None else bytes(content),
-        message_id=message_id,
-    )
-
-
-def recipient_row(row: Sequence[Any]) -> RecipientRecord:
-    """A RecipientRecord from the columns of RECIPIENT_COLUMNS."""
-    (queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt) = row[:9]
-    updated_at, error, spooled_at = row[9:12]
-    return RecipientRecord(
-        queue_id=queue_id,
-        rcpt=rcpt,
-        state=RecipientState(state),
-        route=route,
-        template_id=template_id,
-        api_code=api_code,
-        reply=reply,
-        attempts=attempts,
-        next_attempt=next_attempt,
-        updated_at=updated_at,
-        error=error,
-        spooled_at=spooled_at,
-    )

@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
 
 from ...errors import StoreError
 from ...outcomes import RecipientState
@@ -34,6 +34,13 @@ from ..records import (
     Notice,
     RecipientRecord,
     SpoolStats,
+)
+from ..rules import (
+    as_duplicate,
+    message_from_row,
+    recipient_from_row,
+    ttl_for,
+    waits_in_spool,
 )
 from . import history, ledger
 from .owners import dead_owners, register_owner
@@ -269,7 +276,7 @@ class SQLiteStore:
 
         def write(conn: sqlite3.Connection) -> Admission:
             reused = self._reused_message_id(conn, message, now)
-            spooled = [r.rcpt for r in recipients if _waits_in_spool(r)]
+            spooled = [r.rcpt for r in recipients if waits_in_spool(r)]
             guards = ledger.acquire(
                 conn,
                 message.message_key,
@@ -280,10 +287,10 @@ class SQLiteStore:
                 now=now,
                 ttl=ttl,
             )
-            rows = [_as_duplicate(r, guards.get(r.rcpt.lower())) for r in recipients]
+            rows = [as_duplicate(r, guards.get(r.rcpt.lower())) for r in recipients]
             kept = message
             copies = any(r.state is RecipientState.DUPLICATE for r in rows)
-            if copies and not any(_waits_in_spool(r) for r in rows):
+            if copies and not any(waits_in_spool(r) for r in rows):
                 kept = dataclasses.replace(message, content=None)  # another copy sends it
             self._insert_message(conn, kept, rows)
             return Admission(guards, reused)
@@ -341,7 +348,7 @@ class SQLiteStore:
                 f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE queue_id = ? ORDER BY rcpt",
                 (queue_id,),
             ).fetchall()
-            return _message(row), [_recipient(r) for r in recipients]
+            return message_from_row(row), [recipient_from_row(r) for r in recipients]
 
         return await self._read("read message", read)
 
@@ -364,7 +371,7 @@ class SQLiteStore:
         )
 
         def read(conn: sqlite3.Connection) -> list[RecipientRecord]:
-            return [_recipient(row) for row in conn.execute(sql, params)]
+            return [recipient_from_row(row) for row in conn.execute(sql, params)]
 
         return await self._read("list recipients", read)
 
@@ -469,7 +476,7 @@ class SQLiteStore:
                     row = conn.execute(
                         f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,)
                     ).fetchone()
-                    messages[queue_id] = _message(row)
+                    messages[queue_id] = message_from_row(row)
                 key = messages[queue_id].message_key
                 prior = ledger.claim(conn, key, rcpt, holder=queue_id, until=now + lease, now=now)
                 if prior is GuardState.SENDING:
@@ -483,7 +490,7 @@ class SQLiteStore:
                     f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE queue_id = ? AND rcpt = ?",
                     (queue_id, rcpt),
                 ).fetchone()
-                claimed.append((messages[queue_id], _recipient(record)))
+                claimed.append((messages[queue_id], recipient_from_row(record)))
             return claimed
 
         return await self._write("claim due recipients", write)
@@ -703,7 +710,7 @@ class SQLiteStore:
             found = []
             for row in conn.execute(sql, params):
                 head = (*row[:at], b"" if row[at] else None, *row[at + 1 : width])
-                found.append((_message(head), _recipient(row[width:])))
+                found.append((message_from_row(head), recipient_from_row(row[width:])))
             return found
 
         return await self._read("list queue", read)
@@ -1058,7 +1065,7 @@ class SQLiteStore:
         )
 
     def _ttl(self, message_key: str) -> float:
-        return ledger.ttl_for(message_key, self._dedup_ttl, self._anonymous_ttl)
+        return ttl_for(message_key, self._dedup_ttl, self._anonymous_ttl)
 
     def _reused_message_id(
         self, conn: sqlite3.Connection, message: MessageRecord, now: float
@@ -1074,27 +1081,6 @@ class SQLiteStore:
         return str(row[0]) if row else ""
 
 
-def _waits_in_spool(record: RecipientRecord) -> bool:
-    return record.next_attempt is not None and record.state in (
-        RecipientState.RETRYING,
-        RecipientState.UNKNOWN,
-    )
-
-
-def _as_duplicate(record: RecipientRecord, guard: Guard | None) -> RecipientRecord:
-    """A spooled recipient whose guard another copy holds: this copy will not send it."""
-    if guard is None or guard.acquired or not _waits_in_spool(record):
-        return record
-    state = guard.state.value if guard.state else "held"
-    return dataclasses.replace(
-        record,
-        state=RecipientState.DUPLICATE,
-        next_attempt=None,
-        spooled_at=None,
-        error=f"same message as {guard.holder} ({state})",
-    )
-
-
 def _in_read_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
     # One read transaction: every SELECT of ``fn`` sees the same committed snapshot.
     conn.execute("BEGIN")
@@ -1103,40 +1089,3 @@ def _in_read_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connect
     finally:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-
-
-def _message(row: tuple[Any, ...]) -> MessageRecord:
-    queue_id, key, mail_from, client, user, subject, size, received_at, mode, content = row[:10]
-    message_id = row[10] if len(row) > 10 else ""
-    return MessageRecord(
-        queue_id=queue_id,
-        message_key=key,
-        mail_from=mail_from,
-        client=client,
-        user=user,
-        subject=subject,
-        size=size,
-        received_at=received_at,
-        mode=mode,
-        content=None if content is None else bytes(content),
-        message_id=message_id,
-    )
-
-
-def _recipient(row: tuple[Any, ...]) -> RecipientRecord:
-    (queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt) = row[:9]
-    updated_at, error, spooled_at = row[9:]
-    return RecipientRecord(
-        queue_id=queue_id,
-        rcpt=rcpt,
-        state=RecipientState(state),
-        route=route,
-        template_id=template_id,
-        api_code=api_code,
-        reply=reply,
-        attempts=attempts,
-        next_attempt=next_attempt,
-        updated_at=updated_at,
-        error=error,
-        spooled_at=spooled_at,
-    )

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable, Sequence
-from typing import Final, NamedTuple
+from typing import Final
 
 from ...outcomes import RecipientState
-from ..records import ANONYMOUS_KEY_PREFIX, Guard, GuardState, RecipientRecord
+from ..records import Guard, GuardState, RecipientRecord
+from ..rules import (
+    LedgerRow,
+    claimable,
+    decide,
+    guard_after,
+    remembered_state,
+    untouched,
+)
 
 __all__ = [
-    "LedgerRow",
     "acquire",
     "claim",
     "extend",
@@ -23,24 +30,11 @@ __all__ = [
     "release",
     "remembered",
     "requeue",
-    "ttl_for",
 ]
 
 #: Keeps ``IN (...)`` lists below SQLite's bound-parameter limit.
 _IN_CHUNK: Final = 500
 _REMEMBERED: Final = (GuardState.DELIVERED.value, GuardState.UNKNOWN.value)
-
-
-class LedgerRow(NamedTuple):
-    state: GuardState
-    holder: str
-    until: float | None
-    updated_at: float
-
-
-def ttl_for(message_key: str, dedup_ttl: float, anonymous_ttl: float) -> float:
-    """How long the outcome of a message with this key is remembered."""
-    return anonymous_ttl if message_key.startswith(ANONYMOUS_KEY_PREFIX) else dedup_ttl
 
 
 def held(conn: sqlite3.Connection, message_key: str, rcpts: Sequence[str]) -> dict[str, LedgerRow]:
@@ -59,13 +53,6 @@ def held(conn: sqlite3.Connection, message_key: str, rcpts: Sequence[str]) -> di
     return found
 
 
-def _live(row: LedgerRow, now: float, ttl: float) -> bool:
-    """Whether ``row`` still says something: memories last ``ttl``, holds until released."""
-    if row.state in (GuardState.DELIVERED, GuardState.UNKNOWN):
-        return row.updated_at > now - ttl
-    return True  # QUEUED until released; SENDING until taken over (its lease says when)
-
-
 def remembered(
     conn: sqlite3.Connection, message_key: str, rcpts: Sequence[str], now: float, ttl: float
 ) -> dict[str, RecipientState]:
@@ -73,14 +60,9 @@ def remembered(
     holder whose lease ran out); recipients with nothing to say are absent."""
     found: dict[str, RecipientState] = {}
     for rcpt, row in held(conn, message_key, rcpts).items():
-        if not _live(row, now, ttl):
-            continue
-        if row.state is GuardState.DELIVERED:
-            found[rcpt] = RecipientState.DELIVERED
-        elif row.state is GuardState.UNKNOWN or (
-            row.state is GuardState.SENDING and (row.until or 0.0) <= now
-        ):
-            found[rcpt] = RecipientState.UNKNOWN
+        state = remembered_state(row, now, ttl)
+        if state is not None:
+            found[rcpt] = state
     return found
 
 
@@ -107,19 +89,9 @@ def acquire(
     guards: dict[str, Guard] = {}
     taken: list[str] = []
     for rcpt in wanted:
-        row = rows.get(rcpt)
-        if row is None or not _live(row, now, ttl):
-            guards[rcpt] = Guard(True)
-        elif (
-            row.holder == holder
-            or row.state is GuardState.UNKNOWN
-            or (row.state is GuardState.SENDING and (row.until or 0.0) <= now)
-        ):
-            guards[rcpt] = Guard(True, row.state, row.holder, row.until)
-        else:
-            guards[rcpt] = Guard(False, row.state, row.holder, row.until)
-            continue
-        taken.append(rcpt)
+        guards[rcpt] = guard = decide(rows.get(rcpt), holder, now, ttl)
+        if guard.acquired:
+            taken.append(rcpt)
     conn.executemany(
         "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at, lease_until, owner)"
         " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_key, rcpt) DO UPDATE SET"
@@ -142,13 +114,8 @@ def claim(
     reads it and skips.
     """
     rcpt = rcpt.lower()
-    row = held(conn, message_key, [rcpt]).get(rcpt)
-    taken = row is not None and row.holder != holder and row.state is not GuardState.UNKNOWN
-    if (
-        taken
-        and row is not None
-        and (row.state is not GuardState.SENDING or (row.until or 0) > now)
-    ):
+    take, prior = claimable(held(conn, message_key, [rcpt]).get(rcpt), holder, now)
+    if not take:
         return None
     conn.execute(
         "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at, lease_until)"
@@ -157,9 +124,7 @@ def claim(
         " updated_at = excluded.updated_at, lease_until = excluded.lease_until",
         (message_key, rcpt, holder, GuardState.SENDING.value, now, until),
     )
-    if row is not None and row.state in (GuardState.SENDING, GuardState.UNKNOWN):
-        return row.state
-    return None
+    return prior
 
 
 def release(conn: sqlite3.Connection, message_key: str, rcpt: str, holder: str) -> None:
@@ -197,21 +162,11 @@ def record_outcome(
     a recipient waiting in the spool is QUEUED by its message; anything given up
     for now or for good releases the holder's guard.
     """
-    state = RecipientState(record.state)
-    holder = record.queue_id
-    if state is RecipientState.DUPLICATE:
+    if untouched(record):
         return
-    spooled = record.next_attempt is not None and state in (
-        RecipientState.RETRYING,
-        RecipientState.UNKNOWN,
-    )
-    if state is RecipientState.DELIVERED:
-        new = GuardState.DELIVERED
-    elif spooled:
-        new = GuardState.QUEUED
-    elif state is RecipientState.UNKNOWN:
-        new = GuardState.UNKNOWN
-    else:
+    holder = record.queue_id
+    new = guard_after(record)
+    if new is None:
         release(conn, message_key, record.rcpt, holder)
         return
     conn.execute(
