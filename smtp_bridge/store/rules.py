@@ -31,6 +31,7 @@ __all__ = [
     "message_from_row",
     "recipient_from_row",
     "remembered_state",
+    "spooled_copy",
     "ttl_for",
     "untouched",
     "waits_in_spool",
@@ -146,6 +147,18 @@ def as_duplicate(record: RecipientRecord, guard: Guard | None) -> RecipientRecor
         spooled_at=None,
         error=f"same message as {guard.holder} ({state})",
     )
+
+
+def spooled_copy(
+    message: MessageRecord, recipients: Sequence[RecipientRecord], guards: dict[str, Guard]
+) -> tuple[MessageRecord, list[RecipientRecord]]:
+    """What ``add_message`` writes once the guards are taken: recipients another copy
+    holds become DUPLICATE, and content no recipient of this copy waits for is dropped."""
+    rows = [as_duplicate(r, guards.get(r.rcpt.lower())) for r in recipients]
+    copies = any(r.state is RecipientState.DUPLICATE for r in rows)
+    if copies and not any(waits_in_spool(r) for r in rows):
+        return dataclasses.replace(message, content=None), rows  # another copy sends it
+    return message, rows
 
 
 def message_from_row(row: Sequence[Any]) -> MessageRecord:

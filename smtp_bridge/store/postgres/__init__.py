@@ -40,7 +40,7 @@ from ..records import (
     RecipientRecord,
     StoreError,
 )
-from ..rules import as_duplicate, ttl_for, waits_in_spool
+from ..rules import spooled_copy, ttl_for, waits_in_spool
 from . import ledger
 from .admin import QueueAdminMixin
 from .db import DEFAULT_TIMEOUT, Conn, Database
@@ -285,11 +285,7 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin):
                 now=now,
                 ttl=ttl,
             )
-            rows = [as_duplicate(r, guards.get(r.rcpt.lower())) for r in recipients]
-            kept = message
-            copies = any(r.state is RecipientState.DUPLICATE for r in rows)
-            if copies and not any(waits_in_spool(r) for r in rows):
-                kept = dataclasses.replace(message, content=None)  # another copy sends it
+            kept, rows = spooled_copy(message, recipients, guards)
             await self._insert_message(conn, kept, rows)
             return Admission(guards, reused)
 

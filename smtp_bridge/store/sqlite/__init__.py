@@ -36,9 +36,9 @@ from ..records import (
     SpoolStats,
 )
 from ..rules import (
-    as_duplicate,
     message_from_row,
     recipient_from_row,
+    spooled_copy,
     ttl_for,
     waits_in_spool,
 )
@@ -287,11 +287,7 @@ class SQLiteStore:
                 now=now,
                 ttl=ttl,
             )
-            rows = [as_duplicate(r, guards.get(r.rcpt.lower())) for r in recipients]
-            kept = message
-            copies = any(r.state is RecipientState.DUPLICATE for r in rows)
-            if copies and not any(waits_in_spool(r) for r in rows):
-                kept = dataclasses.replace(message, content=None)  # another copy sends it
+            kept, rows = spooled_copy(message, recipients, guards)
             self._insert_message(conn, kept, rows)
             return Admission(guards, reused)
 
