@@ -199,7 +199,8 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin):
 
         async def write(conn: Conn) -> Admission:
             reused = await self._reused_message_id(conn, message, now)
-            await self._insert_message(conn, message, rows)
+            # Rows only: their guards are taken just below (nothing to release).
+            await self._insert_message(conn, message, rows, guards=False)
             guards = await ledger.acquire(
                 conn,
                 message.message_key,
@@ -352,11 +353,16 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin):
     # -- helpers ------------------------------------------------------------------------
 
     async def _insert_message(
-        self, conn: Conn, message: MessageRecord, recipients: Sequence[RecipientRecord]
+        self,
+        conn: Conn,
+        message: MessageRecord,
+        recipients: Sequence[RecipientRecord],
+        *,
+        guards: bool = True,
     ) -> None:
         check_recipients(message, recipients)
         rows = [self._stamped(record) for record in recipients]
-        await insert_message(conn, message, rows, self._ttl(message.message_key))
+        await insert_message(conn, message, rows, self._ttl(message.message_key), guards=guards)
         if message.content is not None:
             await conn.execute(NOTIFY)
 

@@ -55,6 +55,8 @@ async def insert_message(
     message: MessageRecord,
     recipients: Sequence[RecipientRecord],
     ttl: float,
+    *,
+    guards: bool = True,
 ) -> None:
     """The message row and its (already stamped) recipients; a known queue_id fails."""
     await conn.execute(
@@ -74,13 +76,19 @@ async def insert_message(
             message.message_id,
         ),
     )
-    await put_recipients(conn, recipients, message.message_key, ttl)
+    await put_recipients(conn, recipients, message.message_key, ttl, guards=guards)
 
 
 async def put_recipients(
-    conn: Conn, records: Sequence[RecipientRecord], message_key: str, ttl: float
+    conn: Conn,
+    records: Sequence[RecipientRecord],
+    message_key: str,
+    ttl: float,
+    *,
+    guards: bool = True,
 ) -> None:
-    """Upsert ``records`` (in order, one pipeline), then move their guards on."""
+    """Upsert ``records`` (in order, one pipeline), then move their guards on
+    (``guards`` False: the caller takes them itself, as open_message does)."""
     if not records:
         return
     rows = [
@@ -102,5 +110,7 @@ async def put_recipients(
     ]
     async with conn.cursor() as cursor:
         await cursor.executemany(_PUT_RECIPIENT, rows)
+    if not guards:
+        return
     for record in records:
         await ledger.record_outcome(conn, message_key, record, ttl=ttl)

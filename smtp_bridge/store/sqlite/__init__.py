@@ -195,7 +195,8 @@ class SQLiteStore:
 
         def write(conn: sqlite3.Connection) -> Admission:
             reused = self._reused_message_id(conn, message, now)
-            self._insert_message(conn, message, rows)
+            # Rows only: their guards are taken just below (nothing to release).
+            self._insert_message(conn, message, rows, guards=False)
             guards = ledger.acquire(
                 conn,
                 message.message_key,
@@ -985,6 +986,8 @@ class SQLiteStore:
         conn: sqlite3.Connection,
         message: MessageRecord,
         recipients: Sequence[RecipientRecord],
+        *,
+        guards: bool = True,
     ) -> None:
         for record in recipients:
             if record.queue_id != message.queue_id:
@@ -1008,7 +1011,7 @@ class SQLiteStore:
             ),
         )
         for record in recipients:
-            self._put_recipient(conn, self._stamped(record), message.message_key)
+            self._put_recipient(conn, self._stamped(record), message.message_key, guards=guards)
 
     def _stamped(self, record: RecipientRecord) -> RecipientRecord:
         if record.updated_at:
@@ -1016,7 +1019,12 @@ class SQLiteStore:
         return dataclasses.replace(record, updated_at=self._clock())
 
     def _put_recipient(
-        self, conn: sqlite3.Connection, record: RecipientRecord, message_key: str
+        self,
+        conn: sqlite3.Connection,
+        record: RecipientRecord,
+        message_key: str,
+        *,
+        guards: bool = True,
     ) -> None:
         state = RecipientState(record.state)
         conn.execute(
@@ -1044,7 +1052,8 @@ class SQLiteStore:
                 record.spooled_at,
             ),
         )
-        ledger.record_outcome(conn, message_key, record, ttl=self._ttl(message_key))
+        if guards:
+            ledger.record_outcome(conn, message_key, record, ttl=self._ttl(message_key))
 
     @staticmethod
     def _settle_cut(conn: sqlite3.Connection, key: str, rcpt: str, holder: str, now: float) -> None:
