@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -25,7 +25,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..records import StoreError
 
-__all__ = ["DEFAULT_TIMEOUT", "Database", "redact_url", "secrets_of"]
+__all__ = ["DEFAULT_TIMEOUT", "Database", "execute_rows", "redact_url", "secrets_of"]
 
 _T = TypeVar("_T")
 
@@ -199,3 +199,14 @@ async def _rollback(conn: Conn) -> None:
         return
     with contextlib.suppress(psycopg.Error):
         await conn.rollback()
+
+
+async def execute_rows(conn: Conn, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+    """``sql`` once per row. One row (the common case: one recipient) is a plain
+    execute: psycopg's executemany enters and leaves pipeline mode even for one
+    row, which measured as the largest cost of a store call (about 0.25 ms each)."""
+    if len(rows) == 1:
+        await conn.execute(sql, rows[0])
+    elif rows:
+        async with conn.cursor() as cursor:
+            await cursor.executemany(sql, rows)

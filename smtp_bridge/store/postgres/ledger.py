@@ -16,6 +16,7 @@ from typing import Any, Final
 from ...outcomes import RecipientState
 from ..records import Guard, GuardState, RecipientRecord
 from ..rules import LedgerRow, claimable, decide, guard_after, remembered_state, untouched
+from .db import execute_rows
 
 __all__ = [
     "acquire",
@@ -54,10 +55,9 @@ async def lock_all(conn: Conn, pairs: Iterable[tuple[str, str]]) -> None:
     pairs = sorted({(key, rcpt.lower()) for key, rcpt in pairs})
     if not pairs:
         return
-    async with conn.cursor() as cursor:
-        await cursor.executemany(
-            "SELECT pg_advisory_xact_lock(hashtextextended(%s || chr(1) || %s, 0))", pairs
-        )
+    await execute_rows(
+        conn, "SELECT pg_advisory_xact_lock(hashtextextended(%s || chr(1) || %s, 0))", pairs
+    )
 
 
 async def held(conn: Conn, message_key: str, rcpts: Sequence[str]) -> dict[str, LedgerRow]:
@@ -118,12 +118,11 @@ async def acquire(
         guards[rcpt] = guard = decide(rows.get(rcpt), holder, now, ttl)
         if guard.acquired:
             taken.append(rcpt)
-    if taken:
-        async with conn.cursor() as cursor:
-            await cursor.executemany(
-                _UPSERT,
-                [(message_key, rcpt, holder, state.value, now, until, owner) for rcpt in taken],
-            )
+    await execute_rows(
+        conn,
+        _UPSERT,
+        [(message_key, rcpt, holder, state.value, now, until, owner) for rcpt in taken],
+    )
     return guards
 
 

@@ -9,6 +9,7 @@ from ...outcomes import RecipientState
 from ..records import MessageRecord, RecipientRecord
 from ..rules import message_from_row, recipient_from_row
 from . import ledger
+from .db import execute_rows
 from .schema import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 
 __all__ = [
@@ -108,8 +109,7 @@ async def put_recipients(
         )
         for record in records
     ]
-    async with conn.cursor() as cursor:
-        await cursor.executemany(_PUT_RECIPIENT, rows)
+    await execute_rows(conn, _PUT_RECIPIENT, rows)
     if not guards:
         return
     for record in records:
