@@ -109,7 +109,7 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin):
         clock: Callable[[], float] = time.time,
         timeout: float = DEFAULT_TIMEOUT,
         min_size: int = 1,
-        max_size: int = 10,
+        max_size: int = 24,
     ) -> PostgresStore:
         """Connect to ``url`` (a libpq URL) and migrate its schema.
 
