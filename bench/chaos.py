@@ -62,6 +62,9 @@ WAIT = 30.0
 #: The daemon's API timeout: a slower answer is an answer lost (sent, outcome unknown).
 API_TIMEOUT = 1.0
 INJECTED = "chaos: injected commit failure"
+#: A call "in flight at a kill" was made at most this long before it: the API
+#: timeout, plus time for its outcome's write (retried while commits fail).
+IN_FLIGHT = API_TIMEOUT + 4.0
 
 
 @dataclass
@@ -176,6 +179,8 @@ class Daemon:
         self.events = events
         self.counters = counters
         self.port: int | None = None
+        #: Set on every log line; cleared by whoever waits for the next one.
+        self.changed = asyncio.Event()
         self._listening = asyncio.get_running_loop().create_future()
         self._pump = asyncio.get_running_loop().create_task(self._read(log))
 
@@ -206,6 +211,7 @@ class Daemon:
                 with contextlib.suppress(ValueError):
                     event = json.loads(text)
                     self.events.append(event)
+                    self.changed.set()
                     self.counters[str(event.get("event"))] += 1
                     if event.get("event") == "listening" and not self._listening.done():
                         self._listening.set_result(int(event["address"].rpartition(":")[2]))
@@ -483,8 +489,8 @@ async def run_mode(opts: Options) -> Result:
         sandbox._scripts.clear()  # the drain runs against a healthy API
         async with asyncio.timeout(opts.drain + WAIT):
             await clients
-        await _drain(sandbox, load, opts.drain)
         assert daemon is not None
+        await _drain(sandbox, load, daemon, config, opts.drain)
         await daemon.terminate()
         daemon = None
         waiting = await cli_json(config, "list")
@@ -512,15 +518,22 @@ def _delivered(sandbox: Sandbox) -> Counter[str]:
     return Counter(r["to"] for r in sandbox.sent() if r["code"] == 200)
 
 
-async def _drain(sandbox: Sandbox, load: Load, bound: float) -> None:
-    """Wait on the sandbox's count until every accepted pair reached it, or the bound."""
+async def _drain(sandbox: Sandbox, load: Load, daemon: Daemon, config: Path, bound: float) -> None:
+    """Until the bound: wait on the sandbox's count until every accepted pair reached
+    it, then on the daemon's log lines until ``queue list`` shows an empty spool
+    (retries of calls whose answer was lost may still be due)."""
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(bound):
             while True:
                 wanted = {r for m in load.messages if m.accepted for r in m.rcpts}
                 if wanted <= set(_delivered(sandbox)):
-                    return
+                    break
                 await sandbox.wait_sent(sandbox._received + 1)
+            for _ in range(10_000):
+                daemon.changed.clear()
+                if not await cli_json(config, "list"):
+                    return
+                await daemon.changed.wait()
 
 
 def _judge(opts: Options, load: Load, sandbox: Sandbox, events: list[dict[str, Any]],
@@ -539,7 +552,10 @@ def _judge(opts: Options, load: Load, sandbox: Sandbox, events: list[dict[str, A
         calls = sorted((r for r in records if r["to"] == to and r["code"] == 200), key=_stamp)
         explained = lost_answer = True
         for first, second in zip(calls, calls[1:], strict=False):
-            at_kill = any(_stamp(first) <= k <= _stamp(second) for k in kill_times)
+            at_kill = any(
+                _stamp(first) <= k <= _stamp(second) and k - _stamp(first) <= IN_FLIGHT
+                for k in kill_times
+            )
             if not at_kill and not first["answer_lost"]:
                 explained = False
             if at_kill:
