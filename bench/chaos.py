@@ -425,8 +425,13 @@ class Result:
             "  log: "
             + ", ".join(
                 f"{k} {self.counters.get(k, 0)}"
-                for k in ("outcome_recorded_late", "outcome_unrecorded", "duplicate_skipped",
-                          "spool_recovered", "unexpected_exits")
+                for k in (
+                    "outcome_recorded_late",
+                    "outcome_unrecorded",
+                    "duplicate_skipped",
+                    "spool_recovered",
+                    "unexpected_exits",
+                )
             ),  # fmt: skip
             "  load: " + ", ".join(f"{k} {v}" for k, v in sorted(self.load.items())),
         ]
@@ -545,7 +550,9 @@ def _judge(opts: Options, load: Load, sandbox: Sandbox, events: list[dict[str, A
     pairs = {r for m in accepted for r in m.rcpts}
     dead_rcpts = {str(row["rcpt"]).lower() for row in dead}
     spooled = {str(row["rcpt"]).lower() for row in waiting}
-    logged = {str(e.get("rcpt", "")).lower() for e in events if e.get("event") == "possible_duplicate"}
+    logged = {
+        str(e.get("rcpt", "")).lower() for e in events if e.get("event") == "possible_duplicate"
+    }
     duplicated = {to: n for to, n in delivered.items() if n > 1}
     unexplained, by_lost = [], []
     for to in duplicated:
