@@ -241,19 +241,18 @@ class Daemon:
         return code
 
 
-async def cli_json(config: Path, *args: str) -> list[dict[str, Any]]:
-    """``smtp-bridge queue ARGS --json`` on the run's store (no fault injection)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "smtp_bridge", "queue", "--config", str(config), *args, "--json",
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    async with asyncio.timeout(WAIT):
-        out, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"queue {' '.join(args)}: {err.decode(errors='replace')}")
-    rows: list[dict[str, Any]] = json.loads(out or b"[]")
-    return rows
+async def queue_rcpts(config: Path, *, dead: bool = False) -> set[str]:
+    """What ``smtp-bridge queue list [--dead]`` lists, by recipient: the same config
+    loader, store and query in this process (no fault injection here)."""
+    from smtp_bridge.config import load_config
+    from smtp_bridge.store import open_store
+
+    store = await open_store(load_config(config).delivery, create=False)
+    try:
+        rows = await store.list_queue(dead=dead, limit=100_000)
+    finally:
+        await store.close()
+    return {record.rcpt.lower() for _, record in rows}
 
 
 # ------------------------------------------------------------------ the load
@@ -498,8 +497,8 @@ async def run_mode(opts: Options) -> Result:
         await _drain(sandbox, load, daemon, config, opts.drain)
         await daemon.terminate()
         daemon = None
-        waiting = await cli_json(config, "list")
-        dead = await cli_json(config, "list", "--dead")
+        waiting = await queue_rcpts(config)
+        dead = await queue_rcpts(config, dead=True)
     finally:
         if daemon is not None:
             await daemon.kill()
@@ -536,20 +535,18 @@ async def _drain(sandbox: Sandbox, load: Load, daemon: Daemon, config: Path, bou
                 await sandbox.wait_sent(sandbox._received + 1)
             for _ in range(10_000):
                 daemon.changed.clear()
-                if not await cli_json(config, "list"):
+                if not await queue_rcpts(config):
                     return
                 await daemon.changed.wait()
 
 
 def _judge(opts: Options, load: Load, sandbox: Sandbox, events: list[dict[str, Any]],
-           counters: Counter[str], kill_times: list[float], waiting: list[dict[str, Any]],
-           dead: list[dict[str, Any]]) -> Result:  # fmt: skip
+           counters: Counter[str], kill_times: list[float], spooled: set[str],
+           dead_rcpts: set[str]) -> Result:  # fmt: skip
     records = sandbox.sent()
     delivered = _delivered(sandbox)
     accepted = [m for m in load.messages if m.accepted]
     pairs = {r for m in accepted for r in m.rcpts}
-    dead_rcpts = {str(row["rcpt"]).lower() for row in dead}
-    spooled = {str(row["rcpt"]).lower() for row in waiting}
     logged = {
         str(e.get("rcpt", "")).lower() for e in events if e.get("event") == "possible_duplicate"
     }
