@@ -241,6 +241,20 @@ class Daemon:
         return code
 
 
+async def start_daemon(config: Path, env: dict[str, str], log: Any,
+                       events: list[dict[str, Any]], counters: Counter[str]) -> Daemon:  # fmt: skip
+    """Start the daemon as systemd's ``Restart=on-failure`` would: a start refused
+    (a store write failed during startup: ``cannot start``) is tried again, bounded."""
+    for _ in range(20):
+        counters["starts"] += 1  # each start its own fault sequence
+        seeded = {**env, "CHAOS_SEED": str(int(env["CHAOS_SEED"]) * 1000 + counters["starts"])}
+        try:
+            return await Daemon.start(config, seeded, log, events, counters)
+        except RuntimeError:
+            counters["start_refused"] += 1
+    raise RuntimeError("the daemon did not start in 20 tries (see daemon.log)")
+
+
 async def queue_rcpts(config: Path, *, dead: bool = False) -> set[str]:
     """What ``smtp-bridge queue list [--dead]`` lists, by recipient: the same config
     loader, store and query in this process (no fault injection here)."""
@@ -430,6 +444,7 @@ class Result:
                     "duplicate_skipped",
                     "spool_recovered",
                     "unexpected_exits",
+                    "start_refused",
                 )
             ),  # fmt: skip
             "  load: " + ", ".join(f"{k} {v}" for k, v in sorted(self.load.items())),
@@ -466,7 +481,7 @@ async def run_mode(opts: Options) -> Result:
     counters: Counter[str] = Counter()
     kill_times: list[float] = []
     log = (workdir / "daemon.log").open("a")
-    daemon: Daemon | None = await Daemon.start(config, env, log, events, counters)
+    daemon: Daemon | None = await start_daemon(config, env, log, events, counters)
     load = Load(opts, rng, lambda: daemon.port if daemon is not None else None, run)
     start = time.monotonic()
     end = start + opts.seconds
@@ -480,14 +495,14 @@ async def run_mode(opts: Options) -> Result:
             old, daemon = daemon, None
             kill_times.append(time.time())
             await old.kill()
-            daemon = await Daemon.start(config, env, log, events, counters)
+            daemon = await start_daemon(config, env, log, events, counters)
         while time.monotonic() < end:  # bounded: restart a daemon that died by itself
             assert daemon is not None
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(daemon.proc.wait()), end - time.monotonic())
             if daemon.proc.returncode is not None and time.monotonic() < end:
                 counters["unexpected_exits"] += 1
-                daemon = await Daemon.start(config, env, log, events, counters)
+                daemon = await start_daemon(config, env, log, events, counters)
         load.stop.set()
         await faults
         sandbox._scripts.clear()  # the drain runs against a healthy API
