@@ -434,6 +434,7 @@ class Result:
             f"  duplicated         {len(self.duplicated)}  "
             f"(of which an API answer lost: {len(self.by_answer_lost)})",
             f"  dup. without log   {len(self.unlogged)}  {self.unlogged[:5]}",
+            f"  dup. unexplained   {len(self.unexplained)}  {self.unexplained[:5]}",
             f"  possible_duplicate {self.possible_duplicate_lines} lines",
             "  log: "
             + ", ".join(
@@ -519,7 +520,12 @@ async def run_mode(opts: Options) -> Result:
             await daemon.kill()
         await sandbox.stop()
         log.close()
-    return _judge(opts, load, sandbox, events, counters, kill_times, waiting, dead)
+    result = _judge(opts, load, sandbox, events, counters, kill_times, waiting, dead)
+    # What a FAIL needs to be understood: every API call and the kill times.
+    (workdir / "calls.json").write_text(
+        json.dumps({"kills": kill_times, "calls": sandbox.sent()}, default=str)
+    )
+    return result
 
 
 async def _api_faults(sandbox: Sandbox, rng: random.Random, opts: Options, end: float) -> None:
