@@ -133,6 +133,10 @@ async def test_kill_9_under_load_loses_no_accepted_message(tmp_path: Path) -> No
         await asyncio.gather(*clients)
         assert before_kill < len(accepted)  # work was still in the spool at the kill
 
+        # Calls stamped before this came from the killed process (a request it
+        # wrote just before the kill may reach the sandbox just after it), and
+        # calls stamped after it from the restarted one: nothing else sends.
+        restarted_at = datetime.now(UTC)
         restarted = await Daemon.start("serve", "--config", str(config))
         await restarted.port()  # startup, claims recovery included, is over
         recovered = next(
@@ -161,7 +165,7 @@ async def test_kill_9_under_load_loses_no_accepted_message(tmp_path: Path) -> No
         assert set(duplicates.values()) <= {2}
         for to in duplicates:
             times = sorted(datetime.fromisoformat(r["time"]) for r in records if r["to"] == to)
-            assert times[0] <= killed_at <= times[1], (to, times, killed_at)
+            assert times[0] <= restarted_at <= times[1], (to, times, killed_at, restarted_at)
         assert await restarted.terminate() == 0
     finally:
         for process in (daemon, restarted, sandbox):
