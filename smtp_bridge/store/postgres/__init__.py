@@ -44,6 +44,7 @@ from ..rules import spooled_copy, ttl_for, waits_in_spool
 from . import ledger
 from .admin import QueueAdminMixin
 from .db import DEFAULT_TIMEOUT, Conn, Database
+from .history import HistoryMixin
 from .listener import SpoolListener
 from .quotas import QuotaMixin
 from .rows import (
@@ -63,7 +64,7 @@ _log = logging.getLogger("smtp_bridge.store")
 _SKEW_WARNING: Final = 1.0
 
 
-class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin):
+class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
     """The PostgreSQL state store. Create with ``await PostgresStore.open(url)``."""
 
     def __init__(

@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from psycopg import AsyncConnection
 
 __all__ = [
+    "HISTORY_ATTEMPT_COLUMNS",
+    "HISTORY_MESSAGE_COLUMNS",
     "MESSAGE_COLUMNS",
     "MIGRATIONS",
     "MIGRATION_LOCK",
@@ -93,6 +95,41 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )""",
         "CREATE INDEX quota_counters_end ON quota_counters (window_end)",
     ),
+    (
+        # The console's history (store/history.py): envelope and outcomes, never the body.
+        """CREATE TABLE history_messages (
+            queue_id text COLLATE "C" PRIMARY KEY,
+            received_at double precision NOT NULL,
+            mail_from text NOT NULL,
+            rcpts text NOT NULL,
+            subject text NOT NULL,
+            message_id text NOT NULL,
+            client text NOT NULL,
+            "user" text NOT NULL,
+            size bigint NOT NULL,
+            reply text NOT NULL,
+            instance text NOT NULL
+        )""",
+        "CREATE INDEX history_messages_received ON history_messages (received_at)",
+        """CREATE TABLE history_attempts (
+            id bigserial PRIMARY KEY,
+            queue_id text COLLATE "C" NOT NULL,
+            rcpt text COLLATE "C" NOT NULL,
+            at double precision NOT NULL,
+            route text NOT NULL,
+            template_id text NOT NULL,
+            result text NOT NULL,
+            api_code integer NULL,
+            http_status integer NULL,
+            api_message text NOT NULL,
+            latency_ms double precision NOT NULL,
+            state text NOT NULL,
+            reply text NOT NULL,
+            request text NOT NULL
+        )""",
+        "CREATE INDEX history_attempts_message ON history_attempts (queue_id, at)",
+        "CREATE INDEX history_attempts_at ON history_attempts (at)",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -103,6 +140,15 @@ MESSAGE_COLUMNS: Final = (
 RECIPIENT_COLUMNS: Final = (
     "queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt, "
     "updated_at, error, spooled_at"
+)
+
+HISTORY_MESSAGE_COLUMNS: Final = (
+    'queue_id, received_at, mail_from, rcpts, subject, message_id, client, "user", size, reply,'
+    " instance"
+)
+HISTORY_ATTEMPT_COLUMNS: Final = (
+    "queue_id, rcpt, at, route, template_id, result, api_code, http_status, api_message, "
+    "latency_ms, state, reply, request"
 )
 
 

@@ -1,0 +1,225 @@
+"""The console's history on the PostgreSQL store (:class:`~...history.History`).
+
+Every instance sharing the database writes here, so each console shows all of
+them. The rules are in :mod:`smtp_bridge.store.history`; the SQL mirrors
+SQLite's (:mod:`smtp_bridge.store.sqlite.history`): same order, same search,
+same trimming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from ..history import ActivityBucket, HistoryAttempt, HistoryEntry, HistoryMessage
+from .db import Conn, Database
+from .schema import HISTORY_ATTEMPT_COLUMNS, HISTORY_MESSAGE_COLUMNS
+
+__all__ = ["HistoryMixin"]
+
+_UPSERT_MESSAGE: Final = (
+    f"INSERT INTO history_messages ({HISTORY_MESSAGE_COLUMNS})"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (queue_id) DO UPDATE SET"
+    " received_at = excluded.received_at, mail_from = excluded.mail_from,"
+    " rcpts = excluded.rcpts, subject = excluded.subject,"
+    " message_id = excluded.message_id, client = excluded.client,"
+    ' "user" = excluded."user", size = excluded.size, reply = excluded.reply,'
+    " instance = excluded.instance"
+)
+_INSERT_ATTEMPT: Final = (
+    f"INSERT INTO history_attempts ({HISTORY_ATTEMPT_COLUMNS})"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+#: Each recipient's latest attempt (the later ``at``, then the later row) of some messages.
+_LATEST: Final = (
+    f"SELECT DISTINCT ON (queue_id, rcpt) {HISTORY_ATTEMPT_COLUMNS} FROM history_attempts"
+    " WHERE queue_id = ANY(%s) ORDER BY queue_id, rcpt, at DESC, id DESC"
+)
+
+
+class HistoryMixin:
+    """``record_history``, ``search_history``, ``history_message``, ``history_activity``
+    and ``trim_history``, each one transaction."""
+
+    _db: Database
+
+    async def record_history(
+        self, messages: Sequence[HistoryMessage], attempts: Sequence[HistoryAttempt]
+    ) -> None:
+        """In one transaction: upsert ``messages`` (the last row wins), append ``attempts``."""
+        message_rows = [_message_row(m) for m in messages]
+        attempt_rows = [_attempt_row(a) for a in attempts]
+        if not message_rows and not attempt_rows:
+            return
+
+        async def write(conn: Conn) -> None:
+            async with conn.cursor() as cursor:
+                # executemany runs in one pipeline: one round trip per batch, in order.
+                if message_rows:
+                    await cursor.executemany(_UPSERT_MESSAGE, message_rows)
+                if attempt_rows:
+                    await cursor.executemany(_INSERT_ATTEMPT, attempt_rows)
+
+        await self._db.run("record history", write)
+
+    async def search_history(
+        self, query: str = "", *, limit: int = 50, before: float | None = None
+    ) -> list[HistoryEntry]:
+        """Newest first; exact on queue id and Message-ID, substring on the rest."""
+        where: list[str] = []
+        params: list[Any] = []
+        query = query.strip()
+        if query:
+            bare = query.strip("<>")
+            like = _like(query)
+            where.append(
+                "(queue_id = %s OR message_id IN (%s, %s)"
+                " OR mail_from ILIKE %s ESCAPE '\\'"
+                " OR rcpts ILIKE %s ESCAPE '\\'"
+                " OR subject ILIKE %s ESCAPE '\\')"
+            )
+            params += [query, bare, f"<{bare}>", like, like, like]
+        if before is not None:
+            where.append("received_at < %s")
+            params.append(before)
+        sql = f"SELECT {HISTORY_MESSAGE_COLUMNS} FROM history_messages"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY received_at DESC, queue_id DESC LIMIT %s"
+        params.append(limit)
+
+        async def read(conn: Conn) -> list[HistoryEntry]:
+            cursor = await conn.execute(sql, params)
+            messages = [_message(row) for row in await cursor.fetchall()]
+            latest: dict[str, dict[str, HistoryAttempt]] = {m.queue_id: {} for m in messages}
+            if latest:
+                cursor = await conn.execute(_LATEST, (list(latest),))
+                for row in await cursor.fetchall():
+                    attempt = HistoryAttempt(*row)
+                    latest[attempt.queue_id][attempt.rcpt] = attempt
+            return [HistoryEntry(m, latest[m.queue_id]) for m in messages]
+
+        return await self._db.run("search history", read, snapshot=True)
+
+    async def history_message(
+        self, queue_id: str
+    ) -> tuple[HistoryMessage | None, list[HistoryAttempt]]:
+        """One message's history row (None if unknown) and its attempts, oldest first."""
+
+        async def read(conn: Conn) -> tuple[HistoryMessage | None, list[HistoryAttempt]]:
+            cursor = await conn.execute(
+                f"SELECT {HISTORY_MESSAGE_COLUMNS} FROM history_messages WHERE queue_id = %s",
+                (queue_id,),
+            )
+            row = await cursor.fetchone()
+            cursor = await conn.execute(
+                f"SELECT {HISTORY_ATTEMPT_COLUMNS} FROM history_attempts"
+                " WHERE queue_id = %s ORDER BY at, id",
+                (queue_id,),
+            )
+            attempts = [HistoryAttempt(*r) for r in await cursor.fetchall()]
+            return (_message(row) if row is not None else None), attempts
+
+        return await self._db.run("read history", read, snapshot=True)
+
+    async def history_activity(self, since: float, bucket: float) -> list[ActivityBucket]:
+        """Messages and API answers per ``bucket`` seconds since ``since``, oldest first."""
+
+        async def read(conn: Conn) -> dict[int, list[int]]:
+            found: dict[int, list[int]] = {}
+            cursor = await conn.execute(
+                "SELECT floor((received_at - %s) / %s)::bigint AS slot, count(*)"
+                " FROM history_messages WHERE received_at >= %s GROUP BY slot",
+                (since, bucket, since),
+            )
+            for slot, count in await cursor.fetchall():
+                found.setdefault(int(slot), [0, 0, 0])[0] = int(count)
+            cursor = await conn.execute(
+                "SELECT floor((at - %s) / %s)::bigint AS slot,"
+                " count(*) FILTER (WHERE state = 'delivered'), count(*)"
+                " FROM history_attempts WHERE at >= %s AND result <> '' GROUP BY slot",
+                (since, bucket, since),
+            )
+            for slot, delivered, total in await cursor.fetchall():
+                counts = found.setdefault(int(slot), [0, 0, 0])
+                counts[1] = int(delivered)
+                counts[2] = int(total) - int(delivered)
+            return found
+
+        found = await self._db.run("read activity", read, snapshot=True)
+        return [
+            ActivityBucket(since + slot * bucket, found[slot][0], found[slot][1], found[slot][2])
+            for slot in sorted(found)
+        ]
+
+    async def trim_history(self, before: float) -> int:
+        """Forget messages received and attempts made before ``before``; rows removed."""
+
+        async def write(conn: Conn) -> int:
+            removed = await conn.execute(
+                "DELETE FROM history_messages WHERE received_at < %s", (before,)
+            )
+            count = removed.rowcount
+            removed = await conn.execute("DELETE FROM history_attempts WHERE at < %s", (before,))
+            return count + removed.rowcount
+
+        return await self._db.run("trim history", write)
+
+
+def _like(text: str) -> str:
+    """An ILIKE pattern for ``text`` anywhere, its wildcards taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _message_row(m: HistoryMessage) -> tuple[Any, ...]:
+    return (
+        m.queue_id,
+        m.received_at,
+        m.mail_from,
+        "\n".join(m.rcpts),
+        m.subject,
+        m.message_id,
+        m.client,
+        m.user,
+        m.size,
+        m.reply,
+        m.instance,
+    )
+
+
+def _attempt_row(a: HistoryAttempt) -> tuple[Any, ...]:
+    return (
+        a.queue_id,
+        a.rcpt,
+        a.at,
+        a.route,
+        a.template_id,
+        a.result,
+        a.api_code,
+        a.http_status,
+        a.api_message,
+        a.latency_ms,
+        a.state,
+        a.reply,
+        a.request,
+    )
+
+
+def _message(row: Sequence[Any]) -> HistoryMessage:
+    (queue_id, received_at, mail_from, rcpts, subject, message_id, client, user, size, reply,
+     instance) = row  # fmt: skip
+    return HistoryMessage(
+        queue_id=queue_id,
+        received_at=received_at,
+        mail_from=mail_from,
+        rcpts=tuple(rcpts.split("\n")) if rcpts else (),
+        subject=subject,
+        message_id=message_id,
+        client=client,
+        user=user,
+        size=size,
+        reply=reply,
+        instance=instance,
+    )
