@@ -2,7 +2,7 @@
 
 A real bridge in-process with ``admin.listen: 127.0.0.1:0`` and the sandbox as the
 API; mail goes in over SMTP, the console is read with httpx. The history store
-is also exercised directly (SQLite), and the recorder's promise that history
+is also exercised directly (SQLite and PostgreSQL), and the recorder's promise that history
 never holds mail up is tested by blocking its write until the client has its
 reply. The browser tests are in test_browser.py.
 """
@@ -19,9 +19,10 @@ from typing import Any
 import httpx
 import pytest
 from conftest import TEST_KEY, RunningBridge
+from test_quotas import open_backend
 
 from smtp_bridge.config import ConfigError, parse_config
-from smtp_bridge.store.history import HistoryAttempt, HistoryMessage
+from smtp_bridge.store.history import History, HistoryAttempt, HistoryMessage
 from smtp_bridge.store.sqlite import SQLiteStore
 
 WAIT = 10.0
@@ -74,8 +75,12 @@ def csrf_of(html: str) -> str:
 # ---------------------------------------------------------------- the store's history role
 
 
-async def test_history_store_search_page_activity_and_trim(tmp_path: Path) -> None:
-    store = await SQLiteStore.open(tmp_path / "state.sqlite3")
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_history_store_search_page_activity_and_trim(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    store = await open_backend(backend, request, tmp_path)
+    assert isinstance(store, History)
     try:
         messages = [
             HistoryMessage("Q1", 1000.0, "app@example.com", ("bob@example.org",), "Reset 100%",
