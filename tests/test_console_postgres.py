@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from test_console import ADMIN, ROUTES, WAIT, base, message, queue_id_of, settled
 
-from smtp_bridge.store.history import History
+from smtp_bridge.store.history import History, HistoryMessage
 
 
 def on_postgres(url: str) -> str:
@@ -72,3 +72,34 @@ async def test_two_instances_on_one_database_show_each_others_mail(
             detail = await http.get(f"{base(b)}/messages/{other}")
             assert detail.status_code == 200
             assert f"250 2.0.0 Ok id={other}" in detail.text
+
+
+async def test_a_database_of_the_version_before_gains_the_history_tables(pg_url: str) -> None:
+    import psycopg
+
+    from smtp_bridge.store.postgres import PostgresStore
+    from smtp_bridge.store.postgres.schema import MIGRATIONS, SCHEMA_VERSION
+
+    before = next(
+        i for i, step in enumerate(MIGRATIONS) if any("history_messages" in s for s in step)
+    )
+    assert before == SCHEMA_VERSION - 1  # appended: earlier migrations are never edited
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        for statements in MIGRATIONS[:before]:
+            for statement in statements:
+                conn.execute(statement)  # type: ignore[arg-type]
+        conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+        conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (before,))
+        conn.execute(
+            'INSERT INTO messages (queue_id, message_key, mail_from, client, "user", subject,'
+            " size, received_at, mode) VALUES ('Q1', 'k', 'a@x', '', '', 's', 1, 1.0, 'queue')"
+        )
+    store = await PostgresStore.open(pg_url)
+    try:
+        assert (await store.get_message("Q1")) is not None  # kept
+        await store.record_history([HistoryMessage("Q1", 1.0, "a@x", ("b@x",))], [])
+        assert [e.message.queue_id for e in await store.search_history()] == ["Q1"]
+    finally:
+        await store.close()
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]

@@ -141,7 +141,6 @@ RECIPIENT_COLUMNS: Final = (
     "queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt, "
     "updated_at, error, spooled_at"
 )
-
 HISTORY_MESSAGE_COLUMNS: Final = (
     'queue_id, received_at, mail_from, rcpts, subject, message_id, client, "user", size, reply,'
     " instance"
