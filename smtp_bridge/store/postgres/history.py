@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from ..history import ActivityBucket, HistoryAttempt, HistoryEntry, HistoryMessage
-from .db import Conn, Database
+from .db import Conn, Database, execute_rows
 from .schema import HISTORY_ATTEMPT_COLUMNS, HISTORY_MESSAGE_COLUMNS
 
 __all__ = ["HistoryMixin"]
@@ -54,12 +54,9 @@ class HistoryMixin:
             return
 
         async def write(conn: Conn) -> None:
-            async with conn.cursor() as cursor:
-                # executemany runs in one pipeline: one round trip per batch, in order.
-                if message_rows:
-                    await cursor.executemany(_UPSERT_MESSAGE, message_rows)
-                if attempt_rows:
-                    await cursor.executemany(_INSERT_ATTEMPT, attempt_rows)
+            # Several rows go in one pipeline (executemany), one row as a plain execute.
+            await execute_rows(conn, _UPSERT_MESSAGE, message_rows)
+            await execute_rows(conn, _INSERT_ATTEMPT, attempt_rows)
 
         await self._db.run("record history", write)
 
