@@ -20,6 +20,7 @@ no way to tell a dead instance from a slow one and releases nothing).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import secrets
@@ -148,9 +149,27 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
         return store
 
     async def close(self) -> None:
-        """Let running calls finish, then stop listening and close every connection."""
+        """Hand back the claims nobody here will settle, let running calls finish,
+        then stop listening and close every connection.
+
+        The daemon closes the store after its workers stopped: a claim still
+        carrying this store's token is one no attempt of ours will end (claimed as
+        the workers stopped). Released, another instance takes it at once instead
+        of after its lease; its guard still says SENDING, so that attempt is a
+        logged possible duplicate if ours may have been sent.
+        """
+        if not self._db.closed:
+            with contextlib.suppress(StoreError):
+                await self._db.run("release claims", self._release_all)
         await self.listener.close()
         await self._db.close()
+
+    async def _release_all(self, conn: Conn) -> None:
+        await conn.execute(
+            "UPDATE recipients SET claimed_until = NULL, claimed_by = NULL WHERE claimed_by = %s",
+            (self.token,),
+        )
+        await conn.execute(NOTIFY)
 
     @property
     def name(self) -> str:
