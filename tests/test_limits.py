@@ -141,11 +141,12 @@ async def _transaction(conn: Conn, message_id: str = "1@test") -> str:
 
 
 async def test_session_time_cap_closes_a_busy_session(bridge, log_lines) -> None:
-    # The API takes 0.4 s a call (the sandbox's own latency), so the client is
-    # never idle: the first message is handled from 0 to 0.4 s, the second from
-    # 0.4 to 0.8 s, and the cap (0.6 s) falls inside the second.
-    async with Sandbox(latency=0.4) as slow_api:
-        async with bridge(config("{max_session_time: 0.6s}"), api_url=slow_api.url) as b:
+    # The API takes 1 s a call (the sandbox's own latency), so the client is
+    # never idle: the first message is handled from 0 to 1 s, the second from
+    # 1 to 2 s, and the cap (1.5 s) falls inside the second, with half a second
+    # to spare on either side for a busy machine.
+    async with Sandbox(latency=1.0) as slow_api:
+        async with bridge(config("{max_session_time: 1.5s}"), api_url=slow_api.url) as b:
             async with connect(b) as conn:
                 await conn.cmd("EHLO client.test")
                 assert (await _transaction(conn, "1@test")).startswith(f"{replies.OK} id=")
@@ -155,7 +156,7 @@ async def test_session_time_cap_closes_a_busy_session(bridge, log_lines) -> None
             await wait_sessions(b, 0)
         assert len(slow_api.sent()) == 2
     [event] = [line for line in log_lines() if line["event"] == "session_time_limit"]
-    assert event["limit"] == 0.6
+    assert event["limit"] == 1.5
 
 
 async def test_session_time_cap_answers_the_message_in_flight(bridge) -> None:
