@@ -210,6 +210,7 @@ class Daemon:
                     continue
                 with contextlib.suppress(ValueError):
                     event = json.loads(text)
+                    event["_seen"] = time.time()  # the harness's clock, as kill_times
                     self.events.append(event)
                     self.changed.set()
                     self.counters[str(event.get("event"))] += 1
@@ -561,6 +562,19 @@ async def _drain(sandbox: Sandbox, load: Load, daemon: Daemon, config: Path, bou
                 await daemon.changed.wait()
 
 
+def _unrecorded(events: list[dict[str, Any]], to: str, sent: float, killed: float) -> bool:
+    """The call's outcome was still not on record when the daemon was killed: its write
+    had failed (``store_error`` naming the recipient, retried by the worker) and no
+    ``delivered`` line for it came before the kill. Such a call is still in flight
+    (issue 11: an outcome whose write failed is kept until it is on record), however
+    long ago it was made."""
+    seen = [
+        e for e in events if str(e.get("rcpt", "")).lower() == to and sent <= e["_seen"] < killed
+    ]
+    failed = any(e.get("event") == "store_error" for e in seen)
+    return failed and not any(e.get("event") == "delivered" for e in seen)
+
+
 def _judge(opts: Options, load: Load, sandbox: Sandbox, events: list[dict[str, Any]],
            counters: Counter[str], kill_times: list[float], spooled: set[str],
            dead_rcpts: set[str]) -> Result:  # fmt: skip
@@ -578,7 +592,8 @@ def _judge(opts: Options, load: Load, sandbox: Sandbox, events: list[dict[str, A
         explained = lost_answer = True
         for first, second in zip(calls, calls[1:], strict=False):
             at_kill = any(
-                _stamp(first) <= k <= _stamp(second) and k - _stamp(first) <= IN_FLIGHT
+                _stamp(first) <= k <= _stamp(second)
+                and (k - _stamp(first) <= IN_FLIGHT or _unrecorded(events, to, _stamp(first), k))
                 for k in kill_times
             )
             if not at_kill and not first["answer_lost"]:
