@@ -12,7 +12,7 @@ expires, or at once by the next daemon that recovers the spool's claims
 
 Each attempt plans the recipient with the routes of the *current* config (a
 reload that fixes a template helps mail already spooled), sends through the
-same :class:`~smtp_bridge.delivery.ApiGate` as SMTP sessions (breaker, the
+same :class:`~smtp_bridge.gate.ApiGate` as SMTP sessions (breaker, the
 key's pace after HTTP 429s, rate limit, reply table) and then either records
 the delivery, schedules the next try (``delivery.backoff`` with jitter, never
 before Retry-After, which the gate cuts to ``api.max_retry_after``, never after
@@ -46,9 +46,10 @@ from typing import Any, Protocol
 from . import replies
 from .auth import Authenticator
 from .config import Config
-from .delivery import RECORD_RETRY, ApiGate, log_api_call
+from .delivery import RECORD_RETRY, log_api_call
 from .errors import StoreError
 from .flow import InFlow
+from .gate import ApiGate
 from .logs import log_event
 from .message import parse_message
 from .metrics import Metrics

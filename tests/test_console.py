@@ -269,7 +269,8 @@ async def test_try_a_message_sends_nothing(bridge: Any, http: httpx.AsyncClient)
         )
         assert result.status_code == 200
         assert "shop" in result.text and "E_SHOP" in result.text
-        assert "Hello {{ 7*7 }}" in result.text and "49" not in result.text
+        # Content is data: the subject shows as sent, never evaluated ("Hello 49").
+        assert "Hello {{ 7*7 }}" in result.text and "Hello 49" not in result.text
         assert "***" in result.text and TEST_KEY not in result.text
         upload = await http.post(
             base(b) + "/try",
