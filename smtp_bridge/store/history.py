@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "ActivityBucket",
@@ -29,6 +29,11 @@ __all__ = [
     "HistoryAttempt",
     "HistoryEntry",
     "HistoryMessage",
+    "attempt_row",
+    "buckets",
+    "like_anywhere",
+    "message_from_row",
+    "message_row",
 ]
 
 
@@ -126,3 +131,52 @@ class History(Protocol):
     async def trim_history(self, before: float) -> int:
         """Forget messages received and attempts made before ``before``; rows removed."""
         ...
+
+
+# -- the row shapes and helpers every backend shares ------------------------------
+
+
+def message_row(m: HistoryMessage) -> tuple[Any, ...]:
+    """``m`` as the history_messages columns (recipients newline-joined)."""
+    rcpts = "\n".join(m.rcpts)
+    return (m.queue_id, m.received_at, m.mail_from, rcpts, m.subject, m.message_id,
+            m.client, m.user, m.size, m.reply, m.instance)  # fmt: skip
+
+
+def attempt_row(a: HistoryAttempt) -> tuple[Any, ...]:
+    """``a`` as the history_attempts columns (their order is the dataclass's)."""
+    return (a.queue_id, a.rcpt, a.at, a.route, a.template_id, a.result, a.api_code,
+            a.http_status, a.api_message, a.latency_ms, a.state, a.reply, a.request)  # fmt: skip
+
+
+def message_from_row(row: Sequence[Any]) -> HistoryMessage:
+    """A HistoryMessage from the history_messages columns."""
+    (queue_id, received_at, mail_from, rcpts, subject, message_id, client, user, size, reply,
+     instance) = row  # fmt: skip
+    return HistoryMessage(
+        queue_id=queue_id,
+        received_at=received_at,
+        mail_from=mail_from,
+        rcpts=tuple(rcpts.split("\n")) if rcpts else (),
+        subject=subject,
+        message_id=message_id,
+        client=client,
+        user=user,
+        size=size,
+        reply=reply,
+        instance=instance,
+    )
+
+
+def like_anywhere(text: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') for ``text`` anywhere, its wildcards taken literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def buckets(found: dict[int, list[int]], since: float, bucket: float) -> list[ActivityBucket]:
+    """Slot -> [messages, delivered, failed] as the non-empty buckets, oldest first."""
+    return [
+        ActivityBucket(since + slot * bucket, found[slot][0], found[slot][1], found[slot][2])
+        for slot in sorted(found)
+    ]

@@ -11,7 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from ..history import ActivityBucket, HistoryAttempt, HistoryEntry, HistoryMessage
+from ..history import (
+    ActivityBucket,
+    HistoryAttempt,
+    HistoryEntry,
+    HistoryMessage,
+    attempt_row,
+    buckets,
+    like_anywhere,
+    message_from_row,
+    message_row,
+)
 from .db import Conn, Database, execute_rows
 from .schema import HISTORY_ATTEMPT_COLUMNS, HISTORY_MESSAGE_COLUMNS
 
@@ -48,8 +58,8 @@ class HistoryMixin:
         self, messages: Sequence[HistoryMessage], attempts: Sequence[HistoryAttempt]
     ) -> None:
         """In one transaction: upsert ``messages`` (the last row wins), append ``attempts``."""
-        message_rows = [_message_row(m) for m in messages]
-        attempt_rows = [_attempt_row(a) for a in attempts]
+        message_rows = [message_row(m) for m in messages]
+        attempt_rows = [attempt_row(a) for a in attempts]
         if not message_rows and not attempt_rows:
             return
 
@@ -69,7 +79,7 @@ class HistoryMixin:
         query = query.strip()
         if query:
             bare = query.strip("<>")
-            like = _like(query)
+            like = like_anywhere(query)
             where.append(
                 "(queue_id = %s OR message_id IN (%s, %s)"
                 " OR mail_from ILIKE %s ESCAPE '\\'"
@@ -88,7 +98,7 @@ class HistoryMixin:
 
         async def read(conn: Conn) -> list[HistoryEntry]:
             cursor = await conn.execute(sql, params)
-            messages = [_message(row) for row in await cursor.fetchall()]
+            messages = [message_from_row(row) for row in await cursor.fetchall()]
             latest: dict[str, dict[str, HistoryAttempt]] = {m.queue_id: {} for m in messages}
             if latest:
                 cursor = await conn.execute(_LATEST, (list(latest),))
@@ -116,7 +126,7 @@ class HistoryMixin:
                 (queue_id,),
             )
             attempts = [HistoryAttempt(*r) for r in await cursor.fetchall()]
-            return (_message(row) if row is not None else None), attempts
+            return (message_from_row(row) if row is not None else None), attempts
 
         return await self._db.run("read history", read, snapshot=True)
 
@@ -145,10 +155,7 @@ class HistoryMixin:
             return found
 
         found = await self._db.run("read activity", read, snapshot=True)
-        return [
-            ActivityBucket(since + slot * bucket, found[slot][0], found[slot][1], found[slot][2])
-            for slot in sorted(found)
-        ]
+        return buckets(found, since, bucket)
 
     async def trim_history(self, before: float) -> int:
         """Forget messages received and attempts made before ``before``; rows removed."""
@@ -162,61 +169,3 @@ class HistoryMixin:
             return count + removed.rowcount
 
         return await self._db.run("trim history", write)
-
-
-def _like(text: str) -> str:
-    """An ILIKE pattern for ``text`` anywhere, its wildcards taken literally."""
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
-def _message_row(m: HistoryMessage) -> tuple[Any, ...]:
-    return (
-        m.queue_id,
-        m.received_at,
-        m.mail_from,
-        "\n".join(m.rcpts),
-        m.subject,
-        m.message_id,
-        m.client,
-        m.user,
-        m.size,
-        m.reply,
-        m.instance,
-    )
-
-
-def _attempt_row(a: HistoryAttempt) -> tuple[Any, ...]:
-    return (
-        a.queue_id,
-        a.rcpt,
-        a.at,
-        a.route,
-        a.template_id,
-        a.result,
-        a.api_code,
-        a.http_status,
-        a.api_message,
-        a.latency_ms,
-        a.state,
-        a.reply,
-        a.request,
-    )
-
-
-def _message(row: Sequence[Any]) -> HistoryMessage:
-    (queue_id, received_at, mail_from, rcpts, subject, message_id, client, user, size, reply,
-     instance) = row  # fmt: skip
-    return HistoryMessage(
-        queue_id=queue_id,
-        received_at=received_at,
-        mail_from=mail_from,
-        rcpts=tuple(rcpts.split("\n")) if rcpts else (),
-        subject=subject,
-        message_id=message_id,
-        client=client,
-        user=user,
-        size=size,
-        reply=reply,
-        instance=instance,
-    )

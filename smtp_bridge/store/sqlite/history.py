@@ -11,7 +11,17 @@ import sqlite3
 from collections.abc import Sequence
 from typing import Any, Final
 
-from ..history import ActivityBucket, HistoryAttempt, HistoryEntry, HistoryMessage
+from ..history import (
+    ActivityBucket,
+    HistoryAttempt,
+    HistoryEntry,
+    HistoryMessage,
+    attempt_row,
+    buckets,
+    like_anywhere,
+    message_from_row,
+    message_row,
+)
 from .schema import HISTORY_ATTEMPT_COLUMNS, HISTORY_MESSAGE_COLUMNS
 
 __all__ = ["activity", "message_page", "record", "search", "trim"]
@@ -30,51 +40,14 @@ def record(
         conn.executemany(
             f"INSERT OR REPLACE INTO history_messages ({HISTORY_MESSAGE_COLUMNS})"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    m.queue_id,
-                    m.received_at,
-                    m.mail_from,
-                    "\n".join(m.rcpts),
-                    m.subject,
-                    m.message_id,
-                    m.client,
-                    m.user,
-                    m.size,
-                    m.reply,
-                    m.instance,
-                )
-                for m in messages
-            ],
+            [message_row(m) for m in messages],
         )
     if attempts:
         conn.executemany(
             f"INSERT INTO history_attempts ({HISTORY_ATTEMPT_COLUMNS})"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    a.queue_id,
-                    a.rcpt,
-                    a.at,
-                    a.route,
-                    a.template_id,
-                    a.result,
-                    a.api_code,
-                    a.http_status,
-                    a.api_message,
-                    a.latency_ms,
-                    a.state,
-                    a.reply,
-                    a.request,
-                )
-                for a in attempts
-            ],
+            [attempt_row(a) for a in attempts],
         )
-
-
-def _like(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
 
 
 def search(
@@ -86,7 +59,7 @@ def search(
     query = query.strip()
     if query:
         bare = query.strip("<>")
-        like = _like(query)
+        like = like_anywhere(query)
         # LIKE is case-insensitive for ASCII in SQLite; lower() covers the rest.
         where.append(
             "(queue_id = ? OR message_id IN (?, ?)"
@@ -103,7 +76,7 @@ def search(
         sql += " WHERE " + " AND ".join(where)
     sql += " ORDER BY received_at DESC, queue_id DESC LIMIT ?"
     params.append(limit)
-    messages = [_message(row) for row in conn.execute(sql, params)]
+    messages = [message_from_row(row) for row in conn.execute(sql, params)]
     latest: dict[str, dict[str, HistoryAttempt]] = {m.queue_id: {} for m in messages}
     ids = list(latest)
     for i in range(0, len(ids), _IN_CHUNK):
@@ -136,7 +109,7 @@ def message_page(
             (queue_id,),
         )
     ]
-    return (_message(row) if row is not None else None), attempts
+    return (message_from_row(row) if row is not None else None), attempts
 
 
 def activity(conn: sqlite3.Connection, since: float, bucket: float) -> list[ActivityBucket]:
@@ -157,10 +130,7 @@ def activity(conn: sqlite3.Connection, since: float, bucket: float) -> list[Acti
         counts = found.setdefault(slot, [0, 0, 0])
         counts[1] = delivered
         counts[2] = total - delivered
-    return [
-        ActivityBucket(since + slot * bucket, found[slot][0], found[slot][1], found[slot][2])
-        for slot in sorted(found)
-    ]
+    return buckets(found, since, bucket)
 
 
 def trim(conn: sqlite3.Connection, before: float) -> int:
@@ -169,24 +139,6 @@ def trim(conn: sqlite3.Connection, before: float) -> int:
     count = removed.rowcount
     removed = conn.execute("DELETE FROM history_attempts WHERE at < ?", (before,))
     return count + removed.rowcount
-
-
-def _message(row: tuple[Any, ...]) -> HistoryMessage:
-    (queue_id, received_at, mail_from, rcpts, subject, message_id, client, user, size, reply,
-     instance) = row  # fmt: skip
-    return HistoryMessage(
-        queue_id=queue_id,
-        received_at=received_at,
-        mail_from=mail_from,
-        rcpts=tuple(rcpts.split("\n")) if rcpts else (),
-        subject=subject,
-        message_id=message_id,
-        client=client,
-        user=user,
-        size=size,
-        reply=reply,
-        instance=instance,
-    )
 
 
 def _attempt(row: tuple[Any, ...]) -> HistoryAttempt:
