@@ -24,12 +24,16 @@ from .records import (
 __all__ = [
     "LedgerRow",
     "as_duplicate",
+    "check_recipients",
     "claimable",
     "decide",
     "guard_after",
     "live",
     "message_from_row",
+    "message_values",
+    "opening_rows",
     "recipient_from_row",
+    "recipient_values",
     "remembered_state",
     "spooled_copy",
     "ttl_for",
@@ -159,6 +163,42 @@ def spooled_copy(
     if copies and not any(waits_in_spool(r) for r in rows):
         return dataclasses.replace(message, content=None), rows  # another copy sends it
     return message, rows
+
+
+def check_recipients(message: MessageRecord, recipients: Sequence[RecipientRecord]) -> None:
+    """Refuse recipients of another message, and states that do not exist (ValueError)."""
+    for record in recipients:
+        if record.queue_id != message.queue_id:
+            raise ValueError(f"recipient queue_id {record.queue_id!r} is not {message.queue_id!r}")
+        RecipientState(record.state)
+
+
+def opening_rows(message: MessageRecord, rcpts: Sequence[str]) -> list[RecipientRecord]:
+    """open_message's recipient rows: RETRYING, nothing sent yet."""
+    return [
+        RecipientRecord(
+            queue_id=message.queue_id,
+            rcpt=rcpt,
+            state=RecipientState.RETRYING,
+            updated_at=message.received_at,
+        )
+        for rcpt in rcpts
+    ]
+
+
+def message_values(message: MessageRecord) -> tuple[Any, ...]:
+    """``message`` as the message columns, in their order (the decoder's inverse)."""
+    m = message
+    return (m.queue_id, m.message_key, m.mail_from, m.client, m.user, m.subject, m.size,
+            m.received_at, m.mode, m.content, m.message_id)  # fmt: skip
+
+
+def recipient_values(record: RecipientRecord) -> tuple[Any, ...]:
+    """``record`` as the recipient columns, in their order (the decoder's inverse)."""
+    r = record
+    return (r.queue_id, r.rcpt, RecipientState(r.state).value, r.route, r.template_id,
+            r.api_code, r.reply, r.attempts, r.next_attempt, r.updated_at, r.error,
+            r.spooled_at)  # fmt: skip
 
 
 def message_from_row(row: Sequence[Any]) -> MessageRecord:

@@ -41,19 +41,14 @@ from ..records import (
     RecipientRecord,
     StoreError,
 )
-from ..rules import spooled_copy, ttl_for, waits_in_spool
+from ..rules import check_recipients, opening_rows, spooled_copy, ttl_for, waits_in_spool
 from . import ledger
 from .admin import QueueAdminMixin
 from .db import DEFAULT_TIMEOUT, Conn, Database
 from .history import HistoryMixin
 from .listener import SpoolListener
 from .quotas import QuotaMixin
-from .rows import (
-    NOTIFY,
-    check_recipients,
-    insert_message,
-    put_recipients,
-)
+from .rows import NOTIFY, insert_message, put_recipients
 from .schema import migrate
 from .spool import SpoolMixin
 
@@ -207,15 +202,7 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
     ) -> Admission:
         """Before the calls of direct and hybrid mode, in one commit (see base.Ledger)."""
         now = self._clock()
-        rows = [
-            RecipientRecord(
-                queue_id=message.queue_id,
-                rcpt=rcpt,
-                state=RecipientState.RETRYING,
-                updated_at=message.received_at,
-            )
-            for rcpt in rcpts
-        ]
+        rows = opening_rows(message, rcpts)
 
         async def write(conn: Conn) -> Admission:
             reused = await self._reused_message_id(conn, message, now)

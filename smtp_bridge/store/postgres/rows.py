@@ -5,16 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
-from ...outcomes import RecipientState
 from ..records import MessageRecord, RecipientRecord
-from ..rules import message_from_row, recipient_from_row
+from ..rules import (
+    message_from_row,
+    message_values,
+    recipient_from_row,
+    recipient_values,
+)
 from . import ledger
 from .db import execute_rows
 from .schema import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 
 __all__ = [
     "NOTIFY",
-    "check_recipients",
     "insert_message",
     "message_row",
     "put_recipients",
@@ -43,14 +46,6 @@ _PUT_RECIPIENT: Final = (
 )
 
 
-def check_recipients(message: MessageRecord, recipients: Sequence[RecipientRecord]) -> None:
-    """Refuse recipients of another message, and states that do not exist (ValueError)."""
-    for record in recipients:
-        if record.queue_id != message.queue_id:
-            raise ValueError(f"recipient queue_id {record.queue_id!r} is not {message.queue_id!r}")
-        RecipientState(record.state)
-
-
 async def insert_message(
     conn: Conn,
     message: MessageRecord,
@@ -63,19 +58,7 @@ async def insert_message(
     await conn.execute(
         f"INSERT INTO messages ({MESSAGE_COLUMNS})"
         " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        (
-            message.queue_id,
-            message.message_key,
-            message.mail_from,
-            message.client,
-            message.user,
-            message.subject,
-            message.size,
-            message.received_at,
-            message.mode,
-            message.content,
-            message.message_id,
-        ),
+        message_values(message),
     )
     await put_recipients(conn, recipients, message.message_key, ttl, guards=guards)
 
@@ -92,24 +75,7 @@ async def put_recipients(
     (``guards`` False: the caller takes them itself, as open_message does)."""
     if not records:
         return
-    rows = [
-        (
-            record.queue_id,
-            record.rcpt,
-            RecipientState(record.state).value,
-            record.route,
-            record.template_id,
-            record.api_code,
-            record.reply,
-            record.attempts,
-            record.next_attempt,
-            record.updated_at,
-            record.error,
-            record.spooled_at,
-        )
-        for record in records
-    ]
-    await execute_rows(conn, _PUT_RECIPIENT, rows)
+    await execute_rows(conn, _PUT_RECIPIENT, [recipient_values(r) for r in records])
     if not guards:
         return
     for record in records:

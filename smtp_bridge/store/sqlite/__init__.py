@@ -22,7 +22,7 @@ from ..records import (
     Notice,
     RecipientRecord,
 )
-from ..rules import spooled_copy, waits_in_spool
+from ..rules import check_recipients, opening_rows, spooled_copy, waits_in_spool
 from . import ledger
 from .admin import AdminOps
 from .core import BUSY_TIMEOUT_MS
@@ -60,15 +60,7 @@ class SQLiteStore(SpoolOps, AdminOps):
     ) -> Admission:
         """Before the calls of direct and hybrid mode, in one commit (see base.Ledger)."""
         now = self._clock()
-        rows = [
-            RecipientRecord(
-                queue_id=message.queue_id,
-                rcpt=rcpt,
-                state=RecipientState.RETRYING,
-                updated_at=message.received_at,
-            )
-            for rcpt in rcpts
-        ]
+        rows = opening_rows(message, rcpts)
 
         def write(conn: sqlite3.Connection) -> Admission:
             reused = self._reused_message_id(conn, message, now)
@@ -144,11 +136,7 @@ class SQLiteStore(SpoolOps, AdminOps):
         self, message: MessageRecord, recipients: Sequence[RecipientRecord]
     ) -> Admission:
         """Queue mode's spool: a message and its recipients in one transaction (see base.Ledger)."""
-        for record in recipients:
-            if record.queue_id != message.queue_id:
-                raise ValueError(
-                    f"recipient queue_id {record.queue_id!r} is not {message.queue_id!r}"
-                )
+        check_recipients(message, recipients)  # before the writer: the caller's error
         now = self._clock()
         ttl = self._ttl(message.message_key)
 

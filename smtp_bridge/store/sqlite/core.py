@@ -20,9 +20,7 @@ from ..records import (
     MessageRecord,
     RecipientRecord,
 )
-from ..rules import (
-    ttl_for,
-)
+from ..rules import check_recipients, message_values, recipient_values, ttl_for
 from . import ledger
 from .schema import MESSAGE_COLUMNS, MIGRATIONS, RECIPIENT_COLUMNS, SCHEMA_VERSION
 from .writer import GroupCommitWriter
@@ -254,26 +252,10 @@ class SQLiteCore:
         *,
         guards: bool = True,
     ) -> None:
-        for record in recipients:
-            if record.queue_id != message.queue_id:
-                raise ValueError(
-                    f"recipient queue_id {record.queue_id!r} is not {message.queue_id!r}"
-                )
+        check_recipients(message, recipients)
         conn.execute(
             f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                message.queue_id,
-                message.message_key,
-                message.mail_from,
-                message.client,
-                message.user,
-                message.subject,
-                message.size,
-                message.received_at,
-                message.mode,
-                message.content,
-                message.message_id,
-            ),
+            message_values(message),
         )
         for record in recipients:
             self._put_recipient(conn, self._stamped(record), message.message_key, guards=guards)
@@ -291,7 +273,6 @@ class SQLiteCore:
         *,
         guards: bool = True,
     ) -> None:
-        state = RecipientState(record.state)
         conn.execute(
             f"INSERT INTO recipients ({RECIPIENT_COLUMNS}, claimed_until)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)"
@@ -302,20 +283,7 @@ class SQLiteCore:
             " next_attempt = excluded.next_attempt, updated_at = excluded.updated_at,"
             " error = excluded.error, claimed_until = NULL, claimed_by = NULL,"
             " spooled_at = COALESCE(excluded.spooled_at, spooled_at)",
-            (
-                record.queue_id,
-                record.rcpt,
-                state.value,
-                record.route,
-                record.template_id,
-                record.api_code,
-                record.reply,
-                record.attempts,
-                record.next_attempt,
-                record.updated_at,
-                record.error,
-                record.spooled_at,
-            ),
+            recipient_values(record),
         )
         if guards:
             ledger.record_outcome(conn, message_key, record, ttl=self._ttl(message_key))
