@@ -293,11 +293,9 @@ class Delivery:
             ]
             if not busy or time.monotonic() >= deadline:
                 return guards
-            local = {self._in_flight.get((key, rcpt)) for rcpt in busy} - {None}
-            if local:
-                await asyncio.wait([f for f in local if f is not None], timeout=GUARD_POLL * 10)
-            else:
-                await asyncio.sleep(GUARD_POLL)
+            # Copies in this process were waited for in deliver() before the
+            # message was opened: a guard still held is another process's.
+            await asyncio.sleep(GUARD_POLL)
             guards.update(
                 await self.store.acquire(key, busy, queue_id=message.queue_id, lease=lease)
             )

@@ -147,6 +147,9 @@ class QueueWorker:
 
     def start(self) -> None:
         if self._main is None:
+            # The store was just opened and its stale rows settled (service.py):
+            # the next look is one interval from now.
+            self._resolved_at = self.clock()
             self._main = asyncio.get_running_loop().create_task(self._loop())
             self.flow.attach(self._delivering, self._capacity(self._runtime().config))
 
