@@ -41,7 +41,7 @@ from .policy import RecipientOutcome, session_lease
 from .sandbox import Sandbox
 from .smtp import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
 from .sockets import ipv6_only, is_ipv6_wildcard, listen_socket, takes_ipv4
-from .store import StateStore, describe_store, open_store, sqlite_path
+from .store import StateStore, describe_store, open_store, sqlite_path, store_secrets
 from .store.deferred import DeferredStore
 from .store.history import History
 from .worker import QueueWorker
@@ -154,6 +154,7 @@ def _config_secrets(config: Config) -> list[str]:
             found.append(user.app_key.get_secret_value())
     if config.admin.token is not None:
         found.append(config.admin.token.get_secret_value())
+    found += store_secrets(config.delivery)
     return [s for s in found if s]
 
 

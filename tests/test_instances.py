@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import signal
 import textwrap
 from collections import Counter
@@ -245,3 +246,20 @@ async def test_unreachable_database_at_start_exits_non_zero_naming_the_store(
     assert code != 0
     assert "postgresql://bridge@127.0.0.1:9/nowhere" in daemon.stderr
     assert "s3cretpw" not in daemon.stderr
+
+
+async def test_the_store_password_never_reaches_a_log_line(
+    bridge: Any, pg_cluster: Any, pg_url: str, log_lines: Any
+) -> None:
+    database = pg_url.rsplit("/", 1)[1]
+    url = pg_cluster.url(database, password="s3cretpw")  # trust auth: sent, ignored
+    async with bridge(shared(url)) as b:
+        from smtp_bridge.logs import log_event
+
+        code, _ = await send(b, make_message("<pw@app>"), [A])
+        # Even a line that quotes the URL by mistake has its password scrubbed.
+        log_event(logging.getLogger("smtp_bridge.test"), "oops", store=url)
+    assert code == 250
+    text = log_lines.text()
+    assert "s3cretpw" not in text
+    assert "oops" in text

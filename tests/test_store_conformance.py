@@ -79,6 +79,7 @@ def test_exports() -> None:
         "describe_store",
         "open_store",
         "sqlite_path",
+        "store_secrets",
     }
 
 

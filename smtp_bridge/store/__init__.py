@@ -27,6 +27,7 @@ from .records import (
     RecipientRecord,
     SpoolStats,
 )
+from .urls import redact_url, secrets_of
 
 if TYPE_CHECKING:
     from ..config import DeliveryConfig
@@ -51,6 +52,7 @@ __all__ = [
     "describe_store",
     "open_store",
     "sqlite_path",
+    "store_secrets",
 ]
 
 #: The SQLite file under ``delivery.state_dir`` when ``delivery.store`` is empty.
@@ -75,11 +77,12 @@ def describe_store(delivery: DeliveryConfig) -> str:
     path = sqlite_path(delivery)
     if path is not None:
         return str(path)
-    parts = urlsplit(delivery.store or "")
-    host = parts.hostname or "localhost"
-    user = f"{parts.username}@" if parts.username else ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+    return redact_url(delivery.store or "")
+
+
+def store_secrets(delivery: DeliveryConfig) -> list[str]:
+    """The password a ``delivery.store`` URL carries, if any: scrubbed from every log line."""
+    return secrets_of(delivery.store) if delivery.store else []
 
 
 async def open_store(

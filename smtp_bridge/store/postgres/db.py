@@ -18,14 +18,14 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ..records import StoreError
+from ..urls import redact_url, secrets_of
 
-__all__ = ["DEFAULT_TIMEOUT", "Database", "execute_rows", "redact_url", "secrets_of"]
+__all__ = ["DEFAULT_TIMEOUT", "Database", "execute_rows"]
 
 _T = TypeVar("_T")
 
@@ -33,27 +33,6 @@ _T = TypeVar("_T")
 DEFAULT_TIMEOUT: Final = 5.0
 
 Conn = psycopg.AsyncConnection[Any]
-
-
-def redact_url(url: str) -> str:
-    """``url`` as logs and errors may show it: no password, no query (it may hold one)."""
-    parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    user = f"{parts.username}@" if parts.username else ""
-    try:
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        port = ""
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
-
-
-def secrets_of(url: str) -> list[str]:
-    """The password of ``url`` (in its authority or its query), to scrub from messages."""
-    parts = urlsplit(url)
-    found = [parts.password] if parts.password else []
-    found += [value for key, value in parse_qsl(parts.query) if key == "password" and value]
-    # libpq may quote it decoded or as written: scrub both.
-    return sorted({*found, *(unquote(value) for value in found)}, key=len, reverse=True)
 
 
 class Database:
