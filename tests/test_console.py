@@ -143,6 +143,30 @@ async def test_history_store_search_page_activity_and_trim(
         await store.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+async def test_history_batch_naming_a_message_twice_keeps_its_later_row(
+    backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    store = await open_backend(backend, request, tmp_path)
+    assert isinstance(store, History)
+    try:
+        await store.record_history(
+            [
+                HistoryMessage("Q3", 900.0, "a@x", ("b@x",), reply="451 4.3.2 first"),
+                HistoryMessage("Q3", 900.0, "a@x", ("b@x",), reply="250 2.0.0 then"),
+            ],
+            [
+                HistoryAttempt("Q3", "b@x", 901.0, state="retrying"),
+                HistoryAttempt("Q3", "b@x", 901.0, state="delivered"),
+            ],  # fmt: skip
+        )
+        page, tried = await store.history_message("Q3")
+        assert page is not None and page.reply == "250 2.0.0 then"
+        assert [a.state for a in tried] == ["retrying", "delivered"]  # in the order given
+    finally:
+        await store.close()
+
+
 # ---------------------------------------------------------------- config
 
 

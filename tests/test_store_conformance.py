@@ -545,6 +545,45 @@ async def test_open_message_records_the_message_and_answers_what_was_remembered(
         await store.open_message(message("Q1"), ["e@example.com"], lease=60)  # same queue id
 
 
+async def test_record_outcomes_moves_each_recipients_guard_by_its_own_outcome(
+    store: StateStore,
+) -> None:
+    # One call, four recipients (two of them one address in two cases): each guard
+    # ends as its own outcome says, whatever the others' say.
+    rcpts = ["a@x.org", "b@x.org", "c@x.org", "C@x.org"]
+    admission = await store.open_message(message("Q1"), rcpts, lease=60)
+    assert set(admission.guards) == {"a@x.org", "b@x.org", "c@x.org"}
+    assert all(guard.acquired for guard in admission.guards.values())
+    await store.record_outcomes(
+        "Q1",
+        [
+            rcpt("a@x.org", RecipientState.DELIVERED, attempts=1),
+            rcpt("b@x.org", RecipientState.RETRYING, attempts=1),  # 451 to the client
+            rcpt("c@x.org", RecipientState.UNKNOWN, attempts=1),
+            rcpt("C@x.org", RecipientState.DELIVERED, attempts=1),
+        ],
+        message_key="key-1",
+    )
+    assert await store.previous_outcomes("key-1", rcpts) == {
+        "a@x.org": RecipientState.DELIVERED,
+        "c@x.org": RecipientState.DELIVERED,  # written last: the truth
+    }
+    retry = await store.open_message(message("Q2"), rcpts, lease=60)
+    assert retry.guards == {
+        "a@x.org": Guard(False, GuardState.DELIVERED, "Q1"),
+        "b@x.org": Guard(True),  # released: the client's retry sends it
+        "c@x.org": Guard(False, GuardState.DELIVERED, "Q1"),
+    }
+    got = await store.get_message("Q1")
+    assert got is not None
+    assert {(r.rcpt, r.state, r.attempts) for r in got[1]} == {
+        ("a@x.org", RecipientState.DELIVERED, 1),
+        ("b@x.org", RecipientState.RETRYING, 1),
+        ("c@x.org", RecipientState.UNKNOWN, 1),
+        ("C@x.org", RecipientState.DELIVERED, 1),
+    }
+
+
 async def test_release_claim_takes_the_attempt_back(store: StateStore) -> None:
     await store.add_message(
         message(content=SECRET), [rcpt("a@example.com", next_attempt=T0, spooled_at=T0)]

@@ -41,20 +41,40 @@ from ..records import (
     RecipientRecord,
     StoreError,
 )
-from ..rules import check_recipients, opening_rows, spooled_copy, ttl_for, waits_in_spool
+from ..rules import (
+    check_recipients,
+    message_values,
+    opening_rows,
+    spooled_copy,
+    ttl_for,
+    waits_in_spool,
+)
 from . import ledger
 from .admin import QueueAdminMixin
 from .db import DEFAULT_TIMEOUT, Conn, Database
 from .history import HistoryMixin
 from .listener import SpoolListener
 from .quotas import QuotaMixin
-from .rows import NOTIFY, insert_message, put_recipients
+from .rows import (
+    MESSAGE_INSERT,
+    NOTIFY,
+    insert_message,
+    put_recipients,
+    recipients_insert,
+    recipients_params,
+)
 from .schema import migrate
 from .spool import SpoolMixin
 
 __all__ = ["PostgresStore"]
 
 _log = logging.getLogger("smtp_bridge.store")
+
+#: An earlier message with this Message-ID and other content, within the dedup window.
+_REUSED_MESSAGE_ID: Final = (
+    "SELECT queue_id FROM messages WHERE message_id = %s AND message_key <> %s"
+    " AND received_at > %s ORDER BY received_at DESC LIMIT 1"
+)
 
 #: This host's clock may be this far off the server's before open() warns.
 _SKEW_WARNING: Final = 1.0
@@ -200,21 +220,46 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
     async def open_message(
         self, message: MessageRecord, rcpts: Sequence[str], *, lease: float
     ) -> Admission:
-        """Before the calls of direct and hybrid mode, in one commit (see base.Ledger)."""
+        """Before the calls of direct and hybrid mode, in one commit (see base.Ledger).
+
+        A new message is one statement (the guards' locks, the guards that have no
+        row, the message and its rows, the reused Message-ID); only recipients
+        whose guard has a row (a retry, another copy) take a second look.
+        """
         now = self._clock()
-        rows = opening_rows(message, rcpts)
+        rows = [self._stamped(r) for r in opening_rows(message, rcpts)]
+        check_recipients(message, rows)
+        wanted = sorted({rcpt.lower() for rcpt in rcpts})
+        holder, state, until = message.queue_id, GuardState.SENDING, now + lease
+        ctes, params = ledger.take_free(
+            message.message_key,
+            wanted,
+            holder=holder,
+            state=state,
+            until=until,
+            now=now,
+            owner=self.token,
+        )
+        sql = (
+            f"WITH {ctes}, message AS ({MESSAGE_INSERT}),"
+            f" recipient_rows AS ({recipients_insert(len(rows), upsert=False)})"
+            f" SELECT ARRAY(SELECT rcpt FROM taken), ({_REUSED_MESSAGE_ID})"
+        )
+        params += [*message_values(message), *recipients_params(rows)]
+        params += self._reused_params(message, now)
 
         async def write(conn: Conn) -> Admission:
-            reused = await self._reused_message_id(conn, message, now)
-            # Rows only: their guards are taken just below (nothing to release).
-            await self._insert_message(conn, message, rows, guards=False)
-            guards = await ledger.acquire(
+            cursor = await conn.execute(sql, params)
+            found = await cursor.fetchone()
+            taken, reused = (set(found[0]), found[1] or "") if found else (set(), "")
+            guards = await ledger.acquire_rest(
                 conn,
                 message.message_key,
-                rcpts,
-                holder=message.queue_id,
-                state=GuardState.SENDING,
-                until=now + lease,
+                wanted,
+                taken,
+                holder=holder,
+                state=state,
+                until=until,
                 now=now,
                 ttl=self._ttl(message.message_key),
                 owner=self.token,
@@ -255,20 +300,28 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
     ) -> None:
         """After the calls: every recipient's row, and ``spool`` content, in one commit."""
         rows = [self._stamped(record) for record in recipients]
+        key = message_key
+
+        if spool is None:
+            # One statement (rows and guards), its own transaction.
+            async def put(conn: Conn) -> None:
+                await put_recipients(conn, rows, key, self._ttl(key))
+
+            await self._db.run("record outcomes", put, single=True)
+            return
 
         async def write(conn: Conn) -> None:
             # Recipients before their message, the order update_recipient locks them in.
-            await put_recipients(conn, rows, message_key, self._ttl(message_key))
-            if spool is not None:
-                cursor = await conn.execute(
-                    "UPDATE messages SET content = %s, mode = %s WHERE queue_id = %s",
-                    (spool, mode, queue_id),
+            await put_recipients(conn, rows, key, self._ttl(key))
+            cursor = await conn.execute(
+                "UPDATE messages SET content = %s, mode = %s WHERE queue_id = %s",
+                (spool, mode, queue_id),
+            )
+            if cursor.rowcount != 1:
+                raise StoreError(
+                    f"state store {self.name}: record outcomes failed: no message {queue_id}"
                 )
-                if cursor.rowcount != 1:
-                    raise StoreError(
-                        f"state store {self.name}: record outcomes failed: no message {queue_id}"
-                    )
-                await conn.execute(NOTIFY)
+            await conn.execute(NOTIFY)
 
         await self._db.run("record outcomes", write)
 
@@ -364,12 +417,10 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
         conn: Conn,
         message: MessageRecord,
         recipients: Sequence[RecipientRecord],
-        *,
-        guards: bool = True,
     ) -> None:
         check_recipients(message, recipients)
         rows = [self._stamped(record) for record in recipients]
-        await insert_message(conn, message, rows, self._ttl(message.message_key), guards=guards)
+        await insert_message(conn, message, rows, self._ttl(message.message_key))
         if message.content is not None:
             await conn.execute(NOTIFY)
 
@@ -381,13 +432,13 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
         """The queue id of an earlier message with this Message-ID and other content, or ""."""
         if not message.message_id:
             return ""
-        cursor = await conn.execute(
-            "SELECT queue_id FROM messages WHERE message_id = %s AND message_key <> %s"
-            " AND received_at > %s ORDER BY received_at DESC LIMIT 1",
-            (message.message_id, message.message_key, now - self._dedup_ttl),
-        )
+        cursor = await conn.execute(_REUSED_MESSAGE_ID, self._reused_params(message, now))
         row = await cursor.fetchone()
         return str(row[0]) if row else ""
+
+    def _reused_params(self, message: MessageRecord, now: float) -> list[object]:
+        # No Message-ID (None) matches no row.
+        return [message.message_id or None, message.message_key, now - self._dedup_ttl]
 
     def _database_time(self) -> float:
         return time.time() + self._offset

@@ -119,17 +119,25 @@ class Database:
         fn: Callable[[Conn], Awaitable[_T]],
         *,
         snapshot: bool = False,
+        single: bool = False,
     ) -> _T:
         """Run ``fn`` in one transaction on a pooled connection and commit it.
 
         ``snapshot``: a read-only REPEATABLE READ transaction, so several SELECTs
-        see one committed state.
+        see one committed state. ``single``: ``fn`` runs one statement, which is
+        its own transaction (autocommit: no BEGIN and COMMIT round trips); as
+        its end is its commit, it is never retried here.
         """
         if self.closed:
             raise StoreError(f"state store {self.name} is closed")
         self._active += 1
         self._idle.clear()
         try:
+            if single:
+                try:
+                    return await self._single(fn)
+                except (psycopg.Error, PoolTimeout) as exc:
+                    raise self.error(what, exc) from exc
             for attempt in (1, 2):
                 try:
                     return await self._once(fn, snapshot)
@@ -163,6 +171,15 @@ class Database:
             # A failure of COMMIT itself is never retried: it may have committed.
             await conn.commit()
             return result
+
+    async def _single(self, fn: Callable[[Conn], Awaitable[_T]]) -> _T:
+        async with self.pool.connection() as conn:
+            await conn.set_autocommit(True)
+            try:
+                return await fn(conn)
+            finally:
+                if not conn.broken and not conn.closed:
+                    await conn.set_autocommit(False)
 
 
 class _Stale(Exception):

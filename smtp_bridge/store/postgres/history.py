@@ -22,14 +22,25 @@ from ..history import (
     message_from_row,
     message_row,
 )
-from .db import Conn, Database, execute_rows
+from .db import Conn, Database
 from .schema import HISTORY_ATTEMPT_COLUMNS, HISTORY_MESSAGE_COLUMNS
 
 __all__ = ["HistoryMixin"]
 
-_UPSERT_MESSAGE: Final = (
-    f"INSERT INTO history_messages ({HISTORY_MESSAGE_COLUMNS})"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+#: The column types of history_messages and history_attempts, in column order:
+#: the rows go in as one array per column (one statement, whatever their number).
+_MESSAGE_TYPES: Final = ("text", "float8", "text", "text", "text", "text", "text", "text",
+                         "int8", "text", "text")  # fmt: skip
+_ATTEMPT_TYPES: Final = ("text", "text", "float8", "text", "text", "text", "int4", "int4",
+                         "text", "float8", "text", "text", "text")  # fmt: skip
+
+
+def _unnest(types: Sequence[str]) -> str:
+    return "SELECT * FROM unnest(" + ", ".join(f"%s::{t}[]" for t in types) + ")"
+
+
+_UPSERT_MESSAGES: Final = (
+    f"INSERT INTO history_messages ({HISTORY_MESSAGE_COLUMNS}) {_unnest(_MESSAGE_TYPES)}"
     " ON CONFLICT (queue_id) DO UPDATE SET"
     " received_at = excluded.received_at, mail_from = excluded.mail_from,"
     " rcpts = excluded.rcpts, subject = excluded.subject,"
@@ -37,10 +48,18 @@ _UPSERT_MESSAGE: Final = (
     ' "user" = excluded."user", size = excluded.size, reply = excluded.reply,'
     " instance = excluded.instance"
 )
-_INSERT_ATTEMPT: Final = (
-    f"INSERT INTO history_attempts ({HISTORY_ATTEMPT_COLUMNS})"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+_INSERT_ATTEMPTS: Final = (
+    f"INSERT INTO history_attempts ({HISTORY_ATTEMPT_COLUMNS}) {_unnest(_ATTEMPT_TYPES)}"
 )
+#: Messages and attempts in one statement, so one round trip and its own commit.
+_RECORD: Final = f"WITH upserted AS ({_UPSERT_MESSAGES}) {_INSERT_ATTEMPTS}"
+
+
+def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
+    """Rows as one list per column (``unnest``'s parameters)."""
+    return [[row[i] for row in rows] for i in range(width)]
+
+
 #: Each recipient's latest attempt (the later ``at``, then the later row) of some messages.
 _LATEST: Final = (
     f"SELECT DISTINCT ON (queue_id, rcpt) {HISTORY_ATTEMPT_COLUMNS} FROM history_attempts"
@@ -58,17 +77,20 @@ class HistoryMixin:
         self, messages: Sequence[HistoryMessage], attempts: Sequence[HistoryAttempt]
     ) -> None:
         """In one transaction: upsert ``messages`` (the last row wins), append ``attempts``."""
-        message_rows = [message_row(m) for m in messages]
+        # The last row of a message wins (an upsert cannot touch one row twice).
+        latest = {m.queue_id: message_row(m) for m in messages}
         attempt_rows = [attempt_row(a) for a in attempts]
-        if not message_rows and not attempt_rows:
+        if not latest and not attempt_rows:
             return
+        params = [
+            *_columns(list(latest.values()), len(_MESSAGE_TYPES)),
+            *_columns(attempt_rows, len(_ATTEMPT_TYPES)),
+        ]
 
         async def write(conn: Conn) -> None:
-            # Several rows go in one pipeline (executemany), one row as a plain execute.
-            await execute_rows(conn, _UPSERT_MESSAGE, message_rows)
-            await execute_rows(conn, _INSERT_ATTEMPT, attempt_rows)
+            await conn.execute(_RECORD, params)
 
-        await self._db.run("record history", write)
+        await self._db.run("record history", write, single=True)
 
     async def search_history(
         self, query: str = "", *, limit: int = 50, before: float | None = None

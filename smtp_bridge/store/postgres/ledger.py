@@ -19,16 +19,20 @@ from ..rules import LedgerRow, claimable, decide, guard_after, remembered_state,
 from .db import execute_rows
 
 __all__ = [
+    "LOCKS",
     "acquire",
+    "acquire_rest",
     "claim",
     "extend",
+    "guard_moves",
     "held",
     "lock_all",
     "lock_pairs",
-    "record_outcome",
+    "pair_arrays",
     "release",
     "remembered",
     "requeue",
+    "take_free",
 ]
 
 Conn = Any  # psycopg.AsyncConnection
@@ -45,19 +49,30 @@ _UPSERT: Final = (
 )
 
 
+#: Takes the advisory lock of every (key, rcpt) pair of two parallel arrays, in
+#: array order (the caller sorts them: one order everywhere, so no lock cycles).
+LOCKS: Final = (
+    "SELECT count(pg_advisory_xact_lock(hashtextextended(k || chr(1) || r, 0))) AS locked"
+    " FROM unnest(%s::text[], %s::text[]) AS pair(k, r)"
+)
+
+
+def pair_arrays(pairs: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
+    """:data:`LOCKS`'s two parameters: the (key, lower-cased rcpt) pairs, sorted, unique."""
+    ordered = sorted({(key, rcpt.lower()) for key, rcpt in pairs})
+    return [key for key, _ in ordered], [rcpt for _, rcpt in ordered]
+
+
 async def lock_pairs(conn: Conn, message_key: str, rcpts: Iterable[str]) -> None:
     """Serialise decisions on these (key, lower-cased rcpt) pairs across instances."""
     await lock_all(conn, [(message_key, rcpt) for rcpt in rcpts])
 
 
 async def lock_all(conn: Conn, pairs: Iterable[tuple[str, str]]) -> None:
-    """:func:`lock_pairs` for pairs of several keys, taken in one sorted order."""
-    pairs = sorted({(key, rcpt.lower()) for key, rcpt in pairs})
-    if not pairs:
-        return
-    await execute_rows(
-        conn, "SELECT pg_advisory_xact_lock(hashtextextended(%s || chr(1) || %s, 0))", pairs
-    )
+    """:func:`lock_pairs` for pairs of several keys, in one statement."""
+    keys, rcpts = pair_arrays(pairs)
+    if keys:
+        await conn.execute(LOCKS, (keys, rcpts))
 
 
 async def held(conn: Conn, message_key: str, rcpts: Sequence[str]) -> dict[str, LedgerRow]:
@@ -96,6 +111,37 @@ async def remembered(
     return found
 
 
+def take_free(
+    message_key: str,
+    wanted: Sequence[str],
+    *,
+    holder: str,
+    state: GuardState,
+    until: float | None,
+    now: float,
+    owner: str | None,
+) -> tuple[str, list[Any]]:
+    """Two CTEs, ``locks`` and ``taken``: lock the pairs of ``wanted`` (lower-cased,
+    sorted), then take each guard that has no row at all; ``taken`` returns the
+    rcpts it took.
+
+    The common case, a new message, is decided in this one statement. It is safe
+    beside the lock-read-decide path because the lock comes first, and ON CONFLICT
+    sees rows committed after the statement's snapshot: a row another holder wrote
+    is a conflict, left to :func:`acquire_rest` (on a fresh snapshot) to decide.
+    """
+    sql = (
+        f"locks AS ({LOCKS}), taken AS ("
+        "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at, lease_until, owner)"
+        " SELECT %s, rcpt, %s, %s, %s::float8, %s::float8, %s"
+        " FROM unnest(%s::text[]) AS rcpt CROSS JOIN locks"
+        " ON CONFLICT (message_key, rcpt) DO NOTHING RETURNING rcpt)"
+    )
+    keys = [message_key] * len(wanted)
+    params = [keys, list(wanted), message_key, holder, state.value, now, until, owner, wanted]
+    return sql, params
+
+
 async def acquire(
     conn: Conn,
     message_key: str,
@@ -110,20 +156,57 @@ async def acquire(
 ) -> dict[str, Guard]:
     """Take the guard of each free recipient for ``holder`` as ``state`` (as SQLite's)."""
     wanted = sorted({rcpt.lower() for rcpt in rcpts})
-    await lock_pairs(conn, message_key, wanted)
-    rows = await held(conn, message_key, wanted)
-    guards: dict[str, Guard] = {}
-    taken: list[str] = []
-    for rcpt in wanted:
+    if not wanted:
+        return {}
+    ctes, params = take_free(
+        message_key, wanted, holder=holder, state=state, until=until, now=now, owner=owner
+    )
+    cursor = await conn.execute(f"WITH {ctes} SELECT rcpt FROM taken", params)
+    taken = {row[0] for row in await cursor.fetchall()}
+    return await acquire_rest(
+        conn,
+        message_key,
+        wanted,
+        taken,
+        holder=holder,
+        state=state,
+        until=until,
+        now=now,
+        ttl=ttl,
+        owner=owner,
+    )
+
+
+async def acquire_rest(
+    conn: Conn,
+    message_key: str,
+    wanted: Sequence[str],
+    taken: set[str],
+    *,
+    holder: str,
+    state: GuardState,
+    until: float | None,
+    now: float,
+    ttl: float,
+    owner: str | None,
+) -> dict[str, Guard]:
+    """After :func:`take_free`: decide the guards it found a row for (locked already)."""
+    guards = {rcpt: Guard(True) for rcpt in taken}
+    rest = [rcpt for rcpt in wanted if rcpt not in taken]
+    if not rest:
+        return guards
+    rows = await held(conn, message_key, rest)
+    moved: list[str] = []
+    for rcpt in rest:
         guards[rcpt] = guard = decide(rows.get(rcpt), holder, now, ttl)
         if guard.acquired:
-            taken.append(rcpt)
+            moved.append(rcpt)
     await execute_rows(
         conn,
         _UPSERT,
-        [(message_key, rcpt, holder, state.value, now, until, owner) for rcpt in taken],
+        [(message_key, rcpt, holder, state.value, now, until, owner) for rcpt in moved],
     )
-    return guards
+    return {rcpt: guards[rcpt] for rcpt in wanted}
 
 
 async def claim(
@@ -171,37 +254,69 @@ async def extend(conn: Conn, holder: str, rcpt: str, until: float) -> None:
     )
 
 
-async def record_outcome(
-    conn: Conn, message_key: str, record: RecipientRecord, *, ttl: float
-) -> None:
-    """The guard after ``record`` is written (the rules of SQLite's record_outcome)."""
-    if untouched(record):
-        return
-    holder = record.queue_id
-    new = guard_after(record)
-    if new is None:
-        await release(conn, message_key, record.rcpt, holder)
-        return
-    await lock_pairs(conn, message_key, [record.rcpt])
-    await conn.execute(
-        "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at, lease_until)"
-        " VALUES (%s, %s, %s, %s, %s, NULL) ON CONFLICT (message_key, rcpt) DO UPDATE SET"
-        " queue_id = excluded.queue_id, state = excluded.state,"
-        " updated_at = excluded.updated_at, lease_until = NULL"
-        # Delivered is the truth; otherwise only the holder (or a stale memory) moves it.
-        " WHERE excluded.state = %s"
-        " OR (dedup.state <> %s AND (dedup.queue_id = excluded.queue_id OR dedup.state = %s))"
-        " OR (dedup.state = ANY(%s) AND dedup.updated_at <= excluded.updated_at - %s)",
-        (
+#: The guard of one written record moves on (the rules of SQLite's record_outcome):
+#: delivered is the truth; otherwise only the holder (or a stale memory) moves it.
+_MOVE_GUARD: Final = (
+    " ON CONFLICT (message_key, rcpt) DO UPDATE SET"
+    " queue_id = excluded.queue_id, state = excluded.state,"
+    " updated_at = excluded.updated_at, lease_until = NULL"
+    " WHERE excluded.state = %s"
+    " OR (dedup.state <> %s AND (dedup.queue_id = excluded.queue_id OR dedup.state = %s))"
+    " OR (dedup.state = ANY(%s) AND dedup.updated_at <= excluded.updated_at - %s)"
+)
+
+
+def guard_moves(
+    message_key: str, records: Sequence[RecipientRecord], *, ttl: float
+) -> tuple[str, list[Any]] | None:
+    """CTEs (``guard_locks``, ``released``, ``moved``) that move the guards of
+    ``records`` once they are written, or None when none has one to move.
+
+    One pair (lower-cased rcpt) must not stand twice in ``records``: the caller
+    writes such records one at a time (an upsert cannot touch one row twice).
+    """
+    moves: list[tuple[str, str, str, float]] = []
+    releases: list[tuple[str, str]] = []
+    for record in records:
+        if untouched(record):
+            continue
+        new = guard_after(record)
+        if new is None:
+            releases.append((record.rcpt.lower(), record.queue_id))
+        else:
+            moves.append((record.rcpt.lower(), record.queue_id, new.value, record.updated_at))
+    if not moves and not releases:
+        return None
+    ctes: list[str] = []
+    params: list[Any] = []
+    if releases:
+        ctes.append(
+            "released AS (DELETE FROM dedup WHERE message_key = %s AND state = ANY(%s)"
+            " AND (rcpt, queue_id) IN (SELECT * FROM unnest(%s::text[], %s::text[])))"
+        )
+        params += [message_key, _HELD, [r for r, _ in releases], [q for _, q in releases]]
+    if moves:
+        keys, rcpts = pair_arrays((message_key, rcpt) for rcpt, *_ in moves)
+        ctes.append(f"guard_locks AS ({LOCKS})")
+        params += [keys, rcpts]
+        ctes.append(
+            "moved AS (INSERT INTO dedup"
+            " (message_key, rcpt, queue_id, state, updated_at, lease_until)"
+            " SELECT %s, m.rcpt, m.holder, m.state, m.at, NULL"
+            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[])"
+            " AS m(rcpt, holder, state, at) CROSS JOIN guard_locks"
+            f"{_MOVE_GUARD})"
+        )
+        params += [
             message_key,
-            record.rcpt.lower(),
-            holder,
-            new.value,
-            record.updated_at,
+            [m[0] for m in moves],
+            [m[1] for m in moves],
+            [m[2] for m in moves],
+            [m[3] for m in moves],
             GuardState.DELIVERED.value,
             GuardState.DELIVERED.value,
             GuardState.UNKNOWN.value,
             _REMEMBERED,
             ttl,
-        ),
-    )
+        ]
+    return ", ".join(ctes), params

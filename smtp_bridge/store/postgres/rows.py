@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -13,15 +14,17 @@ from ..rules import (
     recipient_values,
 )
 from . import ledger
-from .db import execute_rows
 from .schema import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 
 __all__ = [
+    "MESSAGE_INSERT",
     "NOTIFY",
     "insert_message",
     "message_row",
     "put_recipients",
     "recipient_row",
+    "recipients_insert",
+    "recipients_params",
 ]
 
 #: The shared decoders (store/rules.py), under the names this backend uses.
@@ -33,9 +36,7 @@ Conn = Any  # psycopg.AsyncConnection; kept loose here so the SQL helpers stay s
 #: Sent in the transaction of every write that puts content in the spool.
 NOTIFY: Final = "SELECT pg_notify('smtp_bridge_spool', '')"
 
-_PUT_RECIPIENT: Final = (
-    f"INSERT INTO recipients ({RECIPIENT_COLUMNS}, claimed_until)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL)"
+_ON_CONFLICT_RECIPIENT: Final = (
     " ON CONFLICT (queue_id, rcpt) DO UPDATE SET"
     " state = excluded.state, route = excluded.route,"
     " template_id = excluded.template_id, api_code = excluded.api_code,"
@@ -44,6 +45,24 @@ _PUT_RECIPIENT: Final = (
     " error = excluded.error, claimed_until = NULL, claimed_by = NULL,"
     " spooled_at = COALESCE(excluded.spooled_at, recipients.spooled_at)"
 )
+_MESSAGE_ROW: Final = "(" + ", ".join(["%s"] * len(MESSAGE_COLUMNS.split(","))) + ")"
+_RECIPIENT_ROW: Final = "(" + ", ".join(["%s"] * len(RECIPIENT_COLUMNS.split(","))) + ", NULL)"
+
+
+@functools.lru_cache(maxsize=64)
+def recipients_insert(count: int, *, upsert: bool) -> str:
+    """INSERT of ``count`` recipient rows; ``upsert``: an existing row is updated."""
+    rows = ", ".join([_RECIPIENT_ROW] * count)
+    conflict = _ON_CONFLICT_RECIPIENT if upsert else ""
+    return f"INSERT INTO recipients ({RECIPIENT_COLUMNS}, claimed_until) VALUES {rows}{conflict}"
+
+
+def recipients_params(records: Sequence[RecipientRecord]) -> list[Any]:
+    """The parameters of :func:`recipients_insert` for ``records``."""
+    return [value for record in records for value in recipient_values(record)]
+
+
+MESSAGE_INSERT: Final = f"INSERT INTO messages ({MESSAGE_COLUMNS}) VALUES {_MESSAGE_ROW}"
 
 
 async def insert_message(
@@ -51,32 +70,31 @@ async def insert_message(
     message: MessageRecord,
     recipients: Sequence[RecipientRecord],
     ttl: float,
-    *,
-    guards: bool = True,
 ) -> None:
     """The message row and its (already stamped) recipients; a known queue_id fails."""
-    await conn.execute(
-        f"INSERT INTO messages ({MESSAGE_COLUMNS})"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        message_values(message),
-    )
-    await put_recipients(conn, recipients, message.message_key, ttl, guards=guards)
+    await conn.execute(MESSAGE_INSERT, message_values(message))
+    await put_recipients(conn, recipients, message.message_key, ttl)
 
 
 async def put_recipients(
-    conn: Conn,
-    records: Sequence[RecipientRecord],
-    message_key: str,
-    ttl: float,
-    *,
-    guards: bool = True,
+    conn: Conn, records: Sequence[RecipientRecord], message_key: str, ttl: float
 ) -> None:
-    """Upsert ``records`` (in order, one pipeline), then move their guards on
-    (``guards`` False: the caller takes them itself, as open_message does)."""
+    """Upsert ``records`` and move their guards on, in one statement.
+
+    Records that name one recipient twice (an upsert cannot touch a row twice in
+    one statement) are written one at a time, in order.
+    """
     if not records:
         return
-    await execute_rows(conn, _PUT_RECIPIENT, [recipient_values(r) for r in records])
-    if not guards:
+    if len({r.rcpt.lower() for r in records}) < len(records):
+        for record in records:
+            await put_recipients(conn, [record], message_key, ttl)
         return
-    for record in records:
-        await ledger.record_outcome(conn, message_key, record, ttl=ttl)
+    moves = ledger.guard_moves(message_key, records, ttl=ttl)
+    sql = recipients_insert(len(records), upsert=True)
+    params = recipients_params(records)
+    if moves is not None:
+        ctes, guard_params = moves
+        sql = f"WITH {ctes} {sql}"
+        params = guard_params + params
+    await conn.execute(sql, params)
