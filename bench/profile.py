@@ -35,7 +35,7 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("API client (httpx + aiohttp)",
      ("smtp_bridge/api.py", "httpx", "aiohttp/", "yarl", "multidict")),
     ("logging", ("log_event", "logging/__init__", "smtp_bridge/logs.py")),
-    ("state store", ("smtp_bridge/store.py", "sqlite3", "concurrent/futures")),
+    ("state store", ("smtp_bridge/store/", "sqlite3", "concurrent/futures", "psycopg")),
     ("routing + templating", ("jinja2", "templating.py", "rules.py", "plan_recipient")),
     ("metrics", ("prometheus", "metrics.py")),
     ("queue worker", ("smtp_bridge/worker.py",)),
@@ -85,6 +85,7 @@ def main() -> int:
     parser.add_argument("--raw", type=Path, help="keep the collapsed stacks here")
     parser.add_argument("--svg", type=Path, help="also write a flame graph here")
     parser.add_argument("--bridge-tree", type=Path, help="the smtp_bridge package to run")
+    parser.add_argument("--store-url", help="the bridge's delivery.store (postgresql://...)")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
@@ -100,10 +101,11 @@ def main() -> int:
         cpus=server_cpus,
         mode=args.mode,
         tree=args.bridge_tree,
+        store_url=args.store_url,
     )
     raw = args.raw or workdir / "samples.txt"
     try:
-        record = [spy, "record", "--pid", str(server.pid), "--gil", "--nonblocking"]
+        record = [spy, "record", "--pid", str(server.pid), "--gil"]
         record += ["--rate", str(args.rate), "--duration", str(int(args.duration))]
         samplers = [subprocess.Popen([*record, "--format", "raw", "--output", str(raw)])]
         if args.svg:

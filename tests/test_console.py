@@ -163,6 +163,11 @@ async def test_history_batch_naming_a_message_twice_keeps_its_later_row(
         page, tried = await store.history_message("Q3")
         assert page is not None and page.reply == "250 2.0.0 then"
         assert [a.state for a in tried] == ["retrying", "delivered"]  # in the order given
+        # More rows than one statement carries: all of them, in order.
+        many = [HistoryAttempt("Q4", f"r{i}@x", 902.0 + i) for i in range(1100)]
+        await store.record_history([HistoryMessage("Q4", 902.0, "a@x", ("b@x",))], many)
+        _, tried = await store.history_message("Q4")
+        assert [a.rcpt for a in tried] == [a.rcpt for a in many]
     finally:
         await store.close()
 

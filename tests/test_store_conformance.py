@@ -584,6 +584,29 @@ async def test_record_outcomes_moves_each_recipients_guard_by_its_own_outcome(
     }
 
 
+async def test_a_message_to_more_recipients_than_one_statement_takes(store: StateStore) -> None:
+    # 1,200 recipients: more rows than one PostgreSQL statement carries (500), some
+    # of them delivered already by an earlier copy.
+    rcpts = [f"r{i:04}@x.org" for i in range(1200)]
+    await store.add_message(
+        message("Q0"),
+        [rcpt(r, queue_id="Q0", state=RecipientState.DELIVERED) for r in rcpts[::100]],
+    )
+    admission = await store.open_message(message("Q1"), rcpts, lease=60)
+    assert len(admission.guards) == 1200
+    assert {r for r, g in admission.guards.items() if not g.acquired} == set(rcpts[::100])
+    sent = [r for r in rcpts if admission.guards[r].acquired]
+    await store.record_outcomes(
+        "Q1",
+        [rcpt(r, RecipientState.DELIVERED, attempts=1) for r in sent],
+        message_key="key-1",
+    )
+    remembered = await store.previous_outcomes("key-1", rcpts)
+    assert remembered == {r: RecipientState.DELIVERED for r in rcpts}
+    got = await store.get_message("Q1")
+    assert got is not None and len(got[1]) == 1200
+
+
 async def test_release_claim_takes_the_attempt_back(store: StateStore) -> None:
     await store.add_message(
         message(content=SECRET), [rcpt("a@example.com", next_attempt=T0, spooled_at=T0)]

@@ -26,7 +26,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 
@@ -58,7 +58,10 @@ from .quotas import QuotaMixin
 from .rows import (
     MESSAGE_INSERT,
     NOTIFY,
+    ROWS_PER_STATEMENT,
     insert_message,
+    insert_rows,
+    one_statement,
     put_recipients,
     recipients_insert,
     recipients_params,
@@ -229,17 +232,18 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
         now = self._clock()
         rows = [self._stamped(r) for r in opening_rows(message, rcpts)]
         check_recipients(message, rows)
+        key, ttl = message.message_key, self._ttl(message.message_key)
+        guard: dict[str, Any] = {
+            "holder": message.queue_id,
+            "state": GuardState.SENDING,
+            "until": now + lease,
+            "now": now,
+            "owner": self.token,
+        }
         wanted = sorted({rcpt.lower() for rcpt in rcpts})
-        holder, state, until = message.queue_id, GuardState.SENDING, now + lease
-        ctes, params = ledger.take_free(
-            message.message_key,
-            wanted,
-            holder=holder,
-            state=state,
-            until=until,
-            now=now,
-            owner=self.token,
-        )
+        if len(wanted) > ROWS_PER_STATEMENT:
+            return await self._open_large(message, rows, guard, ttl)
+        ctes, params = ledger.take_free(key, wanted, **guard)
         sql = (
             f"WITH {ctes}, message AS ({MESSAGE_INSERT}),"
             f" recipient_rows AS ({recipients_insert(len(rows), upsert=False)})"
@@ -252,18 +256,26 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
             cursor = await conn.execute(sql, params)
             found = await cursor.fetchone()
             taken, reused = (set(found[0]), found[1] or "") if found else (set(), "")
-            guards = await ledger.acquire_rest(
-                conn,
-                message.message_key,
-                wanted,
-                taken,
-                holder=holder,
-                state=state,
-                until=until,
-                now=now,
-                ttl=self._ttl(message.message_key),
-                owner=self.token,
-            )
+            guards = await ledger.acquire_rest(conn, key, wanted, taken, ttl=ttl, **guard)
+            return Admission(guards, reused)
+
+        return await self._db.run("open message", write)
+
+    async def _open_large(
+        self,
+        message: MessageRecord,
+        rows: Sequence[RecipientRecord],
+        guard: dict[str, Any],
+        ttl: float,
+    ) -> Admission:
+        """open_message for more recipients than one statement takes: several, one commit."""
+
+        async def write(conn: Conn) -> Admission:
+            reused = await self._reused_message_id(conn, message, guard["now"])
+            await conn.execute(MESSAGE_INSERT, message_values(message))
+            await insert_rows(conn, rows)
+            rcpts = [row.rcpt for row in rows]
+            guards = await ledger.acquire(conn, message.message_key, rcpts, ttl=ttl, **guard)
             return Admission(guards, reused)
 
         return await self._db.run("open message", write)
@@ -302,7 +314,7 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
         rows = [self._stamped(record) for record in recipients]
         key = message_key
 
-        if spool is None:
+        if spool is None and one_statement(rows):
             # One statement (rows and guards), its own transaction.
             async def put(conn: Conn) -> None:
                 await put_recipients(conn, rows, key, self._ttl(key))
@@ -313,6 +325,8 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
         async def write(conn: Conn) -> None:
             # Recipients before their message, the order update_recipient locks them in.
             await put_recipients(conn, rows, key, self._ttl(key))
+            if spool is None:
+                return
             cursor = await conn.execute(
                 "UPDATE messages SET content = %s, mode = %s WHERE queue_id = %s",
                 (spool, mode, queue_id),

@@ -8,6 +8,7 @@ same trimming.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -23,24 +24,14 @@ from ..history import (
     message_row,
 )
 from .db import Conn, Database
+from .rows import ROWS_PER_STATEMENT
 from .schema import HISTORY_ATTEMPT_COLUMNS, HISTORY_MESSAGE_COLUMNS
 
 __all__ = ["HistoryMixin"]
 
-#: The column types of history_messages and history_attempts, in column order:
-#: the rows go in as one array per column (one statement, whatever their number).
-_MESSAGE_TYPES: Final = ("text", "float8", "text", "text", "text", "text", "text", "text",
-                         "int8", "text", "text")  # fmt: skip
-_ATTEMPT_TYPES: Final = ("text", "text", "float8", "text", "text", "text", "int4", "int4",
-                         "text", "float8", "text", "text", "text")  # fmt: skip
-
-
-def _unnest(types: Sequence[str]) -> str:
-    return "SELECT * FROM unnest(" + ", ".join(f"%s::{t}[]" for t in types) + ")"
-
-
-_UPSERT_MESSAGES: Final = (
-    f"INSERT INTO history_messages ({HISTORY_MESSAGE_COLUMNS}) {_unnest(_MESSAGE_TYPES)}"
+_MESSAGE_ROW: Final = "(" + ", ".join(["%s"] * len(HISTORY_MESSAGE_COLUMNS.split(","))) + ")"
+_ATTEMPT_ROW: Final = "(" + ", ".join(["%s"] * len(HISTORY_ATTEMPT_COLUMNS.split(","))) + ")"
+_ON_CONFLICT_MESSAGE: Final = (
     " ON CONFLICT (queue_id) DO UPDATE SET"
     " received_at = excluded.received_at, mail_from = excluded.mail_from,"
     " rcpts = excluded.rcpts, subject = excluded.subject,"
@@ -48,16 +39,24 @@ _UPSERT_MESSAGES: Final = (
     ' "user" = excluded."user", size = excluded.size, reply = excluded.reply,'
     " instance = excluded.instance"
 )
-_INSERT_ATTEMPTS: Final = (
-    f"INSERT INTO history_attempts ({HISTORY_ATTEMPT_COLUMNS}) {_unnest(_ATTEMPT_TYPES)}"
-)
-#: Messages and attempts in one statement, so one round trip and its own commit.
-_RECORD: Final = f"WITH upserted AS ({_UPSERT_MESSAGES}) {_INSERT_ATTEMPTS}"
 
 
-def _columns(rows: Sequence[Sequence[Any]], width: int) -> list[list[Any]]:
-    """Rows as one list per column (``unnest``'s parameters)."""
-    return [[row[i] for row in rows] for i in range(width)]
+@functools.lru_cache(maxsize=128)
+def _record_sql(messages: int, attempts: int) -> str:
+    """Upsert ``messages`` rows and append ``attempts`` rows, in one statement."""
+    upsert = (
+        f"INSERT INTO history_messages ({HISTORY_MESSAGE_COLUMNS})"
+        f" VALUES {', '.join([_MESSAGE_ROW] * messages)}{_ON_CONFLICT_MESSAGE}"
+    )
+    append = (
+        f"INSERT INTO history_attempts ({HISTORY_ATTEMPT_COLUMNS})"
+        f" VALUES {', '.join([_ATTEMPT_ROW] * attempts)}"
+    )
+    if not attempts:
+        return upsert
+    if not messages:
+        return append
+    return f"WITH upserted AS ({upsert}) {append}"
 
 
 #: Each recipient's latest attempt (the later ``at``, then the later row) of some messages.
@@ -78,19 +77,22 @@ class HistoryMixin:
     ) -> None:
         """In one transaction: upsert ``messages`` (the last row wins), append ``attempts``."""
         # The last row of a message wins (an upsert cannot touch one row twice).
-        latest = {m.queue_id: message_row(m) for m in messages}
+        message_rows = list({m.queue_id: message_row(m) for m in messages}.values())
         attempt_rows = [attempt_row(a) for a in attempts]
-        if not latest and not attempt_rows:
+        if not message_rows and not attempt_rows:
             return
-        params = [
-            *_columns(list(latest.values()), len(_MESSAGE_TYPES)),
-            *_columns(attempt_rows, len(_ATTEMPT_TYPES)),
-        ]
+        statements = []
+        for start in range(0, max(len(message_rows), len(attempt_rows)), ROWS_PER_STATEMENT):
+            some = message_rows[start : start + ROWS_PER_STATEMENT]
+            tried = attempt_rows[start : start + ROWS_PER_STATEMENT]
+            params = [value for row in (*some, *tried) for value in row]
+            statements.append((_record_sql(len(some), len(tried)), params))
 
         async def write(conn: Conn) -> None:
-            await conn.execute(_RECORD, params)
+            for sql, params in statements:
+                await conn.execute(sql, params)
 
-        await self._db.run("record history", write, single=True)
+        await self._db.run("record history", write, single=len(statements) == 1)
 
     async def search_history(
         self, query: str = "", *, limit: int = 50, before: float | None = None

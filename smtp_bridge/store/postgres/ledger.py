@@ -10,6 +10,7 @@ UPDATE: two copies on two hosts never both acquire one guard.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
@@ -19,7 +20,7 @@ from ..rules import LedgerRow, claimable, decide, guard_after, remembered_state,
 from .db import execute_rows
 
 __all__ = [
-    "LOCKS",
+    "CHUNK",
     "acquire",
     "acquire_rest",
     "claim",
@@ -28,17 +29,25 @@ __all__ = [
     "held",
     "lock_all",
     "lock_pairs",
-    "pair_arrays",
+    "locks",
+    "pair_params",
     "release",
     "remembered",
     "requeue",
     "take_free",
+    "values",
 ]
 
 Conn = Any  # psycopg.AsyncConnection
 
 _REMEMBERED: Final = [GuardState.DELIVERED.value, GuardState.UNKNOWN.value]
 _HELD: Final = [GuardState.SENDING.value, GuardState.QUEUED.value]
+#: Recipients whose guards one statement takes, at most (PostgreSQL takes 65,535 parameters).
+CHUNK: Final = 500
+#: The same as SQL literals (enum values, never user data).
+_DELIVERED: Final = GuardState.DELIVERED.value
+_REMEMBERED_SQL: Final = "(" + ", ".join(f"'{state}'" for state in _REMEMBERED) + ")"
+_HELD_SQL: Final = "(" + ", ".join(f"'{state}'" for state in _HELD) + ")"
 
 _UPSERT: Final = (
     "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at, lease_until, owner)"
@@ -49,18 +58,29 @@ _UPSERT: Final = (
 )
 
 
-#: Takes the advisory lock of every (key, rcpt) pair of two parallel arrays, in
-#: array order (the caller sorts them: one order everywhere, so no lock cycles).
-LOCKS: Final = (
-    "SELECT count(pg_advisory_xact_lock(hashtextextended(k || chr(1) || r, 0))) AS locked"
-    " FROM unnest(%s::text[], %s::text[]) AS pair(k, r)"
-)
+@functools.lru_cache(maxsize=128)
+def values(count: int, row: str) -> str:
+    """``(VALUES row, row, ...)``: ``count`` rows of scalar parameters, in order.
+
+    Scalars, not arrays: psycopg dumps a list element by element in Python, which
+    measured as the largest cost of a statement; a row template may cast (``%s::float8``)
+    where a NULL must have a type.
+    """
+    return "(VALUES " + ", ".join([row] * count) + ")"
 
 
-def pair_arrays(pairs: Iterable[tuple[str, str]]) -> tuple[list[str], list[str]]:
-    """:data:`LOCKS`'s two parameters: the (key, lower-cased rcpt) pairs, sorted, unique."""
-    ordered = sorted({(key, rcpt.lower()) for key, rcpt in pairs})
-    return [key for key, _ in ordered], [rcpt for _, rcpt in ordered]
+def locks(count: int) -> str:
+    """Takes the advisory lock of ``count`` (key, rcpt) pairs, in the order given
+    (the caller sorts them, :func:`pair_params`: one order everywhere, no lock cycles)."""
+    return (
+        "SELECT count(pg_advisory_xact_lock(hashtextextended(k || chr(1) || r, 0))) AS locked"
+        f" FROM {values(count, '(%s, %s)')} AS pair(k, r)"
+    )
+
+
+def pair_params(pairs: Iterable[tuple[str, str]]) -> list[str]:
+    """:func:`locks`'s parameters: the (key, lower-cased rcpt) pairs, sorted, unique, flat."""
+    return [part for pair in sorted({(key, rcpt.lower()) for key, rcpt in pairs}) for part in pair]
 
 
 async def lock_pairs(conn: Conn, message_key: str, rcpts: Iterable[str]) -> None:
@@ -70,9 +90,9 @@ async def lock_pairs(conn: Conn, message_key: str, rcpts: Iterable[str]) -> None
 
 async def lock_all(conn: Conn, pairs: Iterable[tuple[str, str]]) -> None:
     """:func:`lock_pairs` for pairs of several keys, in one statement."""
-    keys, rcpts = pair_arrays(pairs)
-    if keys:
-        await conn.execute(LOCKS, (keys, rcpts))
+    params = pair_params(pairs)
+    if params:
+        await conn.execute(locks(len(params) // 2), params)
 
 
 async def held(conn: Conn, message_key: str, rcpts: Sequence[str]) -> dict[str, LedgerRow]:
@@ -131,14 +151,14 @@ def take_free(
     is a conflict, left to :func:`acquire_rest` (on a fresh snapshot) to decide.
     """
     sql = (
-        f"locks AS ({LOCKS}), taken AS ("
+        f"locks AS ({locks(len(wanted))}), taken AS ("
         "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at, lease_until, owner)"
-        " SELECT %s, rcpt, %s, %s, %s::float8, %s::float8, %s"
-        " FROM unnest(%s::text[]) AS rcpt CROSS JOIN locks"
+        " SELECT %s, t.rcpt, %s, %s, %s::float8, %s::float8, %s"
+        f" FROM {values(len(wanted), '(%s)')} AS t(rcpt) CROSS JOIN locks"
         " ON CONFLICT (message_key, rcpt) DO NOTHING RETURNING rcpt)"
     )
-    keys = [message_key] * len(wanted)
-    params = [keys, list(wanted), message_key, holder, state.value, now, until, owner, wanted]
+    params: list[Any] = pair_params((message_key, rcpt) for rcpt in wanted)
+    params += [message_key, holder, state.value, now, until, owner, *wanted]
     return sql, params
 
 
@@ -154,27 +174,32 @@ async def acquire(
     ttl: float,
     owner: str | None = None,
 ) -> dict[str, Guard]:
-    """Take the guard of each free recipient for ``holder`` as ``state`` (as SQLite's)."""
+    """Take the guard of each free recipient for ``holder`` as ``state`` (as SQLite's).
+
+    :data:`CHUNK` recipients a statement, in one sorted order (no lock cycles).
+    """
     wanted = sorted({rcpt.lower() for rcpt in rcpts})
-    if not wanted:
-        return {}
-    ctes, params = take_free(
-        message_key, wanted, holder=holder, state=state, until=until, now=now, owner=owner
-    )
-    cursor = await conn.execute(f"WITH {ctes} SELECT rcpt FROM taken", params)
-    taken = {row[0] for row in await cursor.fetchall()}
-    return await acquire_rest(
-        conn,
-        message_key,
-        wanted,
-        taken,
-        holder=holder,
-        state=state,
-        until=until,
-        now=now,
-        ttl=ttl,
-        owner=owner,
-    )
+    guards: dict[str, Guard] = {}
+    for start in range(0, len(wanted), CHUNK):
+        chunk = wanted[start : start + CHUNK]
+        ctes, params = take_free(
+            message_key, chunk, holder=holder, state=state, until=until, now=now, owner=owner
+        )
+        cursor = await conn.execute(f"WITH {ctes} SELECT rcpt FROM taken", params)
+        taken = {row[0] for row in await cursor.fetchall()}
+        guards |= await acquire_rest(
+            conn,
+            message_key,
+            chunk,
+            taken,
+            holder=holder,
+            state=state,
+            until=until,
+            now=now,
+            ttl=ttl,
+            owner=owner,
+        )
+    return guards
 
 
 async def acquire_rest(
@@ -260,9 +285,9 @@ _MOVE_GUARD: Final = (
     " ON CONFLICT (message_key, rcpt) DO UPDATE SET"
     " queue_id = excluded.queue_id, state = excluded.state,"
     " updated_at = excluded.updated_at, lease_until = NULL"
-    " WHERE excluded.state = %s"
-    " OR (dedup.state <> %s AND (dedup.queue_id = excluded.queue_id OR dedup.state = %s))"
-    " OR (dedup.state = ANY(%s) AND dedup.updated_at <= excluded.updated_at - %s)"
+    f" WHERE excluded.state = '{_DELIVERED}' OR (dedup.state <> '{_DELIVERED}'"
+    f" AND (dedup.queue_id = excluded.queue_id OR dedup.state = '{GuardState.UNKNOWN.value}'))"
+    f" OR (dedup.state IN {_REMEMBERED_SQL} AND dedup.updated_at <= excluded.updated_at - %s)"
 )
 
 
@@ -291,32 +316,20 @@ def guard_moves(
     params: list[Any] = []
     if releases:
         ctes.append(
-            "released AS (DELETE FROM dedup WHERE message_key = %s AND state = ANY(%s)"
-            " AND (rcpt, queue_id) IN (SELECT * FROM unnest(%s::text[], %s::text[])))"
+            f"released AS (DELETE FROM dedup WHERE message_key = %s AND state IN {_HELD_SQL}"
+            f" AND (rcpt, queue_id) IN {values(len(releases), '(%s, %s)')})"
         )
-        params += [message_key, _HELD, [r for r, _ in releases], [q for _, q in releases]]
+        params += [message_key, *(part for release in releases for part in release)]
     if moves:
-        keys, rcpts = pair_arrays((message_key, rcpt) for rcpt, *_ in moves)
-        ctes.append(f"guard_locks AS ({LOCKS})")
-        params += [keys, rcpts]
+        pairs = pair_params((message_key, rcpt) for rcpt, *_ in moves)
+        ctes.append(f"guard_locks AS ({locks(len(pairs) // 2)})")
         ctes.append(
             "moved AS (INSERT INTO dedup"
             " (message_key, rcpt, queue_id, state, updated_at, lease_until)"
             " SELECT %s, m.rcpt, m.holder, m.state, m.at, NULL"
-            " FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[])"
+            f" FROM {values(len(moves), '(%s, %s, %s, %s::float8)')}"
             " AS m(rcpt, holder, state, at) CROSS JOIN guard_locks"
             f"{_MOVE_GUARD})"
         )
-        params += [
-            message_key,
-            [m[0] for m in moves],
-            [m[1] for m in moves],
-            [m[2] for m in moves],
-            [m[3] for m in moves],
-            GuardState.DELIVERED.value,
-            GuardState.DELIVERED.value,
-            GuardState.UNKNOWN.value,
-            _REMEMBERED,
-            ttl,
-        ]
+        params += [*pairs, message_key, *(part for move in moves for part in move), ttl]
     return ", ".join(ctes), params

@@ -19,7 +19,10 @@ from .schema import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 __all__ = [
     "MESSAGE_INSERT",
     "NOTIFY",
+    "ROWS_PER_STATEMENT",
     "insert_message",
+    "insert_rows",
+    "one_statement",
     "message_row",
     "put_recipients",
     "recipient_row",
@@ -35,6 +38,9 @@ Conn = Any  # psycopg.AsyncConnection; kept loose here so the SQL helpers stay s
 
 #: Sent in the transaction of every write that puts content in the spool.
 NOTIFY: Final = "SELECT pg_notify('smtp_bridge_spool', '')"
+
+#: Rows in one multi-row statement at most (PostgreSQL takes 65,535 parameters).
+ROWS_PER_STATEMENT: Final = 500
 
 _ON_CONFLICT_RECIPIENT: Final = (
     " ON CONFLICT (queue_id, rcpt) DO UPDATE SET"
@@ -76,17 +82,32 @@ async def insert_message(
     await put_recipients(conn, recipients, message.message_key, ttl)
 
 
+def one_statement(records: Sequence[RecipientRecord]) -> bool:
+    """Whether :func:`put_recipients` writes ``records`` in one statement.
+
+    Not when there are more than :data:`ROWS_PER_STATEMENT`, nor when they name one
+    recipient twice (an upsert cannot touch a row twice in one statement).
+    """
+    return len(records) <= ROWS_PER_STATEMENT and len({r.rcpt.lower() for r in records}) == len(
+        records
+    )
+
+
+async def insert_rows(conn: Conn, records: Sequence[RecipientRecord]) -> None:
+    """New recipient rows only (no guard moves), :data:`ROWS_PER_STATEMENT` a statement."""
+    for start in range(0, len(records), ROWS_PER_STATEMENT):
+        chunk = records[start : start + ROWS_PER_STATEMENT]
+        await conn.execute(recipients_insert(len(chunk), upsert=False), recipients_params(chunk))
+
+
 async def put_recipients(
     conn: Conn, records: Sequence[RecipientRecord], message_key: str, ttl: float
 ) -> None:
-    """Upsert ``records`` and move their guards on, in one statement.
-
-    Records that name one recipient twice (an upsert cannot touch a row twice in
-    one statement) are written one at a time, in order.
-    """
+    """Upsert ``records`` and move their guards on, in order: one statement when
+    :func:`one_statement` says so, else one a recipient."""
     if not records:
         return
-    if len({r.rcpt.lower() for r in records}) < len(records):
+    if not one_statement(records):
         for record in records:
             await put_recipients(conn, [record], message_key, ttl)
         return
