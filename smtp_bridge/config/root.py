@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
@@ -65,18 +65,8 @@ class Config(ConfigModel):
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:
         problems: list[tuple[Loc, str]] = []
-        seen: set[str] = set()
-        for i, route in enumerate(self.routes):
-            if route.name in seen:
-                message = f"duplicate route name {route.name!r}: names must be unique"
-                problems.append((("routes", i, "name"), message))
-            seen.add(route.name)
-        quota_names: set[str] = set()
-        for i, quota in enumerate(self.quotas):
-            if quota.name in quota_names:
-                message = f"duplicate quota name {quota.name!r}: names must be unique"
-                problems.append((("quotas", i, "name"), message))
-            quota_names.add(quota.name)
+        problems.extend(_duplicate_names("routes", "route", (r.name for r in self.routes)))
+        problems.extend(_duplicate_names("quotas", "quota", (q.name for q in self.quotas)))
         if self.api.timeout >= self.smtp.timeout:
             message = (
                 f"must be shorter than smtp.timeout ({_seconds(self.smtp.timeout)}), "
@@ -97,6 +87,15 @@ class Config(ConfigModel):
     def app_key(self) -> str:
         """The global API key ('' when unset)."""
         return self.api.app_key.get_secret_value() if self.api.app_key else ""
+
+
+def _duplicate_names(section: str, kind: str, names: Iterable[str]) -> Iterator[tuple[Loc, str]]:
+    """Each entry of ``section`` named like an earlier one (names label logs and metrics)."""
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            yield (section, i, "name"), f"duplicate {kind} name {name!r}: names must be unique"
+        seen.add(name)
 
 
 def _seconds(value: float) -> str:

@@ -21,6 +21,8 @@ from .base import ConfigModel
 from .problems import Loc, _Problems
 from .values import (
     Duration,
+    HostName,
+    HttpUrl,
     ListenAddress,
     ListenList,
     NetworkList,
@@ -84,7 +86,7 @@ class SmtpConfig(ConfigModel):
     listen: ListenList = Field(default_factory=lambda: ["127.0.0.1:2525"])
     # "[::]:port" takes IPv4 clients too (IPV6_V6ONLY off); false: IPv6 only.
     dual_stack: bool = True
-    hostname: str = Field(default_factory=socket.getfqdn)
+    hostname: HostName = Field(default_factory=socket.getfqdn)
     protocol: Literal["smtp", "lmtp"] = "smtp"
     tls: TlsConfig | None = None
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -105,13 +107,6 @@ class SmtpConfig(ConfigModel):
     shutdown_timeout: Duration = 30.0
     bare_lf: Literal["normalize", "reject"] = "normalize"
 
-    @field_validator("hostname")
-    @classmethod
-    def _hostname(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9.\-]{1,253}", value):
-            raise ValueError("expected a host name (letters, digits, dots, hyphens)")
-        return value
-
     @model_validator(mode="after")
     def _smtp_checks(self) -> SmtpConfig:
         problems: list[tuple[Loc, str]] = []
@@ -131,7 +126,7 @@ class SmtpConfig(ConfigModel):
 class ApiConfig(ConfigModel):
     secret_fields = ("app_key",)
 
-    url: str = "https://www.aotsend.com/index/api/send_email"
+    url: HttpUrl = "https://www.aotsend.com/index/api/send_email"
     app_key: OptionalSecret = None
     encoding: Literal["form", "json"] = "form"
     timeout: Duration = 10.0
@@ -141,13 +136,6 @@ class ApiConfig(ConfigModel):
     breaker_interval: Duration = 30.0
     # The longest pause a Retry-After may ask for; longer ones are cut (with a warning).
     max_retry_after: Duration = Field(default=300.0, gt=0)
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError("expected an http:// or https:// URL")
-        return value
 
 
 class DeliveryConfig(ConfigModel):

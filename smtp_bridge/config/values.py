@@ -24,6 +24,8 @@ from ..templating import CompiledTemplate, compile_template
 
 __all__ = [
     "Duration",
+    "HostName",
+    "HttpUrl",
     "ListenAddress",
     "ListenList",
     "NetworkList",
@@ -199,6 +201,27 @@ def split_host_port(value: str) -> tuple[str, int]:
     host = found.group(1) if found.group(1) is not None else found.group(3)
     port = int(found.group(2) or found.group(4))
     return host, port
+
+
+def _matching(regex: str, expected: str) -> AfterValidator:
+    """A check that a string matches ``regex`` from its start; ``expected`` says what fits."""
+    compiled = re.compile(regex)
+
+    def check(value: str) -> str:
+        if not compiled.match(value):
+            raise ValueError(expected)
+        return value
+
+    return AfterValidator(check)
+
+
+#: The banner and EHLO name: ``\Z`` makes the whole name match.
+HostName = Annotated[
+    str,
+    _matching(r"[A-Za-z0-9.\-]{1,253}\Z", "expected a host name (letters, digits, dots, hyphens)"),
+]
+#: An http(s) URL kept as the string written (pydantic's HttpUrl would normalise it).
+HttpUrl = Annotated[str, _matching(r"https?://[^/\s]+", "expected an http:// or https:// URL")]
 
 
 _RATE_RE = re.compile(r"\s*([0-9]{1,12})\s*/\s*([smhd])\s*", re.IGNORECASE)
