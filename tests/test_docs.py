@@ -31,7 +31,7 @@ def test_every_config_key_has_a_meaning() -> None:
     missing = [key.path for key in _all_keys() if not key.meaning.strip()]
     assert missing == [], (
         f"config keys without a meaning in docs/configuration.md: {missing}; write a "
-        "comment above the field in smtp_bridge/config.py (or an entry in MEANINGS of "
+        "comment above the field in smtp_bridge/config/ (or an entry in MEANINGS of "
         f"smtp_bridge/docgen/config_page.py), then run `{docgen.COMMAND}`"
     )
 

@@ -8,11 +8,12 @@ import pkgutil
 import pytest
 
 import smtp_bridge
-from smtp_bridge import smtp
+from smtp_bridge import config, smtp
 
 MODULES = sorted(
     [m.name for m in pkgutil.iter_modules(smtp_bridge.__path__) if m.name != "__main__"]
     + [f"smtp.{m.name}" for m in pkgutil.iter_modules(smtp.__path__)]
+    + [f"config.{m.name}" for m in pkgutil.iter_modules(config.__path__)]
 )
 
 

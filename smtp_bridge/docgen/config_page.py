@@ -25,7 +25,7 @@ __all__ = ["MEANINGS", "ConfigKey", "config_keys", "render_configuration"]
 
 #: The meaning of each config key, by dotted path ("[]" is any list item,
 #: "<name>" any mapping key). A field's own ``description`` (pydantic) wins;
-#: a key missing here falls back to the comment above its field in config.py.
+#: a key missing here falls back to the comment above its field (smtp_bridge/config/).
 MEANINGS: dict[str, str] = {
     "smtp": "The SMTP (or LMTP) front door.",
     "smtp.listen": "Addresses to listen on; `[::]:25` means IPv6 and IPv4 (see `dual_stack`).",
@@ -273,13 +273,16 @@ def _value(value: Any, kind: str) -> str:
 
 
 @functools.cache
-def _comments_above_fields() -> dict[tuple[str, str], str]:
-    """``# comment`` lines right above each field of the config models, by (class, field)."""
-    source = inspect.getsource(config)
+def _comments_above_fields(model: type[BaseModel]) -> dict[str, str]:
+    """``# comment`` lines right above each field a config model declares, by field.
+
+    Read from the model's own source, wherever in the config package it lives.
+    """
+    source = inspect.getsource(model)
     lines = source.splitlines()
-    found: dict[tuple[str, str], str] = {}
+    found: dict[str, str] = {}
     for node in ast.walk(ast.parse(source)):
-        if not isinstance(node, ast.ClassDef):
+        if not isinstance(node, ast.ClassDef) or node.name != model.__name__:
             continue
         for item in node.body:
             if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name):
@@ -289,22 +292,21 @@ def _comments_above_fields() -> dict[tuple[str, str], str]:
                     above.insert(0, lines[row].strip().lstrip("#").strip())
                     row -= 1
                 if above:
-                    found[(node.name, item.target.id)] = " ".join(above)
+                    found[item.target.id] = " ".join(above)
     return found
 
 
-def _meaning(path: str, model: type[BaseModel], name: str, comments: dict[Any, str]) -> str:
+def _meaning(path: str, model: type[BaseModel], name: str) -> str:
     field = model.model_fields.get(name)
     if field is not None and field.description:
         return field.description
-    return MEANINGS.get(path) or comments.get((model.__name__, name), "")
+    return MEANINGS.get(path) or _comments_above_fields(model).get(name, "")
 
 
 def config_keys(
     model: type[BaseModel] = config.Config, prefix: str = ""
 ) -> Iterator[tuple[str, list[ConfigKey]]]:
     """Sections of the config, each as (dotted path, its keys), depth first."""
-    comments = _comments_above_fields()
     rows: list[ConfigKey] = []
     nested: list[tuple[type[BaseModel], str]] = []
     for name, field in model.model_fields.items():
@@ -321,7 +323,7 @@ def config_keys(
         if section:
             nested.append((section[0], path + section[1]))
             kind = kind.replace("section", f"[section](#{anchor(path + section[1])})")
-        rows.append(ConfigKey(path, kind, default, _meaning(path, model, name, comments)))
+        rows.append(ConfigKey(path, kind, default, _meaning(path, model, name)))
         if name in getattr(model, "secret_fields", ()):
             meaning = f"Read `{name}` from this file instead (systemd `LoadCredential=`)."
             rows.append(ConfigKey(f"{path}_file", "path", "", meaning))
@@ -333,7 +335,7 @@ def config_keys(
 def render_configuration() -> str:
     """docs/configuration.md: every key with its type, default and meaning."""
     out = [
-        header("`smtp_bridge/config.py`"),
+        header("`smtp_bridge/config/`"),
         "# Configuration keys\n\n",
         "Every key the loader accepts; any other key is an error. The file is YAML\n",
         "(`--config F`, default `/etc/smtp-bridge/config.yaml`); `smtp-bridge schema`\n",
