@@ -1,8 +1,8 @@
 """The simple-message fast path of parse_message gives exactly the full parser's answer.
 
-``message._parse_simple`` reads single-part text/plain mail without the stdlib
+``message.simple.parse_simple`` reads single-part text/plain mail without the stdlib
 feedparser (issue 15). Wherever it answers, its ParsedMessage must equal the
-one ``message._parse`` (the full stdlib parse) makes of the same bytes, header
+one ``message.parse.parse_full`` (the full stdlib parse) makes of the same bytes, header
 order and duplicates included; wherever it declines, parse_message still gives
 the full parser's answer. Checked on the test messages, on hostile hand-picked
 ones and on generated messages: folded and huge headers, RFC 2047 words, 8-bit
@@ -18,8 +18,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from smtp_bridge import message
 from smtp_bridge.message import ParsedMessage, parse_message
+from smtp_bridge.message.parse import parse_full
+from smtp_bridge.message.simple import parse_simple
 
 DATA = Path(__file__).parent / "data"
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
@@ -27,14 +28,14 @@ from loadgen import build_message  # noqa: E402
 
 
 def full(raw: bytes) -> ParsedMessage:
-    return message._parse(raw, headers_only=False)
+    return parse_full(raw, headers_only=False)
 
 
 def check(raw: bytes) -> bool:
     """Assert the fast path (if it answers) and parse_message agree with the full
     parse; True if the fast path answered."""
     expected = full(raw)
-    fast = message._parse_simple(raw)
+    fast = parse_simple(raw)
     if fast is not None:
         assert fast == expected
         assert repr(fast.headers) == repr(expected.headers)  # order and duplicates

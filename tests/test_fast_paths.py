@@ -24,8 +24,14 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smtp_bridge import message
-from smtp_bridge.message import ParsedMessage, has_bare_line_end, parse_message
+from smtp_bridge.message import (
+    ParsedMessage,
+    attachments,
+    has_bare_line_end,
+    headers,
+    parse,
+    parse_message,
+)
 from smtp_bridge.smtp.protocol import BridgeSMTP
 
 DATA = Path(__file__).parent / "data"
@@ -34,21 +40,21 @@ DATA = Path(__file__).parent / "data"
 def slow_parse(raw: bytes) -> ParsedMessage:
     """parse_message as it was: stdlib policy.default, whole-message parsebytes,
     fresh header classes and objects every time, decode to learn a size."""
-    saved = (message._POLICY, message._STRUCTURED, message._UNSTRUCTURED)
-    saved_fns = (message._parse_bytes, message._base64_size, message._parse_simple)
-    message._POLICY = policy.default
-    message._STRUCTURED = HeaderRegistry()
-    message._UNSTRUCTURED = HeaderRegistry(use_default_map=False)
-    message._parse_bytes = lambda raw, *, headers_only: BytesParser(  # type: ignore[assignment]
+    saved = (parse._POLICY, headers._STRUCTURED, headers._UNSTRUCTURED)
+    saved_fns = (parse._parse_bytes, attachments._base64_size, parse.parse_simple)
+    parse._POLICY = policy.default
+    headers._STRUCTURED = HeaderRegistry()
+    headers._UNSTRUCTURED = HeaderRegistry(use_default_map=False)
+    parse._parse_bytes = lambda raw, *, headers_only: BytesParser(  # type: ignore[assignment]
         policy=policy.default
     ).parsebytes(raw, headersonly=headers_only)
-    message._base64_size = lambda part: None  # type: ignore[assignment]
-    message._parse_simple = lambda raw: None  # type: ignore[assignment]
+    attachments._base64_size = lambda part: None  # type: ignore[assignment]
+    parse.parse_simple = lambda raw: None  # type: ignore[assignment]
     try:
         return parse_message(raw)
     finally:
-        message._POLICY, message._STRUCTURED, message._UNSTRUCTURED = saved
-        message._parse_bytes, message._base64_size, message._parse_simple = saved_fns
+        parse._POLICY, headers._STRUCTURED, headers._UNSTRUCTURED = saved
+        parse._parse_bytes, attachments._base64_size, parse.parse_simple = saved_fns
 
 
 def same(raw: bytes) -> None:
