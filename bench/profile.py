@@ -30,7 +30,7 @@ import harness
 #: (part, patterns): a sample belongs to the part of its innermost frame that
 #: matches one (frames of no part, the email package's say, count for their caller).
 PARTS: list[tuple[str, tuple[str, ...]]] = [
-    ("message parse", ("parse_message (", "smtp_bridge/message.py")),
+    ("message parse", ("parse_message (", "smtp_bridge/message/")),
     ("address parse (_getaddr)", ("._getaddr",)),
     ("API client (httpx + aiohttp)",
      ("smtp_bridge/api.py", "httpx", "aiohttp/", "yarl", "multidict")),

@@ -6,7 +6,7 @@ nothing else (httpx's ``_exceptions.py`` is the model)::
 
     Exception
     +-- BridgeError              the base: ``except BridgeError`` catches them all
-        +-- ConfigError          config.py      a config file is wrong; .issues lists
+        +-- ConfigError          config/        a config file is wrong; .issues lists
         |                                       every problem (ConfigIssue: file:line: key: what)
         +-- StoreError           store/         the state store failed (disk full, read-only,
         |                                       database down); .path; the reply is 451 4.3.0

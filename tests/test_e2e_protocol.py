@@ -497,7 +497,7 @@ async def test_engine_replies_have_enhanced_codes(bridge) -> None:
 
 # ---------------------------------------------------------------- the daemon's loop
 
-# The daemon runs on uvloop (cli._run), whose transports are not asyncio's own
+# The daemon runs on uvloop (commands.common.run), whose transports are not asyncio's own
 # classes; the tests above run on the default loop. Run a cross-section of them
 # on uvloop too, through the same bridge factory.
 
