@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 __all__ = [
+    "HISTORY_ATTEMPT_COLUMNS",
+    "HISTORY_MESSAGE_COLUMNS",
     "ActivityBucket",
     "History",
     "HistoryAttempt",
@@ -134,6 +136,17 @@ class History(Protocol):
 
 
 # -- the row shapes and helpers every backend shares ------------------------------
+
+#: The columns of ``history_messages`` and ``history_attempts``, in the order of
+#: :func:`message_row` and :func:`attempt_row` (``"user"`` quoted for PostgreSQL).
+HISTORY_MESSAGE_COLUMNS: Final = (
+    'queue_id, received_at, mail_from, rcpts, subject, message_id, client, "user", size, reply,'
+    " instance"
+)
+HISTORY_ATTEMPT_COLUMNS: Final = (
+    "queue_id, rcpt, at, route, template_id, result, api_code, http_status, api_message, "
+    "latency_ms, state, reply, request"
+)
 
 
 def message_row(m: HistoryMessage) -> tuple[Any, ...]:

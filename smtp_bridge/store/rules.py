@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from ..outcomes import RecipientState
 from .records import (
@@ -22,6 +22,8 @@ from .records import (
 )
 
 __all__ = [
+    "MESSAGE_COLUMNS",
+    "RECIPIENT_COLUMNS",
     "LedgerRow",
     "as_duplicate",
     "check_recipients",
@@ -40,6 +42,17 @@ __all__ = [
     "untouched",
     "waits_in_spool",
 ]
+
+#: The columns of ``messages`` and ``recipients`` in the order of the row codecs
+#: below (``"user"`` quoted: a reserved word in PostgreSQL, a plain name in SQLite).
+MESSAGE_COLUMNS: Final = (
+    'queue_id, message_key, mail_from, client, "user", subject, size, received_at, mode, content,'
+    " message_id"
+)
+RECIPIENT_COLUMNS: Final = (
+    "queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt, "
+    "updated_at, error, spooled_at"
+)
 
 
 class LedgerRow(NamedTuple):

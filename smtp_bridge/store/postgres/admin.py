@@ -7,10 +7,10 @@ from typing import Any
 
 from ...outcomes import RecipientState
 from ..records import CLAIMABLE_STATES, GuardState, MessageRecord, RecipientRecord
+from ..rules import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 from . import ledger
 from .db import Conn, Database
 from .rows import NOTIFY, message_row, recipient_row
-from .schema import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 
 __all__ = ["QueueAdminMixin"]
 

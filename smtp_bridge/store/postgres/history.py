@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from ..history import (
+    HISTORY_ATTEMPT_COLUMNS,
+    HISTORY_MESSAGE_COLUMNS,
     ActivityBucket,
     HistoryAttempt,
     HistoryEntry,
@@ -25,7 +27,6 @@ from ..history import (
 )
 from .db import Conn, Database
 from .rows import ROWS_PER_STATEMENT
-from .schema import HISTORY_ATTEMPT_COLUMNS, HISTORY_MESSAGE_COLUMNS
 
 __all__ = ["HistoryMixin"]
 

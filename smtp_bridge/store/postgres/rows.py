@@ -8,13 +8,14 @@ from typing import Any, Final
 
 from ..records import MessageRecord, RecipientRecord
 from ..rules import (
+    MESSAGE_COLUMNS,
+    RECIPIENT_COLUMNS,
     message_from_row,
     message_values,
     recipient_from_row,
     recipient_values,
 )
 from . import ledger
-from .schema import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 
 __all__ = [
     "MESSAGE_INSERT",

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
+from ..dialect import Dialect
 from ..records import StoreError
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
 
 __all__ = [
-    "HISTORY_ATTEMPT_COLUMNS",
-    "HISTORY_MESSAGE_COLUMNS",
-    "MESSAGE_COLUMNS",
+    "DIALECT",
     "MIGRATIONS",
     "MIGRATION_LOCK",
-    "RECIPIENT_COLUMNS",
     "SCHEMA_VERSION",
     "migrate",
 ]
@@ -133,22 +131,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-MESSAGE_COLUMNS: Final = (
-    'queue_id, message_key, mail_from, client, "user", subject, size, received_at, mode, content,'
-    " message_id"
-)
-RECIPIENT_COLUMNS: Final = (
-    "queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt, "
-    "updated_at, error, spooled_at"
-)
-HISTORY_MESSAGE_COLUMNS: Final = (
-    'queue_id, received_at, mail_from, rcpts, subject, message_id, client, "user", size, reply,'
-    " instance"
-)
-HISTORY_ATTEMPT_COLUMNS: Final = (
-    "queue_id, rcpt, at, route, template_id, result, api_code, http_status, api_message, "
-    "latency_ms, state, reply, request"
-)
+#: How PostgreSQL spells the statements both backends share.
+DIALECT: Final = Dialect(mark="%s", arrays=True, ilike="{column} ILIKE {mark}")
 
 
 async def migrate(conn: AsyncConnection[Any], name: str) -> int:

@@ -23,10 +23,10 @@ from ..records import (
     RecipientRecord,
     SpoolStats,
 )
+from ..rules import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 from . import ledger
 from .db import Conn, Database
 from .rows import message_row, recipient_row
-from .schema import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 
 __all__ = ["PURGE_BATCH", "SpoolMixin"]
 

@@ -14,12 +14,13 @@ from ..records import (
     RecipientRecord,
 )
 from ..rules import (
+    MESSAGE_COLUMNS,
+    RECIPIENT_COLUMNS,
     message_from_row,
     recipient_from_row,
 )
 from . import history, ledger
 from .core import SQLiteCore
-from .schema import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 
 __all__ = ["AdminOps"]
 

@@ -20,9 +20,16 @@ from ..records import (
     MessageRecord,
     RecipientRecord,
 )
-from ..rules import check_recipients, message_values, recipient_values, ttl_for
+from ..rules import (
+    MESSAGE_COLUMNS,
+    RECIPIENT_COLUMNS,
+    check_recipients,
+    message_values,
+    recipient_values,
+    ttl_for,
+)
 from . import ledger
-from .schema import MESSAGE_COLUMNS, MIGRATIONS, RECIPIENT_COLUMNS, SCHEMA_VERSION
+from .schema import MIGRATIONS, SCHEMA_VERSION
 from .writer import GroupCommitWriter
 
 __all__ = ["BUSY_TIMEOUT_MS", "SQLiteCore"]

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from ..history import (
+    HISTORY_ATTEMPT_COLUMNS,
+    HISTORY_MESSAGE_COLUMNS,
     ActivityBucket,
     HistoryAttempt,
     HistoryEntry,
@@ -22,7 +24,6 @@ from ..history import (
     message_from_row,
     message_row,
 )
-from .schema import HISTORY_ATTEMPT_COLUMNS, HISTORY_MESSAGE_COLUMNS
 
 __all__ = ["activity", "message_page", "record", "search", "trim"]
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Final
 
+from ..dialect import Dialect
+
 __all__ = [
-    "HISTORY_ATTEMPT_COLUMNS",
-    "HISTORY_MESSAGE_COLUMNS",
-    "MESSAGE_COLUMNS",
+    "DIALECT",
     "MIGRATIONS",
-    "RECIPIENT_COLUMNS",
     "SCHEMA_VERSION",
 ]
 
@@ -131,19 +130,6 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
-MESSAGE_COLUMNS: Final = (
-    "queue_id, message_key, mail_from, client, user, subject, size, received_at, mode, content,"
-    " message_id"
-)
-RECIPIENT_COLUMNS: Final = (
-    "queue_id, rcpt, state, route, template_id, api_code, reply, attempts, next_attempt, "
-    "updated_at, error, spooled_at"
-)
-HISTORY_MESSAGE_COLUMNS: Final = (
-    "queue_id, received_at, mail_from, rcpts, subject, message_id, client, user, size, reply, "
-    "instance"
-)
-HISTORY_ATTEMPT_COLUMNS: Final = (
-    "queue_id, rcpt, at, route, template_id, result, api_code, http_status, api_message, "
-    "latency_ms, state, reply, request"
-)
+#: How SQLite spells the statements both backends share. LIKE is case-insensitive
+#: for ASCII in SQLite; lower() covers the rest.
+DIALECT: Final = Dialect(mark="?", arrays=False, ilike="lower({column}) LIKE lower({mark})")

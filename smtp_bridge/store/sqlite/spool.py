@@ -18,13 +18,14 @@ from ..records import (
     SpoolStats,
 )
 from ..rules import (
+    MESSAGE_COLUMNS,
+    RECIPIENT_COLUMNS,
     message_from_row,
     recipient_from_row,
 )
 from . import ledger
 from .core import _ABANDONED, _INTERRUPTED, SQLiteCore
 from .owners import dead_owners, register_owner
-from .schema import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 
 __all__ = ["SpoolOps"]
 
