@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Any, Final
 
 from ...outcomes import RecipientState
+from .. import spool_sql
 from ..records import (
     ANONYMOUS_KEY_PREFIX,
     CLAIMABLE_STATES,
@@ -27,17 +28,18 @@ from ..rules import MESSAGE_COLUMNS, RECIPIENT_COLUMNS
 from . import ledger
 from .db import Conn, Database
 from .rows import message_row, recipient_row
+from .schema import DIALECT
 
 __all__ = ["PURGE_BATCH", "SpoolMixin"]
 
 #: Rows one DELETE of :meth:`SpoolMixin.purge_expired` removes at most.
 PURGE_BATCH: Final = 1000
-#: A session's call cut by a crash, settled by resolve_stale.
-_CUT: Final = "interrupted: the session ended during the call; it may have been sent"
-#: A session that ended before it sent anything or answered its client.
-_ABANDONED: Final = "interrupted: the session ended before its reply; this copy sent nothing"
-#: The error text of a recipient whose last attempt never recorded its end.
-_INTERRUPTED: Final = "interrupted: the attempt stopped before its answer was recorded"
+#: resolve_stale locks the guards it settles (in one order): two instances
+#: settling at once take different ones.
+_LOCK_CUT: Final = " ORDER BY d.message_key, d.rcpt FOR UPDATE OF d SKIP LOCKED"
+#: A recipient waiting in the spool, and the spool's depth and age (shared SQL).
+_WAITING, _WAITING_PARAMS = spool_sql.waiting(DIALECT)
+_SPOOL_STATS: Final = spool_sql.spool_stats_query(DIALECT)
 
 
 class SpoolMixin:
@@ -122,10 +124,15 @@ class SpoolMixin:
                     await conn.execute(
                         "UPDATE recipients SET state = %s, error = %s"
                         " WHERE queue_id = %s AND rcpt = %s",
-                        (RecipientState.UNKNOWN.value, _INTERRUPTED, record.queue_id, record.rcpt),
+                        (
+                            RecipientState.UNKNOWN.value,
+                            spool_sql.INTERRUPTED,
+                            record.queue_id,
+                            record.rcpt,
+                        ),
                     )
                     record = dataclasses.replace(
-                        record, state=RecipientState.UNKNOWN, error=_INTERRUPTED
+                        record, state=RecipientState.UNKNOWN, error=spool_sql.INTERRUPTED
                     )
                 claimed.append((messages[record.queue_id], record))
             return claimed
@@ -180,46 +187,12 @@ class SpoolMixin:
         now = self._clock()
 
         async def write(conn: Conn) -> int:
-            cursor = await conn.execute(
-                "SELECT d.message_key, d.rcpt, d.queue_id FROM dedup AS d"
-                " WHERE d.state = %s AND d.lease_until < %s AND EXISTS (SELECT 1 FROM messages"
-                " AS m WHERE m.queue_id = d.queue_id AND m.content IS NULL)"
-                " ORDER BY d.message_key, d.rcpt FOR UPDATE OF d SKIP LOCKED",
-                (GuardState.SENDING.value, now),
-            )
+            cursor = await conn.execute(*spool_sql.cut_sessions(DIALECT, now, suffix=_LOCK_CUT))
             cut = await cursor.fetchall()
             for key, rcpt, holder in cut:
-                await conn.execute(
-                    "UPDATE dedup SET state = %s, lease_until = NULL, owner = NULL,"
-                    " updated_at = %s WHERE message_key = %s AND rcpt = %s",
-                    (GuardState.UNKNOWN.value, now, key, rcpt),
-                )
-                await conn.execute(
-                    "UPDATE recipients SET state = %s, error = %s, next_attempt = NULL,"
-                    " updated_at = %s WHERE queue_id = %s AND lower(rcpt) = %s AND state = %s",
-                    (
-                        RecipientState.UNKNOWN.value,
-                        _CUT,
-                        now,
-                        holder,
-                        rcpt,
-                        RecipientState.RETRYING.value,
-                    ),
-                )
-            # Copies that never got to send (waiting for another copy, or cut before).
-            cursor = await conn.execute(
-                "UPDATE recipients AS r SET state = %s, error = %s, updated_at = %s"
-                " WHERE r.state = %s AND r.next_attempt IS NULL AND r.updated_at < %s"
-                " AND EXISTS (SELECT 1 FROM messages AS m WHERE m.queue_id = r.queue_id"
-                " AND m.content IS NULL)",
-                (
-                    RecipientState.FAILED.value,
-                    _ABANDONED,
-                    now,
-                    RecipientState.RETRYING.value,
-                    now - older_than,
-                ),
-            )
+                for query in spool_sql.settle_cut(DIALECT, key, rcpt, holder, now):
+                    await conn.execute(*query)
+            cursor = await conn.execute(*spool_sql.abandoned(DIALECT, now, older_than))
             return len(cut) + int(cursor.rowcount)
 
         return await self._db.run("resolve stale", write)
@@ -231,9 +204,8 @@ class SpoolMixin:
             cursor = await conn.execute(
                 "SELECT MIN(GREATEST(r.next_attempt, COALESCE(r.claimed_until, r.next_attempt)))"
                 " FROM recipients AS r JOIN messages AS m ON m.queue_id = r.queue_id"
-                " WHERE r.state = ANY(%s) AND r.next_attempt IS NOT NULL"
-                " AND m.content IS NOT NULL",
-                (list(CLAIMABLE_STATES),),
+                f" WHERE {_WAITING}",
+                _WAITING_PARAMS,
             )
             row = await cursor.fetchone()
             return None if row is None or row[0] is None else float(row[0])
@@ -252,29 +224,22 @@ class SpoolMixin:
         guards = [GuardState.QUEUED.value, GuardState.SENDING.value]
 
         async def write(conn: Conn) -> int:
-            removed = 0
-            while True:
-                cursor = await conn.execute(
-                    "DELETE FROM dedup WHERE ctid = ANY(ARRAY("
-                    " SELECT ctid FROM dedup WHERE state = ANY(%s) AND updated_at <="
-                    " CASE WHEN starts_with(message_key, %s) THEN %s ELSE %s END LIMIT %s))",
-                    (remembered, ANONYMOUS_KEY_PREFIX, anonymous_cutoff, cutoff, PURGE_BATCH),
-                )
-                removed += cursor.rowcount
-                if cursor.rowcount < PURGE_BATCH:
-                    break
+            removed = await _in_batches(
+                conn,
+                "DELETE FROM dedup WHERE ctid = ANY(ARRAY("
+                " SELECT ctid FROM dedup WHERE state = ANY(%s) AND updated_at <="
+                " CASE WHEN starts_with(message_key, %s) THEN %s ELSE %s END LIMIT %s))",
+                (remembered, ANONYMOUS_KEY_PREFIX, anonymous_cutoff, cutoff, PURGE_BATCH),
+            )
             # Guards whose holder's row is gone (purged by hand, or expired).
-            while True:
-                cursor = await conn.execute(
-                    "DELETE FROM dedup WHERE ctid = ANY(ARRAY("
-                    " SELECT d.ctid FROM dedup AS d WHERE d.state = ANY(%s) AND NOT EXISTS"
-                    " (SELECT 1 FROM recipients AS r WHERE r.queue_id = d.queue_id"
-                    " AND lower(r.rcpt) = d.rcpt) LIMIT %s))",
-                    (guards, PURGE_BATCH),
-                )
-                removed += cursor.rowcount
-                if cursor.rowcount < PURGE_BATCH:
-                    break
+            removed += await _in_batches(
+                conn,
+                "DELETE FROM dedup WHERE ctid = ANY(ARRAY("
+                " SELECT d.ctid FROM dedup AS d WHERE d.state = ANY(%s) AND NOT EXISTS"
+                " (SELECT 1 FROM recipients AS r WHERE r.queue_id = d.queue_id"
+                " AND lower(r.rcpt) = d.rcpt) LIMIT %s))",
+                (guards, PURGE_BATCH),
+            )
             while True:
                 cursor = await conn.execute(
                     "SELECT m.queue_id FROM messages AS m"
@@ -294,17 +259,14 @@ class SpoolMixin:
                 if len(expired) < PURGE_BATCH:
                     break
             # Recipient rows written without a message row (update_recipient upserts).
-            while True:
-                cursor = await conn.execute(
-                    "DELETE FROM recipients WHERE ctid = ANY(ARRAY("
-                    " SELECT r.ctid FROM recipients AS r WHERE r.updated_at <= %s"
-                    " AND NOT EXISTS (SELECT 1 FROM messages AS m WHERE m.queue_id = r.queue_id)"
-                    " LIMIT %s))",
-                    (cutoff, PURGE_BATCH),
-                )
-                removed += cursor.rowcount
-                if cursor.rowcount < PURGE_BATCH:
-                    break
+            removed += await _in_batches(
+                conn,
+                "DELETE FROM recipients WHERE ctid = ANY(ARRAY("
+                " SELECT r.ctid FROM recipients AS r WHERE r.updated_at <= %s"
+                " AND NOT EXISTS (SELECT 1 FROM messages AS m WHERE m.queue_id = r.queue_id)"
+                " LIMIT %s))",
+                (cutoff, PURGE_BATCH),
+            )
             return removed
 
         return await self._db.run("purge", write)
@@ -313,13 +275,7 @@ class SpoolMixin:
         """Recipients waiting in the spool and the oldest one's ``spooled_at``."""
 
         async def read(conn: Conn) -> SpoolStats:
-            cursor = await conn.execute(
-                "SELECT COUNT(*), MIN(COALESCE(r.spooled_at, m.received_at))"
-                " FROM recipients AS r JOIN messages AS m ON m.queue_id = r.queue_id"
-                " WHERE r.state = ANY(%s) AND r.next_attempt IS NOT NULL"
-                " AND m.content IS NOT NULL",
-                (list(CLAIMABLE_STATES),),
-            )
+            cursor = await conn.execute(*_SPOOL_STATS)
             row = await cursor.fetchone()
             assert row is not None
             depth, oldest = row
@@ -338,3 +294,14 @@ class SpoolMixin:
             return int(row[0]) if row is not None else 0
 
         return await self._db.run("count dead letters", read)
+
+
+async def _in_batches(conn: Conn, sql: str, params: Sequence[Any]) -> int:
+    """Run ``sql``, a DELETE of at most PURGE_BATCH rows, until a run removes fewer;
+    the rows removed in all."""
+    removed = 0
+    while True:
+        cursor = await conn.execute(sql, params)
+        removed += cursor.rowcount
+        if cursor.rowcount < PURGE_BATCH:
+            return removed

@@ -14,12 +14,8 @@ from pathlib import Path
 from typing import Final, Self, TypeVar
 
 from ...errors import StoreError
-from ...outcomes import RecipientState
-from ..records import (
-    GuardState,
-    MessageRecord,
-    RecipientRecord,
-)
+from .. import spool_sql
+from ..records import MessageRecord, RecipientRecord
 from ..rules import (
     MESSAGE_COLUMNS,
     RECIPIENT_COLUMNS,
@@ -29,17 +25,10 @@ from ..rules import (
     ttl_for,
 )
 from . import ledger
-from .schema import MIGRATIONS, SCHEMA_VERSION
+from .schema import DIALECT, MIGRATIONS, SCHEMA_VERSION
 from .writer import GroupCommitWriter
 
 __all__ = ["BUSY_TIMEOUT_MS", "SQLiteCore"]
-
-#: A session's call cut by a crash, settled by resolve_stale.
-_CUT: Final = "interrupted: the session ended during the call; it may have been sent"
-#: A session that ended before it sent anything or answered its client.
-_ABANDONED: Final = "interrupted: the session ended before its reply; this copy sent nothing"
-#: The error text of a recipient whose last attempt never recorded its end.
-_INTERRUPTED: Final = "interrupted: the attempt stopped before its answer was recorded"
 
 _T = TypeVar("_T")
 
@@ -298,16 +287,8 @@ class SQLiteCore:
     @staticmethod
     def _settle_cut(conn: sqlite3.Connection, key: str, rcpt: str, holder: str, now: float) -> None:
         """A session's call cut by its process's end: UNKNOWN, guard and row alike."""
-        conn.execute(
-            "UPDATE dedup SET state = ?, lease_until = NULL, owner = NULL, updated_at = ?"
-            " WHERE message_key = ? AND rcpt = ?",
-            (GuardState.UNKNOWN.value, now, key, rcpt),
-        )
-        conn.execute(
-            "UPDATE recipients SET state = ?, error = ?, next_attempt = NULL,"
-            " updated_at = ? WHERE queue_id = ? AND lower(rcpt) = ? AND state = ?",
-            (RecipientState.UNKNOWN.value, _CUT, now, holder, rcpt, RecipientState.RETRYING.value),
-        )
+        for query in spool_sql.settle_cut(DIALECT, key, rcpt, holder, now):
+            conn.execute(*query)
 
     def _ttl(self, message_key: str) -> float:
         return ttl_for(message_key, self._dedup_ttl, self._anonymous_ttl)

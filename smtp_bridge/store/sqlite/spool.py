@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import Callable
+from typing import Final
 
 from ...errors import StoreError
 from ...outcomes import RecipientState
+from .. import spool_sql
 from ..records import (
     ANONYMOUS_KEY_PREFIX,
     CLAIMABLE_STATES,
@@ -17,17 +19,17 @@ from ..records import (
     RecipientRecord,
     SpoolStats,
 )
-from ..rules import (
-    MESSAGE_COLUMNS,
-    RECIPIENT_COLUMNS,
-    message_from_row,
-    recipient_from_row,
-)
+from ..rules import MESSAGE_COLUMNS, RECIPIENT_COLUMNS, message_from_row, recipient_from_row
 from . import ledger
-from .core import _ABANDONED, _INTERRUPTED, SQLiteCore
+from .core import SQLiteCore
 from .owners import dead_owners, register_owner
+from .schema import DIALECT
 
 __all__ = ["SpoolOps"]
+
+#: A recipient waiting in the spool, and the spool's depth and age (shared SQL).
+_WAITING, _WAITING_PARAMS = spool_sql.waiting(DIALECT)
+_SPOOL_STATS: Final = spool_sql.spool_stats_query(DIALECT)
 
 
 class SpoolOps(SQLiteCore):
@@ -142,7 +144,7 @@ class SpoolOps(SQLiteCore):
                     conn.execute(
                         "UPDATE recipients SET state = ?, error = ?"
                         " WHERE queue_id = ? AND rcpt = ?",
-                        (RecipientState.UNKNOWN.value, _INTERRUPTED, queue_id, rcpt),
+                        (RecipientState.UNKNOWN.value, spool_sql.INTERRUPTED, queue_id, rcpt),
                     )
                 record = conn.execute(
                     f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE queue_id = ? AND rcpt = ?",
@@ -260,29 +262,10 @@ class SpoolOps(SQLiteCore):
         now = self._clock()
 
         def write(conn: sqlite3.Connection) -> int:
-            cut = conn.execute(
-                "SELECT d.message_key, d.rcpt, d.queue_id FROM dedup AS d"
-                " WHERE d.state = ? AND d.lease_until < ? AND EXISTS (SELECT 1 FROM messages"
-                " AS m WHERE m.queue_id = d.queue_id AND m.content IS NULL)",
-                (GuardState.SENDING.value, now),
-            ).fetchall()
+            cut = conn.execute(*spool_sql.cut_sessions(DIALECT, now)).fetchall()
             for key, rcpt, holder in cut:
                 self._settle_cut(conn, key, rcpt, holder, now)
-            # Copies that never got to send (waiting for another copy, or cut before).
-            waited = conn.execute(
-                "UPDATE recipients AS r SET state = ?, error = ?, updated_at = ?"
-                " WHERE r.state = ? AND r.next_attempt IS NULL AND r.updated_at < ?"
-                " AND EXISTS (SELECT 1 FROM messages AS m WHERE m.queue_id = r.queue_id"
-                " AND m.content IS NULL)",
-                (
-                    RecipientState.FAILED.value,
-                    _ABANDONED,
-                    now,
-                    RecipientState.RETRYING.value,
-                    now - older_than,
-                ),
-            ).rowcount
-            return len(cut) + waited
+            return len(cut) + conn.execute(*spool_sql.abandoned(DIALECT, now, older_than)).rowcount
 
         return await self._write("resolve stale", write)
 
@@ -293,9 +276,8 @@ class SpoolOps(SQLiteCore):
             (when,) = conn.execute(
                 "SELECT MIN(max(r.next_attempt, COALESCE(r.claimed_until, r.next_attempt)))"
                 " FROM recipients AS r JOIN messages AS m ON m.queue_id = r.queue_id"
-                " WHERE r.state IN (?, ?) AND r.next_attempt IS NOT NULL"
-                " AND m.content IS NOT NULL",
-                CLAIMABLE_STATES,
+                f" WHERE {_WAITING}",
+                _WAITING_PARAMS,
             ).fetchone()
             return None if when is None else float(when)
 
@@ -308,13 +290,7 @@ class SpoolOps(SQLiteCore):
         """
 
         def read(conn: sqlite3.Connection) -> SpoolStats:
-            depth, oldest = conn.execute(
-                "SELECT COUNT(*), MIN(COALESCE(r.spooled_at, m.received_at))"
-                " FROM recipients AS r JOIN messages AS m ON m.queue_id = r.queue_id"
-                " WHERE r.state IN (?, ?) AND r.next_attempt IS NOT NULL"
-                " AND m.content IS NOT NULL",
-                CLAIMABLE_STATES,
-            ).fetchone()
+            depth, oldest = conn.execute(*_SPOOL_STATS).fetchone()
             return SpoolStats(depth, None if oldest is None else float(oldest))
 
         return await self._read("read spool stats", read)

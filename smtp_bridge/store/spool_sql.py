@@ -1,0 +1,103 @@
+"""The spool's statements both backends run alike, and the error texts they write.
+
+What "waits in the spool" means, and how what a dead session left behind is
+settled (:meth:`~.base.Spool.resolve_stale`; SQLite's ``recover_claims``), are
+written here once in each backend's :class:`~.dialect.Dialect`. The claim
+stays in each backend: it is the hot path, and where the engines differ most.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from ..outcomes import RecipientState
+from .dialect import Dialect, Query
+from .records import CLAIMABLE_STATES, GuardState
+
+__all__ = [
+    "ABANDONED",
+    "CUT",
+    "INTERRUPTED",
+    "abandoned",
+    "cut_sessions",
+    "settle_cut",
+    "spool_stats_query",
+    "waiting",
+]
+
+#: A session's call cut by a crash, settled by resolve_stale.
+CUT: Final = "interrupted: the session ended during the call; it may have been sent"
+#: A session that ended before it sent anything or answered its client.
+ABANDONED: Final = "interrupted: the session ended before its reply; this copy sent nothing"
+#: The error text of a recipient whose last attempt never recorded its end.
+INTERRUPTED: Final = "interrupted: the attempt stopped before its answer was recorded"
+
+
+def waiting(dialect: Dialect) -> tuple[str, tuple[Any, ...]]:
+    """The condition (on ``recipients AS r JOIN messages AS m``) of a recipient a
+    worker will attempt: claimable, with a next attempt and spooled content."""
+    claimable, params = dialect.one_of("r.state", CLAIMABLE_STATES)
+    return f"{claimable} AND r.next_attempt IS NOT NULL AND m.content IS NOT NULL", params
+
+
+def spool_stats_query(dialect: Dialect) -> Query:
+    """One row: how many recipients wait, and the oldest one's ``spooled_at``."""
+    where, params = waiting(dialect)
+    return Query(
+        "SELECT COUNT(*), MIN(COALESCE(r.spooled_at, m.received_at))"
+        f" FROM recipients AS r JOIN messages AS m ON m.queue_id = r.queue_id WHERE {where}",
+        params,
+    )
+
+
+def cut_sessions(dialect: Dialect, now: float, *, suffix: str = "") -> Query:
+    """Sessions' SENDING guards whose lease ran out (message_key, rcpt, queue_id).
+
+    A session's message has no spooled content (a worker's claim has its own
+    lease). ``suffix``: the backend's ordering and row locks, if it takes any.
+    """
+    p = dialect.mark
+    return Query(
+        "SELECT d.message_key, d.rcpt, d.queue_id FROM dedup AS d"
+        f" WHERE d.state = {p} AND d.lease_until < {p} AND EXISTS (SELECT 1 FROM messages"
+        f" AS m WHERE m.queue_id = d.queue_id AND m.content IS NULL){suffix}",
+        (GuardState.SENDING.value, now),
+    )
+
+
+def settle_cut(
+    dialect: Dialect, key: str, rcpt: str, holder: str, now: float
+) -> tuple[Query, Query]:
+    """A session's call cut short (the call may have been sent): UNKNOWN, guard and row."""
+    p = dialect.mark
+    return (
+        Query(
+            f"UPDATE dedup SET state = {p}, lease_until = NULL, owner = NULL, updated_at = {p}"
+            f" WHERE message_key = {p} AND rcpt = {p}",
+            (GuardState.UNKNOWN.value, now, key, rcpt),
+        ),
+        Query(
+            f"UPDATE recipients SET state = {p}, error = {p}, next_attempt = NULL,"
+            f" updated_at = {p} WHERE queue_id = {p} AND lower(rcpt) = {p} AND state = {p}",
+            (RecipientState.UNKNOWN.value, CUT, now, holder, rcpt, RecipientState.RETRYING.value),
+        ),
+    )
+
+
+def abandoned(dialect: Dialect, now: float, older_than: float) -> Query:
+    """Session copies that never got to send (they waited for another copy, or were
+    cut before the call), RETRYING for ``older_than`` seconds: FAILED."""
+    p = dialect.mark
+    return Query(
+        f"UPDATE recipients AS r SET state = {p}, error = {p}, updated_at = {p}"
+        f" WHERE r.state = {p} AND r.next_attempt IS NULL AND r.updated_at < {p}"
+        " AND EXISTS (SELECT 1 FROM messages AS m WHERE m.queue_id = r.queue_id"
+        " AND m.content IS NULL)",
+        (
+            RecipientState.FAILED.value,
+            ABANDONED,
+            now,
+            RecipientState.RETRYING.value,
+            now - older_than,
+        ),
+    )
