@@ -1,4 +1,9 @@
-"""``smtp-bridge queue``, the console and quotas on the SQLite store."""
+"""``smtp-bridge queue``, the console and quotas on the SQLite store.
+
+The queue's and the history's statements are shared with PostgreSQL
+(:mod:`..admin_sql`, :mod:`..history_sql`); this module runs them on the
+writer (writes) or the reader thread (reads).
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,13 @@ import sqlite3
 from collections.abc import Collection, Sequence
 
 from ...outcomes import RecipientState
+from .. import admin_sql
 from ..history import ActivityBucket, HistoryAttempt, HistoryEntry, HistoryMessage
-from ..records import (
-    CLAIMABLE_STATES,
-    GuardState,
-    MessageRecord,
-    RecipientRecord,
-)
-from ..rules import (
-    MESSAGE_COLUMNS,
-    RECIPIENT_COLUMNS,
-    message_from_row,
-    recipient_from_row,
-)
+from ..records import GuardState, MessageRecord, RecipientRecord
+from ..rules import message_from_row, recipient_from_row
 from . import history, ledger
 from .core import SQLiteCore
+from .schema import DIALECT
 
 __all__ = ["AdminOps"]
 
@@ -32,100 +29,48 @@ class AdminOps(SQLiteCore):
         self, queue_id: str
     ) -> tuple[MessageRecord, list[RecipientRecord]] | None:
         """The message ``queue_id`` with its recipients (by address), or None."""
+        message, recipients = admin_sql.message_queries(DIALECT, queue_id)
 
         def read(conn: sqlite3.Connection) -> tuple[MessageRecord, list[RecipientRecord]] | None:
-            row = conn.execute(
-                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE queue_id = ?", (queue_id,)
-            ).fetchone()
+            row = conn.execute(*message).fetchone()
             if row is None:
                 return None
-            recipients = conn.execute(
-                f"SELECT {RECIPIENT_COLUMNS} FROM recipients WHERE queue_id = ? ORDER BY rcpt",
-                (queue_id,),
-            ).fetchall()
-            return message_from_row(row), [recipient_from_row(r) for r in recipients]
+            return message_from_row(row), [recipient_from_row(r) for r in conn.execute(*recipients)]
 
         return await self._read("read message", read)
 
     async def list_recipients(
         self, *, states: Collection[RecipientState] | None = None, limit: int = 100
     ) -> list[RecipientRecord]:
-        """Recipient records, most recently updated first, optionally only in ``states``."""
-        if limit <= 0 or (states is not None and not states):
+        """Recipient records, most recently updated first (see base.QueueAdmin)."""
+        query = admin_sql.recipients_query(DIALECT, states, limit)
+        if query is None:
             return []
-        where = ""
-        params: list[object] = []
-        if states is not None:
-            values = sorted({RecipientState(state).value for state in states})
-            where = f" WHERE state IN ({', '.join('?' * len(values))})"
-            params.extend(values)
-        params.append(limit)
-        sql = (
-            f"SELECT {RECIPIENT_COLUMNS} FROM recipients{where}"
-            " ORDER BY updated_at DESC, queue_id DESC, rcpt LIMIT ?"
-        )
 
         def read(conn: sqlite3.Connection) -> list[RecipientRecord]:
-            return [recipient_from_row(row) for row in conn.execute(sql, params)]
+            return [recipient_from_row(row) for row in conn.execute(*query)]
 
         return await self._read("list recipients", read)
 
     async def list_queue(
         self, *, dead: bool = False, limit: int = 1000
     ) -> list[tuple[MessageRecord, RecipientRecord]]:
-        """Spooled recipients waiting for delivery (or dead letters), oldest first.
-
-        The message records come without content; ``content`` is ``b""`` when the
-        message still has it (a dead letter that can be retried), else None.
-        """
-        if dead:
-            where = "r.state = ?"
-            params: list[object] = [RecipientState.DEAD.value]
-        else:
-            where = "r.state IN (?, ?) AND r.next_attempt IS NOT NULL AND m.content IS NOT NULL"
-            params = list(CLAIMABLE_STATES)
-        # The content itself stays on disk: only whether there is any.
-        names = [c.strip() for c in MESSAGE_COLUMNS.split(",")]
-        columns = ", ".join("m.content IS NOT NULL" if c == "content" else f"m.{c}" for c in names)
-        at = names.index("content")
-        recipient_columns = ", ".join(f"r.{c.strip()}" for c in RECIPIENT_COLUMNS.split(","))
-        sql = (
-            f"SELECT {columns}, {recipient_columns}"
-            " FROM recipients AS r JOIN messages AS m ON m.queue_id = r.queue_id"
-            f" WHERE {where} ORDER BY m.received_at, r.queue_id, r.rcpt LIMIT ?"
+        """Spooled recipients, or dead letters, oldest first (see base.QueueAdmin)."""
+        query = admin_sql.queue_query(DIALECT, dead=dead, limit=limit)
+        return await self._read(
+            "list queue", lambda conn: admin_sql.queue_entries(conn.execute(*query))
         )
-        params.append(limit)
-        width = len(MESSAGE_COLUMNS.split(","))
-
-        def read(conn: sqlite3.Connection) -> list[tuple[MessageRecord, RecipientRecord]]:
-            found = []
-            for row in conn.execute(sql, params):
-                head = (*row[:at], b"" if row[at] else None, *row[at + 1 : width])
-                found.append((message_from_row(head), recipient_from_row(row[width:])))
-            return found
-
-        return await self._read("list queue", read)
 
     async def retry(self, queue_id: str | None = None) -> tuple[int, int]:
-        """``queue retry``: dead letters (of ``queue_id``, or all) back into the spool.
+        """``queue retry``: dead letters back into the spool (see base.QueueAdmin).
 
-        Recipients of ``queue_id`` that are waiting become due now as well. A dead
-        letter whose content was never spooled (direct mode) cannot be resent.
-        Returns (recipients put back or hurried, dead letters that cannot be resent).
+        A dead letter whose content was never spooled (direct mode) cannot be resent.
         """
         now = self._clock()
-        scope = "" if queue_id is None else " AND r.queue_id = ?"
-        scope_params: tuple[object, ...] = () if queue_id is None else (queue_id,)
+        plan = admin_sql.retry_statements(DIALECT, queue_id, now)
 
         def write(conn: sqlite3.Connection) -> tuple[int, int]:
-            spooled = " AND EXISTS (SELECT 1 FROM messages AS m WHERE m.queue_id = r.queue_id"
-            spooled += " AND m.content IS NOT NULL)"
-            back = conn.execute(
-                "SELECT m.message_key, r.rcpt, r.queue_id FROM recipients AS r JOIN messages AS m"
-                f" ON m.queue_id = r.queue_id WHERE r.state = ?{scope}{spooled}",
-                (RecipientState.DEAD.value, *scope_params),
-            ).fetchall()
-            for key, rcpt, holder in back:
+            for key, rcpt, holder in conn.execute(*plan.resendable).fetchall():
                 # Back in the spool: its guard again, unless another copy has it now.
                 ledger.acquire(
                     conn,
@@ -137,77 +82,31 @@ class AdminOps(SQLiteCore):
                     now=now,
                     ttl=self._ttl(key),
                 )
-            revived = conn.execute(
-                "UPDATE recipients AS r SET state = ?, next_attempt = ?, spooled_at = ?,"
-                " claimed_until = NULL, claimed_by = NULL, error = '', updated_at = ?"
-                f" WHERE r.state = ?{scope}{spooled}",
-                (
-                    RecipientState.RETRYING.value,
-                    now,
-                    now,
-                    now,
-                    RecipientState.DEAD.value,
-                    *scope_params,
-                ),
-            ).rowcount
-            hurried = 0
-            if queue_id is not None:
-                hurried = conn.execute(
-                    "UPDATE recipients AS r SET next_attempt = ?"
-                    f" WHERE r.state IN (?, ?) AND r.next_attempt > ?{scope}{spooled}",
-                    (now, *CLAIMABLE_STATES, now, *scope_params),
-                ).rowcount
-            (stuck,) = conn.execute(
-                f"SELECT COUNT(*) FROM recipients AS r WHERE r.state = ?{scope}",
-                (RecipientState.DEAD.value, *scope_params),
-            ).fetchone()
+            revived = conn.execute(*plan.revive).rowcount
+            hurried = 0 if plan.hurry is None else conn.execute(*plan.hurry).rowcount
+            (stuck,) = conn.execute(*plan.stuck).fetchone()
             return revived + hurried, stuck
 
         return await self._write("retry", write)
 
     async def purge(self, queue_id: str | None = None, *, dead: bool = False) -> int:
-        """``queue purge``: delete message ``queue_id``, or (``dead``) every dead letter.
-
-        Returns the number of recipient rows deleted. Messages left without
-        recipients are deleted with them; the dedup memory is kept.
-        """
-        if (queue_id is None) == (not dead):
-            raise ValueError("give a queue id or dead=True")
+        """``queue purge``: message ``queue_id``, or every dead letter (see base.QueueAdmin)."""
+        first, *rest = admin_sql.purge_statements(DIALECT, queue_id, dead=dead)
 
         def write(conn: sqlite3.Connection) -> int:
-            if queue_id is not None:
-                removed = conn.execute(
-                    "DELETE FROM recipients WHERE queue_id = ?", (queue_id,)
-                ).rowcount
-                conn.execute(
-                    "DELETE FROM dedup WHERE queue_id = ? AND state IN (?, ?)",
-                    (queue_id, GuardState.QUEUED.value, GuardState.SENDING.value),
-                )
-                conn.execute("DELETE FROM messages WHERE queue_id = ?", (queue_id,))
-                return removed
-            removed = conn.execute(
-                "DELETE FROM recipients WHERE state = ?", (RecipientState.DEAD.value,)
-            ).rowcount
-            conn.execute(
-                "DELETE FROM messages WHERE NOT EXISTS"
-                " (SELECT 1 FROM recipients AS r WHERE r.queue_id = messages.queue_id)"
-            )
+            removed = conn.execute(*first).rowcount
+            for query in rest:
+                conn.execute(*query)
             return removed
 
         return await self._write("purge", write)
 
     async def counts(self) -> dict[str, int]:
         """Recipients per state (every state present, zero when none)."""
-
-        def read(conn: sqlite3.Connection) -> dict[str, int]:
-            result = {state.value: 0 for state in RecipientState}
-            for state, count in conn.execute(
-                "SELECT state, COUNT(*) FROM recipients GROUP BY state"
-            ):
-                result[state] = count
-            return result
-
-        return await self._read("count recipients", read)
+        return await self._read(
+            "count recipients",
+            lambda conn: admin_sql.state_counts(conn.execute(*admin_sql.COUNT_STATES)),
+        )
 
     # -- the console's history (store/history.py) ------------------------------------------
 
