@@ -19,7 +19,7 @@ Rules every backend keeps:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -31,8 +31,9 @@ __all__ = [
     "HistoryAttempt",
     "HistoryEntry",
     "HistoryMessage",
+    "activity_buckets",
     "attempt_row",
-    "buckets",
+    "history_entries",
     "like_anywhere",
     "message_from_row",
     "message_row",
@@ -187,9 +188,30 @@ def like_anywhere(text: str) -> str:
     return f"%{escaped}%"
 
 
-def buckets(found: dict[int, list[int]], since: float, bucket: float) -> list[ActivityBucket]:
-    """Slot -> [messages, delivered, failed] as the non-empty buckets, oldest first."""
-    return [
-        ActivityBucket(since + slot * bucket, found[slot][0], found[slot][1], found[slot][2])
-        for slot in sorted(found)
-    ]
+def history_entries(
+    messages: Sequence[HistoryMessage], attempts: Iterable[HistoryAttempt]
+) -> list[HistoryEntry]:
+    """Each message with its recipients' latest attempts (of ``attempts`` oldest
+    first per message, the later wins)."""
+    latest: dict[str, dict[str, HistoryAttempt]] = {m.queue_id: {} for m in messages}
+    for attempt in attempts:
+        latest[attempt.queue_id][attempt.rcpt] = attempt
+    return [HistoryEntry(m, latest[m.queue_id]) for m in messages]
+
+
+def activity_buckets(
+    messages: Iterable[Sequence[Any]],
+    attempts: Iterable[Sequence[Any]],
+    since: float,
+    bucket: float,
+) -> list[ActivityBucket]:
+    """The non-empty buckets, oldest first, from rows of (slot, messages received)
+    and (slot, attempts delivered, attempts that called the API)."""
+    found: dict[int, list[int]] = {}
+    for slot, count in messages:
+        found.setdefault(int(slot), [0, 0, 0])[0] = int(count)
+    for slot, delivered, total in attempts:
+        counts = found.setdefault(int(slot), [0, 0, 0])
+        counts[1] = int(delivered)
+        counts[2] = int(total) - int(delivered)
+    return [ActivityBucket(since + slot * bucket, *found[slot]) for slot in sorted(found)]

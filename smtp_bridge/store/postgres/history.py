@@ -1,17 +1,17 @@
 """The console's history on the PostgreSQL store (:class:`~...history.History`).
 
 Every instance sharing the database writes here, so each console shows all of
-them. The rules are in :mod:`smtp_bridge.store.history`; the SQL mirrors
-SQLite's (:mod:`smtp_bridge.store.sqlite.history`): same order, same search,
-same trimming.
+them. The rules are in :mod:`smtp_bridge.store.history`; the search, a
+message's page and the trimming are SQLite's statements (:mod:`..history_sql`).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Final
 
+from .. import history_sql
 from ..history import (
     HISTORY_ATTEMPT_COLUMNS,
     HISTORY_MESSAGE_COLUMNS,
@@ -19,14 +19,15 @@ from ..history import (
     HistoryAttempt,
     HistoryEntry,
     HistoryMessage,
+    activity_buckets,
     attempt_row,
-    buckets,
-    like_anywhere,
+    history_entries,
     message_from_row,
     message_row,
 )
 from .db import Conn, Database
 from .rows import ROWS_PER_STATEMENT
+from .schema import DIALECT
 
 __all__ = ["HistoryMixin"]
 
@@ -99,38 +100,16 @@ class HistoryMixin:
         self, query: str = "", *, limit: int = 50, before: float | None = None
     ) -> list[HistoryEntry]:
         """Newest first; exact on queue id and Message-ID, substring on the rest."""
-        where: list[str] = []
-        params: list[Any] = []
-        query = query.strip()
-        if query:
-            bare = query.strip("<>")
-            like = like_anywhere(query)
-            where.append(
-                "(queue_id = %s OR message_id IN (%s, %s)"
-                " OR mail_from ILIKE %s ESCAPE '\\'"
-                " OR rcpts ILIKE %s ESCAPE '\\'"
-                " OR subject ILIKE %s ESCAPE '\\')"
-            )
-            params += [query, bare, f"<{bare}>", like, like, like]
-        if before is not None:
-            where.append("received_at < %s")
-            params.append(before)
-        sql = f"SELECT {HISTORY_MESSAGE_COLUMNS} FROM history_messages"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY received_at DESC, queue_id DESC LIMIT %s"
-        params.append(limit)
+        search = history_sql.search_query(DIALECT, query, limit, before)
 
         async def read(conn: Conn) -> list[HistoryEntry]:
-            cursor = await conn.execute(sql, params)
+            cursor = await conn.execute(*search)
             messages = [message_from_row(row) for row in await cursor.fetchall()]
-            latest: dict[str, dict[str, HistoryAttempt]] = {m.queue_id: {} for m in messages}
-            if latest:
-                cursor = await conn.execute(_LATEST, (list(latest),))
-                for row in await cursor.fetchall():
-                    attempt = HistoryAttempt(*row)
-                    latest[attempt.queue_id][attempt.rcpt] = attempt
-            return [HistoryEntry(m, latest[m.queue_id]) for m in messages]
+            if not messages:
+                return []
+            cursor = await conn.execute(_LATEST, ([m.queue_id for m in messages],))
+            attempts = [HistoryAttempt(*row) for row in await cursor.fetchall()]
+            return history_entries(messages, attempts)
 
         return await self._db.run("search history", read, snapshot=True)
 
@@ -138,59 +117,42 @@ class HistoryMixin:
         self, queue_id: str
     ) -> tuple[HistoryMessage | None, list[HistoryAttempt]]:
         """One message's history row (None if unknown) and its attempts, oldest first."""
+        message, attempts = history_sql.message_page_queries(DIALECT, queue_id)
 
         async def read(conn: Conn) -> tuple[HistoryMessage | None, list[HistoryAttempt]]:
-            cursor = await conn.execute(
-                f"SELECT {HISTORY_MESSAGE_COLUMNS} FROM history_messages WHERE queue_id = %s",
-                (queue_id,),
-            )
+            cursor = await conn.execute(*message)
             row = await cursor.fetchone()
-            cursor = await conn.execute(
-                f"SELECT {HISTORY_ATTEMPT_COLUMNS} FROM history_attempts"
-                " WHERE queue_id = %s ORDER BY at, id",
-                (queue_id,),
-            )
-            attempts = [HistoryAttempt(*r) for r in await cursor.fetchall()]
-            return (message_from_row(row) if row is not None else None), attempts
+            cursor = await conn.execute(*attempts)
+            found = [HistoryAttempt(*r) for r in await cursor.fetchall()]
+            return (message_from_row(row) if row is not None else None), found
 
         return await self._db.run("read history", read, snapshot=True)
 
     async def history_activity(self, since: float, bucket: float) -> list[ActivityBucket]:
         """Messages and API answers per ``bucket`` seconds since ``since``, oldest first."""
 
-        async def read(conn: Conn) -> dict[int, list[int]]:
-            found: dict[int, list[int]] = {}
+        async def read(conn: Conn) -> list[ActivityBucket]:
             cursor = await conn.execute(
                 "SELECT floor((received_at - %s) / %s)::bigint AS slot, count(*)"
                 " FROM history_messages WHERE received_at >= %s GROUP BY slot",
                 (since, bucket, since),
             )
-            for slot, count in await cursor.fetchall():
-                found.setdefault(int(slot), [0, 0, 0])[0] = int(count)
+            messages = await cursor.fetchall()
             cursor = await conn.execute(
                 "SELECT floor((at - %s) / %s)::bigint AS slot,"
                 " count(*) FILTER (WHERE state = 'delivered'), count(*)"
                 " FROM history_attempts WHERE at >= %s AND result <> '' GROUP BY slot",
                 (since, bucket, since),
             )
-            for slot, delivered, total in await cursor.fetchall():
-                counts = found.setdefault(int(slot), [0, 0, 0])
-                counts[1] = int(delivered)
-                counts[2] = int(total) - int(delivered)
-            return found
+            return activity_buckets(messages, await cursor.fetchall(), since, bucket)
 
-        found = await self._db.run("read activity", read, snapshot=True)
-        return buckets(found, since, bucket)
+        return await self._db.run("read activity", read, snapshot=True)
 
     async def trim_history(self, before: float) -> int:
         """Forget messages received and attempts made before ``before``; rows removed."""
+        queries = history_sql.trim_queries(DIALECT, before)
 
         async def write(conn: Conn) -> int:
-            removed = await conn.execute(
-                "DELETE FROM history_messages WHERE received_at < %s", (before,)
-            )
-            count = removed.rowcount
-            removed = await conn.execute("DELETE FROM history_attempts WHERE at < %s", (before,))
-            return count + removed.rowcount
+            return sum([(await conn.execute(*query)).rowcount for query in queries])
 
         return await self._db.run("trim history", write)

@@ -8,9 +8,10 @@ reads on its reader thread. The rules are in :mod:`smtp_bridge.store.history`.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Iterator, Sequence
+from typing import Final
 
+from .. import history_sql
 from ..history import (
     HISTORY_ATTEMPT_COLUMNS,
     HISTORY_MESSAGE_COLUMNS,
@@ -18,12 +19,13 @@ from ..history import (
     HistoryAttempt,
     HistoryEntry,
     HistoryMessage,
+    activity_buckets,
     attempt_row,
-    buckets,
-    like_anywhere,
+    history_entries,
     message_from_row,
     message_row,
 )
+from .schema import DIALECT
 
 __all__ = ["activity", "message_page", "record", "search", "trim"]
 
@@ -55,92 +57,49 @@ def search(
     conn: sqlite3.Connection, query: str, limit: int, before: float | None
 ) -> list[HistoryEntry]:
     """Newest first; exact on queue id and Message-ID, substring on the rest."""
-    where: list[str] = []
-    params: list[Any] = []
-    query = query.strip()
-    if query:
-        bare = query.strip("<>")
-        like = like_anywhere(query)
-        # LIKE is case-insensitive for ASCII in SQLite; lower() covers the rest.
-        where.append(
-            "(queue_id = ? OR message_id IN (?, ?)"
-            " OR lower(mail_from) LIKE lower(?) ESCAPE '\\'"
-            " OR lower(rcpts) LIKE lower(?) ESCAPE '\\'"
-            " OR lower(subject) LIKE lower(?) ESCAPE '\\')"
-        )
-        params += [query, bare, f"<{bare}>", like, like, like]
-    if before is not None:
-        where.append("received_at < ?")
-        params.append(before)
-    sql = f"SELECT {HISTORY_MESSAGE_COLUMNS} FROM history_messages"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY received_at DESC, queue_id DESC LIMIT ?"
-    params.append(limit)
-    messages = [message_from_row(row) for row in conn.execute(sql, params)]
-    latest: dict[str, dict[str, HistoryAttempt]] = {m.queue_id: {} for m in messages}
-    ids = list(latest)
-    for i in range(0, len(ids), _IN_CHUNK):
-        chunk = ids[i : i + _IN_CHUNK]
-        marks = ", ".join("?" * len(chunk))
-        rows = conn.execute(
-            f"SELECT {HISTORY_ATTEMPT_COLUMNS} FROM history_attempts"
-            f" WHERE queue_id IN ({marks}) ORDER BY at, id",
-            chunk,
-        )
-        for row in rows:
-            attempt = _attempt(row)
-            latest[attempt.queue_id][attempt.rcpt] = attempt  # later rows win
-    return [HistoryEntry(m, latest[m.queue_id]) for m in messages]
+    found = conn.execute(*history_sql.search_query(DIALECT, query, limit, before))
+    messages = [message_from_row(row) for row in found]
+    return history_entries(messages, _attempts_of(conn, [m.queue_id for m in messages]))
 
 
 def message_page(
     conn: sqlite3.Connection, queue_id: str
 ) -> tuple[HistoryMessage | None, list[HistoryAttempt]]:
     """One message and every attempt for it, oldest first."""
-    row = conn.execute(
-        f"SELECT {HISTORY_MESSAGE_COLUMNS} FROM history_messages WHERE queue_id = ?",
-        (queue_id,),
-    ).fetchone()
-    attempts = [
-        _attempt(r)
-        for r in conn.execute(
-            f"SELECT {HISTORY_ATTEMPT_COLUMNS} FROM history_attempts"
-            " WHERE queue_id = ? ORDER BY at, id",
-            (queue_id,),
-        )
-    ]
-    return (message_from_row(row) if row is not None else None), attempts
+    message, attempts = history_sql.message_page_queries(DIALECT, queue_id)
+    row = conn.execute(*message).fetchone()
+    found = [HistoryAttempt(*r) for r in conn.execute(*attempts)]
+    return (message_from_row(row) if row is not None else None), found
 
 
 def activity(conn: sqlite3.Connection, since: float, bucket: float) -> list[ActivityBucket]:
     """Messages and attempts per ``bucket`` seconds since ``since``."""
-    found: dict[int, list[int]] = {}
-    for slot, count in conn.execute(
+    messages = conn.execute(
         "SELECT CAST((received_at - ?) / ? AS INTEGER) AS slot, count(*)"
         " FROM history_messages WHERE received_at >= ? GROUP BY slot",
         (since, bucket, since),
-    ):
-        found.setdefault(slot, [0, 0, 0])[0] = count
-    for slot, delivered, total in conn.execute(
+    ).fetchall()
+    attempts = conn.execute(
         "SELECT CAST((at - ?) / ? AS INTEGER) AS slot,"
         " sum(state = 'delivered'), count(*)"
         " FROM history_attempts WHERE at >= ? AND result != '' GROUP BY slot",
         (since, bucket, since),
-    ):
-        counts = found.setdefault(slot, [0, 0, 0])
-        counts[1] = delivered
-        counts[2] = total - delivered
-    return buckets(found, since, bucket)
+    ).fetchall()
+    return activity_buckets(messages, attempts, since, bucket)
 
 
 def trim(conn: sqlite3.Connection, before: float) -> int:
     """Delete what is older than ``before``; rows removed."""
-    removed = conn.execute("DELETE FROM history_messages WHERE received_at < ?", (before,))
-    count = removed.rowcount
-    removed = conn.execute("DELETE FROM history_attempts WHERE at < ?", (before,))
-    return count + removed.rowcount
+    return sum(conn.execute(*query).rowcount for query in history_sql.trim_queries(DIALECT, before))
 
 
-def _attempt(row: tuple[Any, ...]) -> HistoryAttempt:
-    return HistoryAttempt(*row)
+def _attempts_of(conn: sqlite3.Connection, queue_ids: Sequence[str]) -> Iterator[HistoryAttempt]:
+    """Every attempt of the messages ``queue_ids``, oldest first per message."""
+    for i in range(0, len(queue_ids), _IN_CHUNK):
+        where, params = DIALECT.one_of("queue_id", queue_ids[i : i + _IN_CHUNK])
+        rows = conn.execute(
+            f"SELECT {HISTORY_ATTEMPT_COLUMNS} FROM history_attempts WHERE {where} ORDER BY at, id",
+            params,
+        )
+        for row in rows:
+            yield HistoryAttempt(*row)
