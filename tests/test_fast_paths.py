@@ -138,6 +138,8 @@ GETADDR_CASES = [
     "", "<>", "<a@b.c>", "a@b.c", "<a@b.c> SIZE=100 BODY=8BITMIME", " <a@b.c>", "<a@b.c",
     "<@relay:a@b.c>", '<"quoted local"@b.c>', "<a..b@c>", "<ü@example.com>", "<a@[192.0.2.1]>",
     "not an address", "<" + "x" * 70 + "@b.c>", "a@b.c trailing", "<a@b.c>>", "(comment) <a@b>",
+    "<a@b.c> (comment) SIZE=1", "<a@b.c>\t\tSIZE=1", "\t<a.b@c.d>", "<a@b.c.>", "<.a@b>",
+    "<a@b.c>(c)", "\x0b<a@b.c>", "<a@b.c>  ", "<o'neil+x@b-c.d> BODY=8BITMIME",
 ]  # fmt: skip
 
 
@@ -165,3 +167,18 @@ def test_getaddr_matches_aiosmtpd(arg: str, limit: int) -> None:
 @given(st.text(max_size=60))
 def test_getaddr_matches_aiosmtpd_on_any_text(arg: str) -> None:
     assert BridgeSMTP._getaddr(stub(64), arg) == aiosmtpd_getaddr(64, arg)
+
+
+#: Pieces of MAIL/RCPT arguments, ordinary and hostile, that the fast path for
+#: "<dot-atom@dot-atom> params" meets or must leave to the tokenizer.
+_ADDRESS_PARTS = st.sampled_from([
+    "a", "Z9", "user.name", "x+tag", "o'neil", "{}|~^`", "..", ".", "@", "<", ">", " ", "\t",
+    "(c)", '"q"', "ü", "[", "]", "\r\n", "\x00", "SIZE=1", "=", ",", ";", ":", "\\",
+])  # fmt: skip
+
+
+@settings(max_examples=400)
+@given(st.lists(_ADDRESS_PARTS, max_size=12).map("".join), st.sampled_from([0, 5, 64]))
+def test_getaddr_matches_aiosmtpd_on_address_like_text(body: str, limit: int) -> None:
+    for arg in (body, f"<{body}>", f"<{body}@example.org> {body}", f" <a.b@{body}>{body}"):
+        assert BridgeSMTP._getaddr(stub(limit), arg) == aiosmtpd_getaddr(limit, arg), arg
