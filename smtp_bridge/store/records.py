@@ -18,6 +18,7 @@ __all__ = [
     "DEDUP_STATES",
     "FINAL_STATES",
     "Guard",
+    "GuardRequest",
     "GuardState",
     "MessageRecord",
     "Notice",
@@ -87,6 +88,23 @@ class Guard:
     @property
     def possibly_sent(self) -> bool:
         return self.acquired and self.state in (GuardState.UNKNOWN, GuardState.SENDING)
+
+
+@dataclass(frozen=True, slots=True)
+class GuardRequest:
+    """A copy asking the ledger for guards: every backend's ``acquire`` takes one.
+
+    ``holder``: the copy's queue id. ``state``: SENDING (its call goes out now,
+    until ``until``) or QUEUED (it waits in the spool). ``ttl``: the dedup window
+    of the message's key. ``owner``: the process or instance holding SENDING.
+    """
+
+    holder: str
+    state: GuardState
+    now: float
+    ttl: float
+    until: float | None = None
+    owner: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from ..outcomes import RecipientState
 from .records import (
     ANONYMOUS_KEY_PREFIX,
     Guard,
+    GuardRequest,
     GuardState,
     MessageRecord,
     RecipientRecord,
@@ -29,6 +30,8 @@ __all__ = [
     "check_recipients",
     "claimable",
     "decide",
+    "decide_all",
+    "GuardRequests",
     "guard_after",
     "live",
     "message_from_row",
@@ -104,6 +107,46 @@ def decide(row: LedgerRow | None, holder: str, now: float, ttl: float) -> Guard:
         return Guard(True)
     free = row.holder == holder or row.state is GuardState.UNKNOWN or _cut(row, now)
     return Guard(free, row.state, row.holder, row.until)
+
+
+class GuardRequests:
+    """A backend's dedup window per message key, and the guard requests made of
+    it: the same for every backend (each says who holds SENDING guards)."""
+
+    _dedup_ttl: float
+    _anonymous_ttl: float
+
+    def _guard_owner(self) -> str | None:
+        raise NotImplementedError
+
+    def _ttl(self, message_key: str) -> float:
+        """How long the outcome of a message with this key is remembered."""
+        return ttl_for(message_key, self._dedup_ttl, self._anonymous_ttl)
+
+    def _queued(self, queue_id: str, message_key: str, now: float) -> GuardRequest:
+        """A copy's request for the guards of the recipients it spools."""
+        return GuardRequest(queue_id, GuardState.QUEUED, now, self._ttl(message_key))
+
+    def _sending(self, queue_id: str, message_key: str, now: float, lease: float) -> GuardRequest:
+        """A copy's request for guards to send now, for ``lease`` seconds."""
+        ttl, owner = self._ttl(message_key), self._guard_owner()
+        return GuardRequest(queue_id, GuardState.SENDING, now, ttl, now + lease, owner)
+
+
+def decide_all(
+    message_key: str, rcpts: Sequence[str], rows: dict[str, LedgerRow], request: GuardRequest
+) -> tuple[dict[str, Guard], list[tuple[Any, ...]]]:
+    """:func:`decide` for each of ``rcpts`` (lower-cased) given their ``rows``: the
+    guards, and the dedup rows to upsert for those taken (message_key, rcpt,
+    queue_id, state, updated_at, lease_until, owner)."""
+    guards: dict[str, Guard] = {}
+    taken: list[tuple[Any, ...]] = []
+    r = request
+    for rcpt in rcpts:
+        guards[rcpt] = guard = decide(rows.get(rcpt), r.holder, r.now, r.ttl)
+        if guard.acquired:
+            taken.append((message_key, rcpt, r.holder, r.state.value, r.now, r.until, r.owner))
+    return guards, taken
 
 
 def claimable(row: LedgerRow | None, holder: str, now: float) -> tuple[bool, GuardState | None]:

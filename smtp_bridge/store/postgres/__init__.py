@@ -26,7 +26,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Final
+from typing import Final
 
 import psycopg
 
@@ -35,18 +35,18 @@ from ..records import (
     CONTENT_DONE_STATES,
     Admission,
     Guard,
-    GuardState,
+    GuardRequest,
     MessageRecord,
     Notice,
     RecipientRecord,
     StoreError,
 )
 from ..rules import (
+    GuardRequests,
     check_recipients,
     message_values,
     opening_rows,
     spooled_copy,
-    ttl_for,
     waits_in_spool,
 )
 from . import ledger
@@ -83,7 +83,7 @@ _REUSED_MESSAGE_ID: Final = (
 _SKEW_WARNING: Final = 1.0
 
 
-class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
+class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin, GuardRequests):
     """The PostgreSQL state store. Create with ``await PostgresStore.open(url)``."""
 
     def __init__(
@@ -232,18 +232,12 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
         now = self._clock()
         rows = [self._stamped(r) for r in opening_rows(message, rcpts)]
         check_recipients(message, rows)
-        key, ttl = message.message_key, self._ttl(message.message_key)
-        guard: dict[str, Any] = {
-            "holder": message.queue_id,
-            "state": GuardState.SENDING,
-            "until": now + lease,
-            "now": now,
-            "owner": self.token,
-        }
+        key = message.message_key
+        request = self._sending(message.queue_id, key, now, lease)
         wanted = sorted({rcpt.lower() for rcpt in rcpts})
         if len(wanted) > ROWS_PER_STATEMENT:
-            return await self._open_large(message, rows, guard, ttl)
-        ctes, params = ledger.take_free(key, wanted, **guard)
+            return await self._open_large(message, rows, request)
+        ctes, params = ledger.take_free(key, wanted, request)
         sql = (
             f"WITH {ctes}, message AS ({MESSAGE_INSERT}),"
             f" recipient_rows AS ({recipients_insert(len(rows), upsert=False)})"
@@ -256,7 +250,7 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
             cursor = await conn.execute(sql, params)
             found = await cursor.fetchone()
             taken, reused = (set(found[0]), found[1] or "") if found else (set(), "")
-            guards = await ledger.acquire_rest(conn, key, wanted, taken, ttl=ttl, **guard)
+            guards = await ledger.acquire_rest(conn, key, wanted, taken, request)
             return Admission(guards, reused)
 
         return await self._db.run("open message", write)
@@ -265,17 +259,16 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
         self,
         message: MessageRecord,
         rows: Sequence[RecipientRecord],
-        guard: dict[str, Any],
-        ttl: float,
+        request: GuardRequest,
     ) -> Admission:
         """open_message for more recipients than one statement takes: several, one commit."""
 
         async def write(conn: Conn) -> Admission:
-            reused = await self._reused_message_id(conn, message, guard["now"])
+            reused = await self._reused_message_id(conn, message, request.now)
             await conn.execute(MESSAGE_INSERT, message_values(message))
             await insert_rows(conn, rows)
             rcpts = [row.rcpt for row in rows]
-            guards = await ledger.acquire(conn, message.message_key, rcpts, ttl=ttl, **guard)
+            guards = await ledger.acquire(conn, message.message_key, rcpts, request)
             return Admission(guards, reused)
 
         return await self._db.run("open message", write)
@@ -284,20 +277,10 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
         self, message_key: str, rcpts: Sequence[str], *, queue_id: str, lease: float
     ) -> dict[str, Guard]:
         """Ask again for guards another copy held (see base.Ledger)."""
-        now = self._clock()
+        request = self._sending(queue_id, message_key, self._clock(), lease)
 
         async def write(conn: Conn) -> dict[str, Guard]:
-            return await ledger.acquire(
-                conn,
-                message_key,
-                rcpts,
-                holder=queue_id,
-                state=GuardState.SENDING,
-                until=now + lease,
-                now=now,
-                ttl=self._ttl(message_key),
-                owner=self.token,
-            )
+            return await ledger.acquire(conn, message_key, rcpts, request)
 
         return await self._db.run("acquire", write)
 
@@ -345,21 +328,12 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
         """Queue mode's spool: a message and its recipients in one transaction (see base.Ledger)."""
         check_recipients(message, recipients)
         now = self._clock()
-        ttl = self._ttl(message.message_key)
+        request = self._queued(message.queue_id, message.message_key, now)
 
         async def write(conn: Conn) -> Admission:
             reused = await self._reused_message_id(conn, message, now)
             spooled = [r.rcpt for r in recipients if waits_in_spool(r)]
-            guards = await ledger.acquire(
-                conn,
-                message.message_key,
-                spooled,
-                holder=message.queue_id,
-                state=GuardState.QUEUED,
-                until=None,
-                now=now,
-                ttl=ttl,
-            )
+            guards = await ledger.acquire(conn, message.message_key, spooled, request)
             kept, rows = spooled_copy(message, recipients, guards)
             await self._insert_message(conn, kept, rows)
             return Admission(guards, reused)
@@ -438,9 +412,8 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin):
         if message.content is not None:
             await conn.execute(NOTIFY)
 
-    def _ttl(self, message_key: str) -> float:
-        """How long the outcome of a message with this key is remembered."""
-        return ttl_for(message_key, self._dedup_ttl, self._anonymous_ttl)
+    def _guard_owner(self) -> str | None:
+        return self.token  # this instance (its claims are fenced by it)
 
     async def _reused_message_id(self, conn: Conn, message: MessageRecord, now: float) -> str:
         """The queue id of an earlier message with this Message-ID and other content, or ""."""

@@ -10,7 +10,7 @@ from collections.abc import Callable, Collection
 
 from ...outcomes import RecipientState
 from .. import admin_sql
-from ..records import GuardState, MessageRecord, RecipientRecord
+from ..records import GuardRequest, MessageRecord, RecipientRecord
 from . import ledger
 from .db import Conn, Database
 from .rows import NOTIFY, message_row, recipient_row
@@ -25,6 +25,7 @@ class QueueAdminMixin:
     _db: Database
     _clock: Callable[[], float]
     _ttl: Callable[[str], float]
+    _queued: Callable[[str, str, float], GuardRequest]
 
     async def get_message(
         self, queue_id: str
@@ -80,16 +81,7 @@ class QueueAdminMixin:
             cursor = await conn.execute(*plan.resendable)
             for key, rcpt, holder in await cursor.fetchall():
                 # Back in the spool: its guard again, unless another copy has it now.
-                await ledger.acquire(
-                    conn,
-                    key,
-                    [rcpt],
-                    holder=holder,
-                    state=GuardState.QUEUED,
-                    until=None,
-                    now=now,
-                    ttl=self._ttl(key),
-                )
+                await ledger.acquire(conn, key, [rcpt], self._queued(holder, key, now))
             revived = (await conn.execute(*plan.revive)).rowcount
             hurried = 0 if plan.hurry is None else (await conn.execute(*plan.hurry)).rowcount
             cursor = await conn.execute(*plan.stuck)

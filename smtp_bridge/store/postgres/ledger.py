@@ -15,8 +15,15 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from ...outcomes import RecipientState
-from ..records import Guard, GuardState, RecipientRecord
-from ..rules import LedgerRow, claimable, decide, guard_after, remembered_state, untouched
+from ..records import Guard, GuardRequest, GuardState, RecipientRecord
+from ..rules import (
+    LedgerRow,
+    claimable,
+    decide_all,
+    guard_after,
+    remembered_state,
+    untouched,
+)
 from .db import execute_rows
 
 __all__ = [
@@ -132,14 +139,7 @@ async def remembered(
 
 
 def take_free(
-    message_key: str,
-    wanted: Sequence[str],
-    *,
-    holder: str,
-    state: GuardState,
-    until: float | None,
-    now: float,
-    owner: str | None,
+    message_key: str, wanted: Sequence[str], request: GuardRequest
 ) -> tuple[str, list[Any]]:
     """Two CTEs, ``locks`` and ``taken``: lock the pairs of ``wanted`` (lower-cased,
     sorted), then take each guard that has no row at all; ``taken`` returns the
@@ -157,24 +157,16 @@ def take_free(
         f" FROM {values(len(wanted), '(%s)')} AS t(rcpt) CROSS JOIN locks"
         " ON CONFLICT (message_key, rcpt) DO NOTHING RETURNING rcpt)"
     )
+    r = request
     params: list[Any] = pair_params((message_key, rcpt) for rcpt in wanted)
-    params += [message_key, holder, state.value, now, until, owner, *wanted]
+    params += [message_key, r.holder, r.state.value, r.now, r.until, r.owner, *wanted]
     return sql, params
 
 
 async def acquire(
-    conn: Conn,
-    message_key: str,
-    rcpts: Iterable[str],
-    *,
-    holder: str,
-    state: GuardState,
-    until: float | None,
-    now: float,
-    ttl: float,
-    owner: str | None = None,
+    conn: Conn, message_key: str, rcpts: Iterable[str], request: GuardRequest
 ) -> dict[str, Guard]:
-    """Take the guard of each free recipient for ``holder`` as ``state`` (as SQLite's).
+    """Take the guard of each free recipient for ``request`` (the rules: rules.decide).
 
     :data:`CHUNK` recipients a statement, in one sorted order (no lock cycles).
     """
@@ -182,55 +174,21 @@ async def acquire(
     guards: dict[str, Guard] = {}
     for start in range(0, len(wanted), CHUNK):
         chunk = wanted[start : start + CHUNK]
-        ctes, params = take_free(
-            message_key, chunk, holder=holder, state=state, until=until, now=now, owner=owner
-        )
+        ctes, params = take_free(message_key, chunk, request)
         cursor = await conn.execute(f"WITH {ctes} SELECT rcpt FROM taken", params)
         taken = {row[0] for row in await cursor.fetchall()}
-        guards |= await acquire_rest(
-            conn,
-            message_key,
-            chunk,
-            taken,
-            holder=holder,
-            state=state,
-            until=until,
-            now=now,
-            ttl=ttl,
-            owner=owner,
-        )
+        guards |= await acquire_rest(conn, message_key, chunk, taken, request)
     return guards
 
 
 async def acquire_rest(
-    conn: Conn,
-    message_key: str,
-    wanted: Sequence[str],
-    taken: set[str],
-    *,
-    holder: str,
-    state: GuardState,
-    until: float | None,
-    now: float,
-    ttl: float,
-    owner: str | None,
+    conn: Conn, message_key: str, wanted: Sequence[str], taken: set[str], request: GuardRequest
 ) -> dict[str, Guard]:
     """After :func:`take_free`: decide the guards it found a row for (locked already)."""
-    guards = {rcpt: Guard(True) for rcpt in taken}
     rest = [rcpt for rcpt in wanted if rcpt not in taken]
-    if not rest:
-        return guards
-    rows = await held(conn, message_key, rest)
-    moved: list[str] = []
-    for rcpt in rest:
-        guards[rcpt] = guard = decide(rows.get(rcpt), holder, now, ttl)
-        if guard.acquired:
-            moved.append(rcpt)
-    await execute_rows(
-        conn,
-        _UPSERT,
-        [(message_key, rcpt, holder, state.value, now, until, owner) for rcpt in moved],
-    )
+    guards, moved = decide_all(message_key, rest, await held(conn, message_key, rest), request)
+    await execute_rows(conn, _UPSERT, moved)
+    guards |= {rcpt: Guard(True) for rcpt in taken}
     return {rcpt: guards[rcpt] for rcpt in wanted}
 
 

@@ -17,7 +17,6 @@ from ..records import (
     CONTENT_DONE_STATES,
     Admission,
     Guard,
-    GuardState,
     MessageRecord,
     Notice,
     RecipientRecord,
@@ -61,22 +60,13 @@ class SQLiteStore(SpoolOps, AdminOps):
         """Before the calls of direct and hybrid mode, in one commit (see base.Ledger)."""
         now = self._clock()
         rows = opening_rows(message, rcpts)
+        request = self._sending(message.queue_id, message.message_key, now, lease)
 
         def write(conn: sqlite3.Connection) -> Admission:
             reused = self._reused_message_id(conn, message, now)
             # Rows only: their guards are taken just below (nothing to release).
             self._insert_message(conn, message, rows, guards=False)
-            guards = ledger.acquire(
-                conn,
-                message.message_key,
-                rcpts,
-                holder=message.queue_id,
-                state=GuardState.SENDING,
-                until=now + lease,
-                now=now,
-                ttl=self._ttl(message.message_key),
-                owner=self._owner,
-            )
+            guards = ledger.acquire(conn, message.message_key, rcpts, request)
             return Admission(guards, reused)
 
         return await self._write("open message", write)
@@ -85,20 +75,10 @@ class SQLiteStore(SpoolOps, AdminOps):
         self, message_key: str, rcpts: Sequence[str], *, queue_id: str, lease: float
     ) -> dict[str, Guard]:
         """Ask again for guards another copy held (see base.Ledger)."""
-        now = self._clock()
+        request = self._sending(queue_id, message_key, self._clock(), lease)
 
         def write(conn: sqlite3.Connection) -> dict[str, Guard]:
-            return ledger.acquire(
-                conn,
-                message_key,
-                rcpts,
-                holder=queue_id,
-                state=GuardState.SENDING,
-                until=now + lease,
-                now=now,
-                ttl=self._ttl(message_key),
-                owner=self._owner,
-            )
+            return ledger.acquire(conn, message_key, rcpts, request)
 
         return await self._write("acquire", write)
 
@@ -138,21 +118,12 @@ class SQLiteStore(SpoolOps, AdminOps):
         """Queue mode's spool: a message and its recipients in one transaction (see base.Ledger)."""
         check_recipients(message, recipients)  # before the writer: the caller's error
         now = self._clock()
-        ttl = self._ttl(message.message_key)
+        request = self._queued(message.queue_id, message.message_key, now)
 
         def write(conn: sqlite3.Connection) -> Admission:
             reused = self._reused_message_id(conn, message, now)
             spooled = [r.rcpt for r in recipients if waits_in_spool(r)]
-            guards = ledger.acquire(
-                conn,
-                message.message_key,
-                spooled,
-                holder=message.queue_id,
-                state=GuardState.QUEUED,
-                until=None,
-                now=now,
-                ttl=ttl,
-            )
+            guards = ledger.acquire(conn, message.message_key, spooled, request)
             kept, rows = spooled_copy(message, recipients, guards)
             self._insert_message(conn, kept, rows)
             return Admission(guards, reused)

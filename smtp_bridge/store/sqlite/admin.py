@@ -13,7 +13,7 @@ from collections.abc import Collection, Sequence
 from ...outcomes import RecipientState
 from .. import admin_sql
 from ..history import ActivityBucket, HistoryAttempt, HistoryEntry, HistoryMessage
-from ..records import GuardState, MessageRecord, RecipientRecord
+from ..records import MessageRecord, RecipientRecord
 from ..rules import message_from_row, recipient_from_row
 from . import history, ledger
 from .core import SQLiteCore
@@ -72,16 +72,7 @@ class AdminOps(SQLiteCore):
         def write(conn: sqlite3.Connection) -> tuple[int, int]:
             for key, rcpt, holder in conn.execute(*plan.resendable).fetchall():
                 # Back in the spool: its guard again, unless another copy has it now.
-                ledger.acquire(
-                    conn,
-                    key,
-                    [rcpt],
-                    holder=holder,
-                    state=GuardState.QUEUED,
-                    until=None,
-                    now=now,
-                    ttl=self._ttl(key),
-                )
+                ledger.acquire(conn, key, [rcpt], self._queued(holder, key, now))
             revived = conn.execute(*plan.revive).rowcount
             hurried = 0 if plan.hurry is None else conn.execute(*plan.hurry).rowcount
             (stuck,) = conn.execute(*plan.stuck).fetchone()

@@ -19,10 +19,10 @@ from ..records import MessageRecord, RecipientRecord
 from ..rules import (
     MESSAGE_COLUMNS,
     RECIPIENT_COLUMNS,
+    GuardRequests,
     check_recipients,
     message_values,
     recipient_values,
-    ttl_for,
 )
 from . import ledger
 from .schema import DIALECT, MIGRATIONS, SCHEMA_VERSION
@@ -36,7 +36,7 @@ _T = TypeVar("_T")
 BUSY_TIMEOUT_MS: Final = 5000
 
 
-class SQLiteCore:
+class SQLiteCore(GuardRequests):
     """What every part of the SQLite store stands on. Open with ``await open(path)``."""
 
     def __init__(
@@ -290,8 +290,8 @@ class SQLiteCore:
         for query in spool_sql.settle_cut(DIALECT, key, rcpt, holder, now):
             conn.execute(*query)
 
-    def _ttl(self, message_key: str) -> float:
-        return ttl_for(message_key, self._dedup_ttl, self._anonymous_ttl)
+    def _guard_owner(self) -> str | None:
+        return self._owner  # this process (its lock file says whether it lives)
 
     def _reused_message_id(
         self, conn: sqlite3.Connection, message: MessageRecord, now: float

@@ -11,11 +11,11 @@ from collections.abc import Iterable, Sequence
 from typing import Final
 
 from ...outcomes import RecipientState
-from ..records import Guard, GuardState, RecipientRecord
+from ..records import Guard, GuardRequest, GuardState, RecipientRecord
 from ..rules import (
     LedgerRow,
     claimable,
-    decide,
+    decide_all,
     guard_after,
     remembered_state,
     untouched,
@@ -67,38 +67,18 @@ def remembered(
 
 
 def acquire(
-    conn: sqlite3.Connection,
-    message_key: str,
-    rcpts: Iterable[str],
-    *,
-    holder: str,
-    state: GuardState,
-    until: float | None,
-    now: float,
-    ttl: float,
-    owner: str | None = None,
+    conn: sqlite3.Connection, message_key: str, rcpts: Iterable[str], request: GuardRequest
 ) -> dict[str, Guard]:
-    """Take the guard of each free recipient for ``holder`` as ``state`` (SENDING or QUEUED).
-
-    Free: nothing live, an UNKNOWN (the new attempt is a possible duplicate), a
-    SENDING whose lease ran out (the same), or a row ``holder`` holds already.
-    Taken by another: DELIVERED, QUEUED, or SENDING with a live lease.
-    """
+    """Take the guard of each free recipient for ``request`` (the rules: rules.decide)."""
     wanted = sorted({rcpt.lower() for rcpt in rcpts})
-    rows = held(conn, message_key, wanted)
-    guards: dict[str, Guard] = {}
-    taken: list[str] = []
-    for rcpt in wanted:
-        guards[rcpt] = guard = decide(rows.get(rcpt), holder, now, ttl)
-        if guard.acquired:
-            taken.append(rcpt)
+    guards, taken = decide_all(message_key, wanted, held(conn, message_key, wanted), request)
     conn.executemany(
         "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at, lease_until, owner)"
         " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (message_key, rcpt) DO UPDATE SET"
         " queue_id = excluded.queue_id, state = excluded.state,"
         " updated_at = excluded.updated_at, lease_until = excluded.lease_until,"
         " owner = excluded.owner",
-        [(message_key, rcpt, holder, state.value, now, until, owner) for rcpt in taken],
+        taken,
     )
     return guards
 
