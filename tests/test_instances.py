@@ -53,9 +53,12 @@ async def shared_spool_empty(b: Any) -> None:
     """
     worker = b.service.worker
     async with asyncio.timeout(WAIT):
-        while (await b.service._store.spool_stats()).depth:
+        while True:
+            done = worker.attempts_done  # before the look (see test_once.spool_drained)
+            if not (await b.service._store.spool_stats()).depth:
+                return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(worker.wait_attempts(worker.attempts_done + 1), 0.1)
+                await asyncio.wait_for(worker.wait_attempts(done + 1), 0.1)
 
 
 def calls(sandbox: Sandbox, code: int | None = None) -> Counter[str]:

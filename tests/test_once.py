@@ -75,8 +75,12 @@ def events(log_lines: Any, name: str) -> list[dict[str, Any]]:
 async def spool_drained(b: Any) -> None:
     worker = b.service.worker
     async with asyncio.timeout(WAIT):
-        while (await b.service._store.spool_stats()).depth:
-            await worker.wait_attempts(worker.attempts_done + 1)
+        while True:
+            # Counted before the look: an attempt that ends during it is not waited for.
+            done = worker.attempts_done
+            if not (await b.service._store.spool_stats()).depth:
+                return
+            await worker.wait_attempts(done + 1)
 
 
 async def states(b: Any, queue_id: str) -> dict[str, RecipientState]:

@@ -86,8 +86,12 @@ async def spool_drained(b: Any) -> None:
     """Wait until nothing waits in the spool, looking again after each finished attempt."""
     worker = b.service.worker
     async with asyncio.timeout(WAIT):
-        while (await b.service._store.spool_stats()).depth:
-            await worker.wait_attempts(worker.attempts_done + 1)
+        while True:
+            # Counted before the look: an attempt that ends during it is not waited for.
+            done = worker.attempts_done
+            if not (await b.service._store.spool_stats()).depth:
+                return
+            await worker.wait_attempts(done + 1)
 
 
 async def requests(b: Any, count: int) -> list[dict[str, Any]]:
