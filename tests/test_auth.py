@@ -13,17 +13,16 @@ from dataclasses import dataclass
 import pytest
 from pydantic import SecretStr
 
-from smtp_bridge import auth
 from smtp_bridge.auth import (
     Account,
     Authenticator,
-    AuthThrottle,
     Credentials,
     check_hash_format,
     hash_password,
     read_password_from,
     verify_password,
 )
+from smtp_bridge.auth_throttle import AuthThrottle, IPAddress
 
 FAST = 2**10  # keeps every hash in this file around a millisecond
 
@@ -303,7 +302,7 @@ IP = ipaddress.ip_address("192.0.2.7")
 OTHER = ipaddress.ip_address("192.0.2.8")
 
 
-def fail(throttle: AuthThrottle, ip: auth.IPAddress, times: int, now: float) -> None:
+def fail(throttle: AuthThrottle, ip: IPAddress, times: int, now: float) -> None:
     for _ in range(times):
         throttle.failure(ip, now)
 

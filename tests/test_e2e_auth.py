@@ -11,7 +11,8 @@ import pytest
 from conftest import TEST_KEY, TlsFiles
 
 from smtp_bridge import replies
-from smtp_bridge.auth import AuthThrottle, hash_password
+from smtp_bridge.auth import hash_password
+from smtp_bridge.auth_throttle import AuthThrottle
 from smtp_bridge.sandbox import fingerprint
 
 CRM_PASSWORD = "crm-pa55word-xyz"

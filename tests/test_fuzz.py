@@ -28,7 +28,8 @@ from conftest import make_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smtp_bridge.auth import AuthThrottle, hash_password
+from smtp_bridge.auth import hash_password
+from smtp_bridge.auth_throttle import AuthThrottle
 from smtp_bridge.logs import LOGGER, JsonFormatter, TextFormatter
 from smtp_bridge.sandbox import Sandbox
 from smtp_bridge.service import BridgeService

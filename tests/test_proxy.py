@@ -22,7 +22,8 @@ from conftest import TlsFiles, run_on_uvloop
 from smtp_raw import RawSmtp
 
 from smtp_bridge import replies
-from smtp_bridge.auth import AuthThrottle, hash_password
+from smtp_bridge.auth import hash_password
+from smtp_bridge.auth_throttle import AuthThrottle
 from smtp_bridge.config import ConfigError, parse_config
 
 WAIT = 15.0

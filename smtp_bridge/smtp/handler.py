@@ -17,7 +17,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from .. import history, replies
-from ..auth import AuthThrottle
+from ..auth_throttle import AuthThrottle
 from ..delivery import Delivery, IncomingMessage
 from ..errors import StoreError
 from ..logs import log_event
