@@ -2,14 +2,9 @@
 
 The thin IO layer between the delivery policy and the network. Its one hard job
 is telling "the request never left" (safe to retry, docs/replies.md ``451 4.4.1``)
-from "it left and we got no answer" (outcome unknown, ``451 4.4.2``).
-
-httpx_aiohttp maps aiohttp's exceptions lossily (``ServerDisconnectedError``, a
-``ClientConnectionError``, surfaces as ``httpx.ConnectTimeout``), so the
-original aiohttp exception is looked up in the exception chain first. When the
-client owns its aiohttp session it also traces whether a connection was ever
-obtained, which proves "never sent" for anything else that goes wrong earlier,
-including the whole-call timeout.
+from "it left and we got no answer" (outcome unknown, ``451 4.4.2``): the
+failure's exception and how far the call got (api_failures.py) decide it, and
+what the API answered is read by api_answers.py.
 
 Neither the API key nor exception text ever reaches an ApiResult, a log record
 or a repr: failures are described by fixed phrases.
@@ -18,17 +13,11 @@ or a repr: failures are described by fixed phrases.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import email.utils
-import errno
 import json
 import logging
 import time
-import unicodedata
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from types import SimpleNamespace, TracebackType
+from collections.abc import Callable
+from types import TracebackType
 from typing import Any, Literal, Self
 
 import aiohttp
@@ -36,6 +25,15 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 
 from smtp_bridge import __version__
+from smtp_bridge.api_answers import parse_api_body, parse_retry_after, read_capped
+from smtp_bridge.api_failures import (
+    CALL_PROGRESS,
+    Progress,
+    classify,
+    classify_deadline,
+    connection_trace,
+    origin,
+)
 from smtp_bridge.outcomes import ApiRequest, ApiResult, ResultKind
 
 __all__ = ["ApiClient", "USER_AGENT", "form_encode", "request_fields"]
@@ -44,9 +42,6 @@ log = logging.getLogger(__name__)
 
 USER_AGENT = f"smtp-bridge/{__version__}"
 
-#: The API answers a few dozen bytes; anything far larger is not the API.
-_MAX_BODY = 64 * 1024
-_MAX_MESSAGE = 200
 #: Idle keep-alive connections are dropped well before a typical server's own
 #: keep-alive timeout, so a POST rarely meets a connection the server is closing
 #: (aiohttp never retries a POST, and that race would read as "outcome unknown").
@@ -58,175 +53,6 @@ _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz01
 _FORM_BYTES = [
     chr(b) if b in _UNRESERVED else "+" if b == 0x20 else f"%{b:02X}" for b in range(256)
 ]
-#: Characters stripped from provider messages before they reach logs and records:
-#: controls, format characters (bidi overrides), lone surrogates, line separators.
-_STRIP_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
-
-
-@dataclass(slots=True)
-class _Progress:
-    """How far the current call got; proves "never sent" when nothing was connected."""
-
-    traced: bool = False  # our own aiohttp session reports connections below
-    admitted: bool = False  # a concurrency slot was acquired
-    connected: bool = False  # a connection was created or reused: bytes may have left
-
-
-_PROGRESS: contextvars.ContextVar[_Progress | None] = contextvars.ContextVar(
-    "smtp_bridge_api_progress", default=None
-)
-
-
-async def _on_connection(
-    session: aiohttp.ClientSession, ctx: SimpleNamespace, params: object
-) -> None:
-    progress = _PROGRESS.get()
-    if progress is not None:
-        progress.connected = True
-
-
-# --- exception classification --------------------------------------------------------
-
-_Table = tuple[tuple[type[BaseException], ResultKind, str], ...]
-
-
-def _optional(name: str, kind: ResultKind, text: str) -> _Table:
-    """An entry for an aiohttp exception that older aiohttp releases lack."""
-    cls = getattr(aiohttp, name, None)
-    return ((cls, kind, text),) if isinstance(cls, type) else ()
-
-
-# Order matters: subclasses before their bases. (exception type, kind, description)
-_AIOHTTP_CLASSES: _Table = (
-    *_optional("ClientConnectorDNSError", ResultKind.NEVER_SENT, "DNS lookup failed"),
-    (aiohttp.ClientConnectorCertificateError, ResultKind.NEVER_SENT, "TLS certificate rejected"),
-    (aiohttp.ClientSSLError, ResultKind.NEVER_SENT, "TLS handshake failed"),
-    (aiohttp.ClientProxyConnectionError, ResultKind.NEVER_SENT, "proxy connection failed"),
-    (aiohttp.ClientConnectorError, ResultKind.NEVER_SENT, "connection failed"),
-    (aiohttp.ConnectionTimeoutError, ResultKind.NEVER_SENT, "connect timed out"),
-    (aiohttp.ServerFingerprintMismatch, ResultKind.NEVER_SENT, "TLS fingerprint mismatch"),
-    (aiohttp.ClientHttpProxyError, ResultKind.NEVER_SENT, "proxy refused the connection"),
-    (aiohttp.InvalidURL, ResultKind.NEVER_SENT, "invalid API URL"),
-    (aiohttp.NonHttpUrlClientError, ResultKind.NEVER_SENT, "invalid API URL"),
-    (aiohttp.SocketTimeoutError, ResultKind.UNKNOWN, "timed out after sending"),
-    (aiohttp.ServerTimeoutError, ResultKind.UNKNOWN, "timed out after sending"),
-    (aiohttp.ServerDisconnectedError, ResultKind.UNKNOWN, "server disconnected after sending"),
-    (aiohttp.ClientConnectionResetError, ResultKind.UNKNOWN, "connection reset after sending"),
-    (aiohttp.ClientPayloadError, ResultKind.UNKNOWN, "response body incomplete"),
-    (aiohttp.ClientResponseError, ResultKind.UNKNOWN, "malformed response"),
-    *_optional("UploadAbortedError", ResultKind.UNKNOWN, "request body not fully sent"),
-    (aiohttp.ClientOSError, ResultKind.UNKNOWN, "connection error after sending"),
-)
-
-_HTTPX_CLASSES: _Table = (
-    (httpx.ConnectTimeout, ResultKind.NEVER_SENT, "connect timed out"),
-    (httpx.PoolTimeout, ResultKind.NEVER_SENT, "timed out waiting for a connection"),
-    (httpx.ConnectError, ResultKind.NEVER_SENT, "connection failed"),
-    (httpx.ProxyError, ResultKind.NEVER_SENT, "proxy connection failed"),
-    (httpx.UnsupportedProtocol, ResultKind.NEVER_SENT, "invalid API URL"),
-    (httpx.InvalidURL, ResultKind.NEVER_SENT, "invalid API URL"),
-    (httpx.ReadTimeout, ResultKind.UNKNOWN, "timed out after sending"),
-    (httpx.WriteTimeout, ResultKind.UNKNOWN, "timed out while sending"),
-    (httpx.ReadError, ResultKind.UNKNOWN, "connection error after sending"),
-    (httpx.WriteError, ResultKind.UNKNOWN, "connection error while sending"),
-    (httpx.RemoteProtocolError, ResultKind.UNKNOWN, "malformed response"),
-    (httpx.DecodingError, ResultKind.UNKNOWN, "malformed response body"),
-)
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    """``exc`` and its causes/contexts, outermost first, without cycles."""
-    seen: list[BaseException] = []
-    cur: BaseException | None = exc
-    while cur is not None and not any(cur is s for s in seen):
-        seen.append(cur)
-        cur = cur.__cause__ or cur.__context__
-    return seen
-
-
-def _lookup(exc: BaseException, table: _Table) -> tuple[ResultKind, str] | None:
-    for cls, kind, text in table:
-        if isinstance(exc, cls):
-            if cls is aiohttp.ClientConnectorError and _is_refused(exc):
-                return kind, "connection refused"
-            return kind, text
-    return None
-
-
-def _is_refused(exc: BaseException) -> bool:
-    os_error = getattr(exc, "os_error", None)
-    return isinstance(os_error, ConnectionRefusedError) or (
-        isinstance(os_error, OSError) and os_error.errno == errno.ECONNREFUSED
-    )
-
-
-def _classify(exc: BaseException, progress: _Progress) -> tuple[ResultKind, str]:
-    """Never sent or unknown, and a fixed description; never the exception's text."""
-    chain = _chain(exc)
-    # The original aiohttp exception is authoritative: httpx_aiohttp's mapping is lossy.
-    for link in chain:
-        found = _lookup(link, _AIOHTTP_CLASSES)
-        if found is not None:
-            return found
-    for link in chain:
-        found = _lookup(link, _HTTPX_CLASSES)
-        if found is not None:
-            return found
-    if progress.traced and not progress.connected:
-        return ResultKind.NEVER_SENT, "failed before connecting"
-    return ResultKind.UNKNOWN, "request failed"
-
-
-# --- response parsing ------------------------------------------------------------------
-
-
-def _clean_message(text: str, app_key: str) -> str:
-    cleaned = text
-    if not text.isprintable():  # printable text has none of those categories
-        cleaned = "".join(c for c in text if unicodedata.category(c) not in _STRIP_CATEGORIES)
-    if app_key and app_key in cleaned:  # a misbehaving proxy echoing the form back
-        cleaned = cleaned.replace(app_key, "***")
-    return cleaned[:_MAX_MESSAGE]
-
-
-#: What a Retry-After of more digits than that reads as (some 30 000 years);
-#: the gate cuts every Retry-After to ``api.max_retry_after`` anyway.
-_RETRY_AFTER_HUGE = 1e12
-
-
-def _parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """RFC 9110 10.2.3: delta-seconds or an HTTP-date; clamped to >= 0.
-
-    Not capped here (:func:`smtp_bridge.breaker.cap_retry_after` is, with a log
-    line), only kept finite: ``float()`` of a 400-digit number would overflow.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isascii() and value.isdigit():
-        return float(int(value)) if len(value) <= 12 else _RETRY_AFTER_HUGE
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # "-0000": UTC by RFC 5322 3.3
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
-
-
-def _parse_api_body(body: bytes, app_key: str) -> tuple[int, str] | None:
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if not isinstance(doc, dict):
-        return None
-    code = doc.get("code")
-    # bool is an int subclass; true/false is not an API code.
-    if not isinstance(code, int) or isinstance(code, bool):
-        return None
-    message = doc.get("message")
-    return code, _clean_message(message if isinstance(message, str) else "", app_key)
 
 
 def _redact_url(url: str) -> str:
@@ -239,29 +65,6 @@ def _redact_url(url: str) -> str:
 
 #: What :meth:`ApiClient._post` found: kind, code, HTTP status, message, Retry-After.
 _Answer = tuple[ResultKind, int | None, int | None, str, float | None]
-
-
-async def _read_capped(response: httpx.Response) -> bytes | None:
-    """The decoded body, or None if it is larger than ``_MAX_BODY``."""
-    headers = response.headers
-    stream = response.stream
-    chunks: AsyncIterator[bytes]
-    if "Content-Encoding" in headers or not isinstance(stream, httpx.AsyncByteStream):
-        # httpx decodes (gzip, deflate...), and the cap applies to the decoded bytes.
-        chunks = response.aiter_bytes()
-    else:
-        length = headers.get("Content-Length")
-        if length is not None and length.isdigit() and int(length) > _MAX_BODY:
-            return None  # refused before reading a byte of it
-        # Not encoded, the raw stream is the body: read without httpx's per-chunk
-        # decoding and bookkeeping layers (aclose() below still closes it).
-        chunks = aiter(stream)
-    raw = b""
-    async for chunk in chunks:
-        raw += chunk
-        if len(raw) > _MAX_BODY:
-            return None
-    return raw
 
 
 def form_encode(fields: dict[str, str]) -> bytes:
@@ -383,9 +186,7 @@ class ApiClient:
 
     @staticmethod
     def _default_transport(max_concurrency: int) -> AiohttpTransport:
-        trace = aiohttp.TraceConfig()
-        trace.on_connection_create_end.append(_on_connection)
-        trace.on_connection_reuseconn.append(_on_connection)
+        trace = connection_trace()
         transport = AiohttpTransport()
 
         def make_session() -> aiohttp.ClientSession:
@@ -454,8 +255,8 @@ class ApiClient:
 
     async def _send(self, body: dict[str, Any], app_key: str) -> ApiResult:
         started = time.perf_counter()
-        progress = _Progress(traced=self._traced)
-        token = _PROGRESS.set(progress)
+        progress = Progress(traced=self._traced)
+        token = CALL_PROGRESS.set(progress)
         deadline = asyncio.timeout(self._timeout)
         try:
             async with deadline, self._semaphore:
@@ -463,28 +264,19 @@ class ApiClient:
                 kind, code, status, message, retry_after = await self._post(body, app_key)
         except Exception as exc:  # CancelledError is a BaseException: it propagates
             if deadline.expired():
-                kind, message = self._classify_deadline(progress)
+                kind, message = classify_deadline(progress)
                 log.debug(
                     "API call: %s (whole-call timeout, %.3fs)",
                     message,
                     time.perf_counter() - started,
                 )
             else:
-                kind, message = _classify(exc, progress)
-                origin = _chain(exc)[-1]
-                log.debug("API call: %s (%s)", message, type(origin).__name__)
+                kind, message = classify(exc, progress)
+                log.debug("API call: %s (%s)", message, type(origin(exc)).__name__)
             code = status = retry_after = None
         finally:
-            _PROGRESS.reset(token)
+            CALL_PROGRESS.reset(token)
         return ApiResult(kind, code, status, message, retry_after, time.perf_counter() - started)
-
-    @staticmethod
-    def _classify_deadline(progress: _Progress) -> tuple[ResultKind, str]:
-        if not progress.admitted:
-            return ResultKind.NEVER_SENT, "timed out waiting for a free API slot"
-        if progress.traced and not progress.connected:
-            return ResultKind.NEVER_SENT, "timed out before connecting"
-        return ResultKind.UNKNOWN, "timed out after sending"
 
     async def _post(self, body: dict[str, Any], app_key: str) -> _Answer:
         request = self._build_request(body)
@@ -493,15 +285,15 @@ class ApiClient:
             status = response.status_code
             if status != 200:
                 # The body of an error page is not needed and may be large.
-                retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 return ResultKind.HTTP, None, status, f"HTTP {status}", retry_after
-            raw = await _read_capped(response)
+            raw = await read_capped(response)
         finally:
             # Back to the pool, or closed if unread; on every path, cancellation included.
             await response.aclose()
         if raw is None:
             return ResultKind.BAD_BODY, None, 200, "response too large", None
-        parsed = _parse_api_body(raw, app_key)
+        parsed = parse_api_body(raw, app_key)
         if parsed is None:
             return ResultKind.BAD_BODY, None, 200, "HTTP 200 without API JSON", None
         code, message = parsed

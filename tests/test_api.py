@@ -481,15 +481,15 @@ async def test_retry_after_parsing(header: str, low: float | None, high: float |
 
 
 def test_retry_after_of_any_length_stays_finite_with_the_time_passed_in() -> None:
-    from smtp_bridge.api import _parse_retry_after
+    from smtp_bridge.api_answers import parse_retry_after
 
-    assert _parse_retry_after("3600") == 3600.0
-    assert _parse_retry_after("99999999999999999999") == 1e12  # was 1e20; cut by the gate
-    assert _parse_retry_after("9" * 400) == 1e12  # float(int()) would overflow
+    assert parse_retry_after("3600") == 3600.0
+    assert parse_retry_after("99999999999999999999") == 1e12  # was 1e20; cut by the gate
+    assert parse_retry_after("9" * 400) == 1e12  # float(int()) would overflow
     now = datetime(2026, 1, 1, tzinfo=UTC)
     later = email.utils.format_datetime(now + timedelta(hours=2), True)
-    assert _parse_retry_after(later, now) == 7200.0
-    assert _parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now) is not None
+    assert parse_retry_after(later, now) == 7200.0
+    assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now) is not None
 
 
 def _raise(exc: BaseException) -> Callable[[httpx.Request], httpx.Response]:
