@@ -77,13 +77,7 @@ class BridgeHandler:
             return replies.AUTH_NEEDS_TLS
         ip, now = server.client_ip, time.monotonic()
         if ip is not None and self.throttle.should_disconnect(ip, now):
-            log_event(
-                log,
-                "auth_locked_out",
-                level=logging.WARNING,
-                session=server.session_id,
-                client=str(ip),
-            )
+            server.session_event("auth_locked_out", level=logging.WARNING)
             return replies.AUTH_TOO_MANY_FAILURES
         delay = self.throttle.delay_for(ip, now) if ip is not None else 0.0
         if delay:
@@ -115,13 +109,7 @@ class BridgeHandler:
     ) -> str:
         runtime = server.runtime
         if not session.authenticated and not runtime.is_trusted(server.client_ip):
-            log_event(
-                log,
-                "relay_denied",
-                level=logging.WARNING,
-                session=server.session_id,
-                client=str(server.client_ip),
-            )
+            server.session_event("relay_denied", level=logging.WARNING)
             return str(replies.AUTH_REQUIRED)
         sender = "" if address == "<>" else address
         if sender and not is_valid_address(sender):
@@ -130,14 +118,7 @@ class BridgeHandler:
         # without reading the message or calling the API (docs/replies.md).
         held = self.delivery.blocked(runtime.config, _user_key(runtime, _user(session)))
         if held is not None:
-            log_event(
-                log,
-                "breaker_refused",
-                level=logging.WARNING,
-                session=server.session_id,
-                client=str(server.client_ip),
-                reply=str(held),
-            )
+            server.session_event("breaker_refused", level=logging.WARNING, reply=str(held))
             return str(held)
         # aiosmtpd knows MAIL was given by a truthy mail_from (else RCPT answers
         # 503): keep "<>" for the null sender (RFC 5321 4.5.5), read via _sender().
@@ -286,10 +267,7 @@ class BridgeHandler:
         ip = server.client_ip
         throttle = self.throttle
         if ip is not None and not throttle.begin(ip, time.monotonic()):
-            log_event(
-                log, "auth_locked_out", level=logging.WARNING, session=server.session_id,
-                client=str(ip),
-            )  # fmt: skip
+            server.session_event("auth_locked_out", level=logging.WARNING)
             self.metrics.auth_checks.labels(result="locked_out").inc()
             return replies.AUTH_TOO_MANY_FAILURES
         ok = False
@@ -302,23 +280,10 @@ class BridgeHandler:
         if ok:
             session: Any = server.session  # aiosmtpd types auth_data as None
             session.authenticated, session.auth_data, session.login_data = True, user, data.login
-            log_event(
-                log,
-                "auth_ok",
-                session=server.session_id,
-                client=str(ip),
-                user=user,
-                mechanism=mechanism,
-            )
+            server.session_event("auth_ok", user=user, mechanism=mechanism)
             return AUTH_OK
-        log_event(
-            log,
-            "auth_failed",
-            level=logging.WARNING,
-            session=server.session_id,
-            client=str(ip),
-            user=user[:64],
-            mechanism=mechanism,
+        server.session_event(
+            "auth_failed", level=logging.WARNING, user=user[:64], mechanism=mechanism
         )
         return AUTH_INVALID
 

@@ -2,9 +2,10 @@
 
 :class:`BridgeSMTP` adds what happens around the commands (admission against
 the connection limits, a PROXY header and implicit TLS before the banner,
-STARTTLS, AUTH throttling, timers, enhanced status codes, shutdown) and reads
-DATA itself (:mod:`.data`); the policy is :class:`~.handler.BridgeHandler`'s.
-aiosmtpd's private names are reached only through :class:`~.compat.Engine`.
+STARTTLS (:mod:`.tls_session`), AUTH throttling, timers, enhanced status codes,
+shutdown) and reads DATA itself (:mod:`.data`); the policy is
+:class:`~.handler.BridgeHandler`'s. aiosmtpd's private names are reached only
+through :class:`~.compat.Engine`.
 """
 
 from __future__ import annotations
@@ -12,20 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import ssl
 from typing import TYPE_CHECKING, Any, AnyStr, cast
 
-from aiosmtpd.smtp import LoginPassword, TLSSetupException, syntax
+from aiosmtpd.smtp import LoginPassword
 
 from .. import replies
 from ..ids import new_queue_id
 from ..logs import log_context, log_event
 from ..replies import Reply
-from .compat import Engine
 from .data import read_data
 from .limits import ConnectionTracker, command_limits
 from .proxy import read_proxy_header
 from .runtime import IPAddress, Runtime, peer_ip
+from .tls_session import TlsSession
 from .wording import on_the_wire
 
 if TYPE_CHECKING:
@@ -40,14 +40,8 @@ log = logging.getLogger("smtp_bridge.smtp")
 PROXY_HEADER_TIMEOUT = 10.0
 
 
-class BridgeSMTP(Engine):
-    """aiosmtpd's SMTP with our DATA reader, reply codes, TLS, PROXY and limits.
-
-    TLS, STARTTLS or implicit, is an in-place upgrade of the session's
-    transport with the context of the session's own :class:`Runtime`, so a
-    reload (SIGHUP) with renewed certificates applies to new sessions, and an
-    implicit-TLS listener can read a PROXY header before its handshake.
-    """
+class BridgeSMTP(TlsSession):
+    """aiosmtpd's SMTP with our DATA reader, reply codes, TLS, PROXY and limits."""
 
     #: RFC 5321 4.5.3.1.1: a local part is at most 64 octets (aiosmtpd: no limit).
     local_part_limit = 64
@@ -109,11 +103,15 @@ class BridgeSMTP(Engine):
         #: Set by handle_DATA: lower-cased recipient -> its own reply (LMTP).
         self.rcpt_replies: dict[str, Reply] | None = None
 
-    @property
-    def tls_active(self) -> bool:
-        """True once a TLS handshake (STARTTLS or implicit) has completed."""
-        session = self.session
-        return self.tls_layer is not None and session is not None and session.ssl is not None
+    def session_event(self, event: str, *, level: int = logging.INFO, **fields: Any) -> None:
+        """One log line about this session: its id and client, then ``fields``.
+
+        (The connect and disconnect lines, one each per connection, call
+        log_event themselves: no extra call on the path every session takes.)
+        """
+        log_event(
+            log, event, level=level, session=self.session_id, client=str(self.client_ip), **fields
+        )
 
     def close_when_idle(self) -> None:
         """Shutdown: end the session now if idle, else right after its DATA reply."""
@@ -191,13 +189,7 @@ class BridgeSMTP(Engine):
         if self._session_timer is not None:
             self._session_timer.cancel()
         if self._awaiting_proxy:
-            log_event(
-                log,
-                "proxy_header_invalid",
-                level=logging.WARNING,
-                proxy=str(self.client_ip),
-                reason="connection closed",
-            )
+            self._proxy_header_invalid("connection closed")
         self.tracker.release(self)
         self.event_handler.metrics.sessions_open.dec()
         log_event(log, "disconnect", session=self.session_id, client=str(self.client_ip))
@@ -214,7 +206,7 @@ class BridgeSMTP(Engine):
         if self.runtime.config.smtp.proxy_protocol and not await self._read_proxy_header():
             self._close_with(None)
             return False
-        if self.implicit_tls and not await self._start_implicit_tls():
+        if self.implicit_tls and not await self.start_implicit_tls():
             return False
         self._greeted = True
         return True
@@ -228,11 +220,6 @@ class BridgeSMTP(Engine):
             self.write(f"{reply}\r\n".encode())
         transport.close()
 
-    def _drop(self) -> None:
-        """Close a session whose TLS layer never came up (no connection_lost follows)."""
-        self.close_transports()
-        self.connection_lost(None)
-
     # ------------------------------------------------------------ limits
 
     def on_idle_timeout(self) -> None:
@@ -241,21 +228,15 @@ class BridgeSMTP(Engine):
         if self._handling:  # the client waits for the API, it is not idle
             self.reset_timeout()
             return
-        log_event(log, "idle_timeout", session=self.session_id, client=str(self.client_ip))
+        self.session_event("idle_timeout")
         self._close_with(replies.IDLE_TIMEOUT)
 
     def _session_expired(self) -> None:
         self._session_timer = None
         if self.transport is None or self._lost:
             return
-        log_event(
-            log,
-            "session_time_limit",
-            level=logging.WARNING,
-            session=self.session_id,
-            client=str(self.client_ip),
-            limit=self.runtime.config.smtp.max_session_time,
-        )
+        limit = self.runtime.config.smtp.max_session_time
+        self.session_event("session_time_limit", level=logging.WARNING, limit=limit)
         if self._handling:
             # The message is in and its API calls are running: answer it, then close.
             self._closing = True
@@ -276,9 +257,7 @@ class BridgeSMTP(Engine):
         found = await read_proxy_header(self.reader, proxy)
         self._awaiting_proxy = False
         if isinstance(found, str):
-            log_event(
-                log, "proxy_header_invalid", level=logging.WARNING, proxy=str(proxy), reason=found
-            )
+            self._proxy_header_invalid(found)
             return False
         client, data = found
         self.proxy_ip, self.client_ip = proxy, client
@@ -297,91 +276,9 @@ class BridgeSMTP(Engine):
         self.reset_timeout()
         return True
 
-    # ------------------------------------------------------------ TLS
-
-    async def _start_implicit_tls(self) -> bool:
-        """Implicit TLS (RFC 8314): the handshake comes before the banner."""
-        context = self.runtime.tls_context
-        if context is None:  # TLS removed from the config by a reload
-            log_event(log, "tls_unavailable", level=logging.WARNING, session=self.session_id)
-            self._close_with(None)
-            return False
-        return await self._await_handshake(self.start_tls(context))
-
-    @syntax("STARTTLS", when="tls_context")
-    async def smtp_STARTTLS(self, arg: str) -> None:
-        if self.tls_layer is not None:
-            await self.push(str(replies.TLS_ALREADY_ACTIVE))
-            return
-        if self.tls_context is None:
-            await self.push(str(replies.TLS_NOT_AVAILABLE))
-            return
-        try:
-            # aiosmtpd answers 220, swaps the transport and awaits the handshake;
-            # the session is reset (RFC 3207 4.2) and whatever the client sent
-            # behind STARTTLS in plaintext is discarded (RFC 3207 5, command
-            # injection), in connection_made.
-            self._handshaking = True
-            await super().smtp_STARTTLS(arg)
-        except TLSSetupException as exc:
-            self._tls_failed(exc.__cause__)
-            return
-        finally:
-            self._handshaking = False
-        if self.tls_layer is not None:  # None: a syntax error was answered
-            if self.tls_active:
-                self._tls_started()
-            else:
-                self._tls_failed(None)
-
-    async def _await_handshake(self, waiter: asyncio.Future[None]) -> bool:
-        self._handshaking = True
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self._tls_failed(exc)
-            return False
-        finally:
-            self._handshaking = False
-        # The waiter also resolves when the connection closes mid-handshake.
-        if not self.tls_active:
-            self._tls_failed(None)
-            return False
-        self._tls_started()
-        return True
-
-    def _tls_started(self) -> None:
-        info = self.session.ssl if self.session is not None else None
-        ssl_object = cast(ssl.SSLObject | None, info.get("ssl_object") if info else None)
-        cipher = ssl_object.cipher() if ssl_object is not None else None
-        log_event(
-            log,
-            "tls",
-            session=self.session_id,
-            client=str(self.client_ip),
-            implicit=self.implicit_tls,
-            version=ssl_object.version() if ssl_object is not None else None,
-            cipher=cipher[0] if cipher else None,
-        )
-
-    def _tls_failed(self, error: BaseException | None) -> None:
-        # A client's failed handshake is not the bridge's error: a warning, no traceback.
-        reason = "connection closed"
-        if isinstance(error, ssl.SSLError):
-            reason = error.reason or "handshake failed"
-        elif error is not None:
-            reason = type(error).__name__
-        log_event(
-            log,
-            "tls_failed",
-            level=logging.WARNING,
-            session=self.session_id,
-            client=str(self.client_ip),
-            reason=reason,
-        )
-        self._drop()
+    def _proxy_header_invalid(self, reason: str) -> None:
+        proxy = str(self.client_ip)  # until a valid header is in, the proxy's address
+        log_event(log, "proxy_header_invalid", level=logging.WARNING, proxy=proxy, reason=reason)
 
     # ------------------------------------------------------------ replies
 
