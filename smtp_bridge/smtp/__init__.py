@@ -1,8 +1,9 @@
 """The SMTP engine: aiosmtpd's protocol with the bridge's handler, as aiosmtpd
 itself keeps ``smtp.py`` apart from ``handlers.py``.
 
-- :mod:`.protocol`: :class:`BridgeSMTP`, the session (admission, PROXY, TLS,
-  timers, replies, shutdown); :mod:`.lmtp`: :class:`BridgeLMTP`, its LMTP twin;
+- :mod:`.protocol`: :class:`BridgeSMTP`, the session (admission, PROXY,
+  timers, replies, shutdown); :mod:`.tls_session`: its STARTTLS and implicit
+  TLS; :mod:`.lmtp`: :class:`BridgeLMTP`, its LMTP twin;
 - :mod:`.handler`: :class:`BridgeHandler`, the policy (AUTH, MAIL, RCPT, DATA);
 - :mod:`.data`: the DATA reader, a function of a stream;
 - :mod:`.limits`: connection and command limits;
