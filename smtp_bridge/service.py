@@ -4,7 +4,7 @@ One event loop carries the SMTP listeners, the admin endpoint, the API client
 and the store (no threaded Controller), so a session, its API calls and its
 ledger writes never cross threads except into the store's own writer thread.
 
-systemd (sd_notify(3)): READY=1 once every listener is up, STATUS= lines,
+systemd (systemd.py): READY=1 once every listener is up, STATUS= lines,
 WATCHDOG=1 from the event loop when ``$WATCHDOG_USEC`` asks for it (a stuck
 loop stops pinging and gets restarted), RELOADING=1 around a SIGHUP reload and
 STOPPING=1 on SIGTERM. Listening sockets may come from socket activation
@@ -19,9 +19,7 @@ import functools
 import gc
 import logging
 import os
-import signal
 import socket
-import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -44,17 +42,18 @@ from .sockets import ipv6_only, is_ipv6_wildcard, listen_socket, takes_ipv4
 from .store import StateStore, describe_store, open_store, sqlite_path, store_secrets
 from .store.deferred import DeferredStore
 from .store.history import History
+from .systemd import (
+    ADMIN_FD_NAME,
+    handle_signals,
+    listen_fds,
+    notify_reloading,
+    sd_notify,
+    start_watchdog,
+    unhandle_signals,
+)
 from .worker import QueueWorker
 
-__all__ = [
-    "BridgeService",
-    "StartupError",
-    "listen_fds",
-    "sd_notify",
-    "settle_heap",
-    "watchdog_interval",
-    "SANDBOX_APP_KEY",
-]
+__all__ = ["BridgeService", "StartupError", "settle_heap", "SANDBOX_APP_KEY"]
 
 log = logging.getLogger("smtp_bridge.service")
 
@@ -81,68 +80,6 @@ def settle_heap() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*_GC_THRESHOLD)
-
-
-def sd_notify(state: str) -> None:
-    """Tell systemd about our state (sd_notify(3)); a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]  # abstract namespace
-    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.connect(address)
-        sock.sendall(state.encode())
-
-
-def _monotonic_usec() -> int:
-    """CLOCK_MONOTONIC in microseconds: what RELOADING=1 must carry (systemd >= 253)."""
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-
-
-def watchdog_interval() -> float | None:
-    """Seconds between WATCHDOG=1 pings (half of ``$WATCHDOG_USEC``), or None when
-    systemd's watchdog is off or meant for another process (``$WATCHDOG_PID``)."""
-    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
-    if not usec or (pid and pid != str(os.getpid())):
-        return None
-    try:
-        value = int(usec)
-    except ValueError:
-        return None
-    return value / 2 / 1_000_000 if value > 0 else None
-
-
-#: sd_listen_fds(3): passed sockets start at this descriptor.
-SD_LISTEN_FDS_START = 3
-#: ``FileDescriptorName=`` of a passed socket meant for the admin endpoint.
-ADMIN_FD_NAME = "admin"
-
-
-def listen_fds() -> list[tuple[str, socket.socket]]:
-    """Sockets passed by systemd socket activation, as (FileDescriptorName, socket).
-
-    Empty unless ``$LISTEN_PID`` is this process. The variables are removed
-    from the environment, so nothing started later takes the sockets for its own.
-    """
-    pid = os.environ.pop("LISTEN_PID", "")
-    count = os.environ.pop("LISTEN_FDS", "")
-    names = os.environ.pop("LISTEN_FDNAMES", "")
-    if pid != str(os.getpid()) or not count.isdigit():
-        return []
-    labels = names.split(":") if names else []
-    passed: list[tuple[str, socket.socket]] = []
-    for i in range(int(count)):
-        fd = SD_LISTEN_FDS_START + i
-        os.set_inheritable(fd, False)
-        try:
-            sock = socket.socket(fileno=fd)
-        except OSError as exc:
-            raise StartupError(f"socket activation: descriptor {fd}: {exc.strerror}") from None
-        if sock.type != socket.SOCK_STREAM:
-            raise StartupError(f"socket activation: descriptor {fd} is not a stream socket")
-        passed.append((labels[i] if i < len(labels) else "", sock))
-    return passed
 
 
 def _config_secrets(config: Config) -> list[str]:
@@ -216,7 +153,7 @@ class BridgeService:
     # ------------------------------------------------------------ phases
 
     async def startup(self) -> None:
-        self._start_watchdog()
+        self._watchdog = start_watchdog()
         if self._watchdog is not None:
             await asyncio.sleep(0)  # the first ping out now, before the store is opened
         config = self.runtime.config
@@ -320,17 +257,12 @@ class BridgeService:
         """SIGTERM/SIGINT stop, SIGHUP reloads; False if they were installed already."""
         if self._signals_installed:
             return False
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        handle_signals(asyncio.get_running_loop(), stop=self._stop.set, reload=self._on_sighup)
         self._signals_installed = True
         return True
 
     def _remove_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        unhandle_signals(asyncio.get_running_loop())
         self._signals_installed = False
 
     def stop(self) -> None:
@@ -421,7 +353,7 @@ class BridgeService:
         async with self._reload_lock:
             if self._stopping:
                 return False
-            sd_notify(f"RELOADING=1\nMONOTONIC_USEC={_monotonic_usec()}\nSTATUS=reloading config")
+            notify_reloading()
             ok = False
             try:
                 ok = await self._reload()
@@ -707,20 +639,6 @@ class BridgeService:
     def api(self) -> ApiClient | None:
         """The current API client (a reload may replace it)."""
         return self._api
-
-    def _start_watchdog(self) -> None:
-        interval = watchdog_interval()
-        if interval is None:
-            return
-
-        async def ping() -> None:
-            # From the event loop on purpose: a stuck loop stops pinging, and
-            # systemd restarts the daemon (WatchdogSec=).
-            while True:
-                sd_notify("WATCHDOG=1")
-                await asyncio.sleep(interval)
-
-        self._watchdog = asyncio.get_running_loop().create_task(ping())
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

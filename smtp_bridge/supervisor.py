@@ -53,8 +53,16 @@ from .config import Config, split_host_port
 from .errors import StartupError
 from .logs import log_event
 from .metrics import MULTIPROCESS_ENV, forget_process
-from .service import IMPLICIT_TLS_KEY, BridgeService, listen_fds, sd_notify
+from .service import IMPLICIT_TLS_KEY, BridgeService
 from .sockets import ipv6_only, is_ipv6_wildcard
+from .systemd import (
+    handle_signals,
+    listen_fds,
+    notify_reloading,
+    sd_notify,
+    unhandle_signals,
+    watchdog_usec,
+)
 
 __all__ = ["WORKER_ENV", "WorkerSlot", "WorkerService", "serve_workers", "worker_config"]
 
@@ -180,7 +188,7 @@ class _Supervisor:
         self.listen: dict[str, str] = {}
         self.stopping = False
         self.stop_event = asyncio.Event()
-        self.watchdog = _watchdog_usec()
+        self.watchdog = watchdog_usec()
         self._tasks: set[asyncio.Task[Any]] = set()
         #: Where the workers' metrics live (prometheus-client multiprocess mode).
         self.metrics_dir = ""
@@ -199,17 +207,14 @@ class _Supervisor:
                       error=f"cannot listen: {os.strerror(exc.errno or 0)}")  # fmt: skip
             return EXIT_STARTUP
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop_event.set)
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        handle_signals(loop, stop=self.stop_event.set, reload=self._on_sighup)
         metrics_dir = tempfile.TemporaryDirectory(prefix="smtp-bridge-metrics-")
         self.metrics_dir = metrics_dir.name
         try:
             return await self._run()
         finally:
             metrics_dir.cleanup()
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            unhandle_signals(loop)
             for worker in self.workers:
                 loop.remove_reader(worker.notify.fileno())
                 worker.notify.close()
@@ -390,8 +395,7 @@ class _Supervisor:
 
     async def _reload(self) -> None:
         """Forward SIGHUP; RELOADING=1 until every worker has answered READY=1 again."""
-        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        sd_notify(f"RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS=reloading config")
+        notify_reloading()
         waiting = []
         for worker in self.workers:
             if worker.process is not None and worker.process.returncode is None:
@@ -487,14 +491,6 @@ class _Supervisor:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-
-def _watchdog_usec() -> int:
-    """systemd's ``$WATCHDOG_USEC`` when it is meant for this process, else 0."""
-    usec, pid = os.environ.get("WATCHDOG_USEC"), os.environ.get("WATCHDOG_PID")
-    if not usec or not usec.isdigit() or (pid and pid != str(os.getpid())):
-        return 0
-    return int(usec)
 
 
 def _load_libc() -> Any:

@@ -36,7 +36,7 @@ from test_daemon import (
 
 from smtp_bridge.config import load_config
 from smtp_bridge.sandbox import Sandbox, fingerprint
-from smtp_bridge.service import listen_fds, watchdog_interval
+from smtp_bridge.systemd import listen_fds, watchdog_interval
 
 SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
 SERVICE_UNIT = SYSTEMD / "smtp-bridge.service"
