@@ -10,10 +10,11 @@ records and the spool are common to all). The supervisor:
 - resolves ``:0`` ports once and holds them, so every worker binds the same one;
 - gives each worker its share of the limits meant for the daemon as a whole:
   ``api.rate_limit``, ``api.max_concurrency``, ``smtp.max_connections`` and
-  ``smtp.max_connections_per_ip`` divided by N (rounded up), so the configured
-  totals are never exceeded; the admin endpoint runs in worker 0 only, and its
-  /metrics add up every worker's (prometheus-client's multiprocess mode, over
-  a directory of this run that the supervisor makes and removes);
+  ``smtp.max_connections_per_ip`` divided by N (rounded up, worker_process.py),
+  so the configured totals are never exceeded; the admin endpoint runs in worker
+  0 only, and its /metrics add up every worker's (prometheus-client's
+  multiprocess mode, over a directory of this run that the supervisor makes and
+  removes);
 - stands between the workers and systemd: READY=1 once every worker is ready,
   RELOADING=1 ... READY=1 around a SIGHUP it forwards to every worker,
   STOPPING=1 on SIGTERM/SIGINT, which it forwards too (each worker drains its
@@ -34,9 +35,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import json
 import logging
-import math
 import os
 import secrets
 import signal
@@ -50,10 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, split_host_port
-from .errors import StartupError
 from .logs import log_event
 from .metrics import MULTIPROCESS_ENV, forget_process
-from .service import IMPLICIT_TLS_KEY, BridgeService
+from .service import IMPLICIT_TLS_KEY
 from .sockets import ipv6_only, is_ipv6_wildcard
 from .systemd import (
     handle_signals,
@@ -63,80 +61,17 @@ from .systemd import (
     unhandle_signals,
     watchdog_usec,
 )
+from .worker_process import EXIT_OK, EXIT_STARTUP, WORKER_ENV, WorkerSlot, serve_worker
 
-__all__ = ["WORKER_ENV", "WorkerSlot", "WorkerService", "serve_workers", "worker_config"]
+__all__ = ["serve_workers"]
 
 log = logging.getLogger("smtp_bridge.supervisor")
 
-#: The supervisor -> worker handshake: JSON ``{"index", "count", "listen"}``.
-WORKER_ENV = "SMTP_BRIDGE_WORKER"
-EXIT_OK = 0
-EXIT_STARTUP = 2
 #: Restart delays for a worker that keeps dying; reset once it has run a minute.
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_AFTER = 60.0
 #: How long a worker may take to start, or to answer a reload.
 READY_TIMEOUT = 120.0
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSlot:
-    """Who a worker is: its index, how many there are, the resolved listen addresses."""
-
-    index: int
-    count: int
-    listen: dict[str, str] = field(default_factory=dict)
-
-    def to_env(self) -> str:
-        return json.dumps({"index": self.index, "count": self.count, "listen": self.listen})
-
-    @classmethod
-    def from_env(cls, value: str) -> WorkerSlot:
-        doc = json.loads(value)
-        return cls(int(doc["index"]), int(doc["count"]), dict(doc.get("listen") or {}))
-
-
-def _share(total: int, count: int) -> int:
-    return max(1, math.ceil(total / count))
-
-
-def worker_config(config: Config, slot: WorkerSlot) -> Config:
-    """``config`` as worker ``slot`` runs it: its share of the daemon-wide limits."""
-    smtp, api = config.smtp, config.api
-    update: dict[str, Any] = {
-        "listen": [slot.listen.get(a, a) for a in smtp.listen],
-        "max_connections": _share(smtp.max_connections, slot.count),
-        "max_connections_per_ip": _share(smtp.max_connections_per_ip, slot.count),
-    }
-    if smtp.tls is not None:
-        implicit = [slot.listen.get(IMPLICIT_TLS_KEY + a, a) for a in smtp.tls.implicit_listen]
-        update["tls"] = smtp.tls.model_copy(update={"implicit_listen": implicit})
-    api_update = {
-        "rate_limit": api.rate_limit / slot.count,
-        "max_concurrency": _share(api.max_concurrency, slot.count),
-    }
-    sections: dict[str, Any] = {
-        "smtp": smtp.model_copy(update=update),
-        "api": api.model_copy(update=api_update),
-    }
-    if slot.index != 0:
-        sections["admin"] = config.admin.model_copy(update={"listen": None})
-    return config.model_copy(update=sections)
-
-
-class WorkerService(BridgeService):
-    """A :class:`BridgeService` run as one of ``--workers``: SO_REUSEPORT listeners,
-    and every config it takes (startup and each reload) cut to its share."""
-
-    reuse_port = True
-
-    def __init__(self, config: Config, slot: WorkerSlot, **kwargs: Any) -> None:
-        self.slot = slot  # before BridgeService.__init__, which takes the config
-        super().__init__(config, **kwargs)
-
-    def _with_sandbox(self, config: Config) -> Config:
-        # BridgeService passes every config it takes through here.
-        return worker_config(super()._with_sandbox(config), self.slot)
 
 
 # --------------------------------------------------------------------------- entry
@@ -153,13 +88,7 @@ def serve_workers(
     if value is None:
         return run(_Supervisor(args, config).run())  # type: ignore[no-any-return]
     slot = WorkerSlot.from_env(value)
-    service = WorkerService(config, slot, config_path=config_path, sandbox=args.sandbox)
-    try:
-        run(service.run())
-    except StartupError as exc:
-        log_event(log, "cannot_start", level=logging.ERROR, worker=slot.index, error=str(exc))
-        return EXIT_STARTUP
-    return EXIT_OK
+    return serve_worker(slot, config, config_path, sandbox=args.sandbox, run=run)
 
 
 # --------------------------------------------------------------------------- supervisor

@@ -30,7 +30,7 @@ from smtp_bridge.outcomes import RecipientState
 from smtp_bridge.sandbox import Sandbox
 from smtp_bridge.store import MessageRecord, RecipientRecord
 from smtp_bridge.store.sqlite import SQLiteStore as Store
-from smtp_bridge.supervisor import WorkerSlot, worker_config
+from smtp_bridge.worker_process import WorkerSlot, worker_config
 
 WAIT = 30.0
 
