@@ -18,7 +18,6 @@ import contextlib
 import functools
 import gc
 import logging
-import os
 import socket
 from collections.abc import Coroutine
 from pathlib import Path
@@ -27,18 +26,18 @@ from typing import Any, Literal, cast
 from . import history
 from .admin import AdminServer, format_address
 from .api import ApiClient
-from .config import Config, load_config, split_host_port
+from .config import Config, load_config
 from .console import BreakerView, ConsoleSources
 from .delivery import Delivery
 from .errors import ConfigError, StartupError, StoreError, TlsError
 from .fdlimit import ensure_fd_limit, fd_plan
 from .history import HistoryRecorder
+from .listeners import Listeners, cannot_listen
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .policy import RecipientOutcome, session_lease
 from .sandbox import Sandbox
 from .smtp import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
-from .sockets import ipv6_only, is_ipv6_wildcard, listen_socket, takes_ipv4
 from .store import StateStore, describe_store, open_store, sqlite_path, store_secrets
 from .store.deferred import DeferredStore
 from .store.history import History
@@ -59,8 +58,6 @@ log = logging.getLogger("smtp_bridge.service")
 
 #: The key ``serve --sandbox`` uses when the config has none.
 SANDBOX_APP_KEY = "sandbox-key"
-#: Listener keys of ``smtp.tls.implicit_listen`` entries (plain ones: the entry).
-IMPLICIT_TLS_KEY = "tls:"
 
 
 #: Collections of the youngest generation: every 20,000 allocations, not 700.
@@ -121,14 +118,7 @@ class BridgeService:
         self.sandbox: Sandbox | None = None
         self.runtime = Runtime.build(self._with_sandbox(config))
         self.tracker = ConnectionTracker()
-        #: Bound SMTP addresses, in listener order (tests read the first).
-        self.addresses: list[tuple[str, int]] = []
-        #: SMTP listeners by the ``listen`` entry that made them (socket
-        #: activation: by bound address); a reload diffs these keys.
-        self._listeners: dict[str, asyncio.Server] = {}
-        #: Listeners a reload closed: sessions they accepted may still run.
-        self._retired: list[asyncio.Server] = []
-        self._activated = False
+        self.listeners = Listeners(reuse_port=self.reuse_port)
         self._deliveries: set[asyncio.Task[list[RecipientOutcome]]] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stop = asyncio.Event()
@@ -200,7 +190,7 @@ class BridgeService:
         handler.quota_store = store
         loop = asyncio.get_running_loop()
 
-        def factory(implicit_tls: bool = False) -> BridgeSMTP:
+        def new_session(implicit_tls: bool = False) -> BridgeSMTP:
             # Each connection takes the runtime current when it arrives, so a
             # reload applies to new sessions (protocol, TLS certificate, limits)
             # and in-flight ones keep theirs.
@@ -208,25 +198,16 @@ class BridgeService:
             protocol = BridgeLMTP if runtime.config.smtp.protocol == "lmtp" else BridgeSMTP
             return protocol(handler, runtime, self.tracker, implicit_tls=implicit_tls, loop=loop)
 
-        self._factory = factory
         admin_sock: socket.socket | None = None
+        smtp_socks: list[socket.socket] = []
         passed = listen_fds()
-        if passed:
-            # The socket unit owns the addresses; smtp.listen is not used.
-            self._activated = True
-            for name, sock in passed:
-                if name == ADMIN_FD_NAME:
-                    admin_sock = sock
-                    continue
-                server = await loop.create_server(factory, sock=sock, start_serving=True)
-                self._add_listener(format_address(sock.getsockname()), server, activated=True)
-        else:
-            for listen, implicit_tls in self._listen_plan(config).items():
-                try:
-                    server = await self._create_server(listen, implicit_tls, config)
-                except OSError as exc:
-                    raise StartupError(f"cannot listen on {listen}: {_reason(exc)}") from None
-                self._add_listener(listen, server)
+        for name, sock in passed:
+            if name == ADMIN_FD_NAME:
+                admin_sock = sock
+            else:
+                smtp_socks.append(sock)
+        # Socket activation: the socket unit owns the addresses; smtp.listen is not used.
+        await self.listeners.open(config, new_session, smtp_socks if passed else None)
         if admin_sock is not None:
             self._admin_activated = True
             self._admin = await self._start_admin(None, sock=admin_sock)
@@ -234,9 +215,8 @@ class BridgeService:
             try:
                 self._admin = await self._start_admin(config.admin.listen)
             except OSError as exc:
-                raise StartupError(
-                    f"cannot listen on {config.admin.listen} (admin.listen): {_reason(exc)}"
-                ) from None
+                where = f"{config.admin.listen} (admin.listen)"
+                raise StartupError(cannot_listen(where, exc)) from None
         self._ready = True
         if self.use_sandbox:
             self._greet()
@@ -274,9 +254,7 @@ class BridgeService:
         log_event(log, "stopping", sessions=self.tracker.total, deliveries=len(self._deliveries))
         async with self._reload_lock:  # a reload in progress finishes first
             self._stopping = True
-        servers = [*self._listeners.values(), *self._retired]
-        for server in servers:
-            server.close()
+        self.listeners.close()
         for session in list(self.tracker.sessions):
             session.close_when_idle()
         grace = self.runtime.config.smtp.shutdown_timeout
@@ -294,8 +272,7 @@ class BridgeService:
         if self._deliveries:
             await asyncio.wait(list(self._deliveries))
         await worker_stopped
-        for server in servers:
-            await server.wait_closed()
+        await self.listeners.wait_closed()
         if self._tasks:  # API clients replaced by a reload, closing once idle
             await asyncio.wait(list(self._tasks))
         if self._admin is not None:
@@ -375,29 +352,21 @@ class BridgeService:
         except TlsError as exc:  # the files changed since load_config read them
             return self._refuse([f"smtp.tls: {exc}"])
         old = self.runtime.config
-        try:
-            self._check_fd_limit(config)
-        except StartupError as exc:
-            return self._refuse([str(exc)])
-
         # Bind what is new before changing anything: a port that cannot be
         # bound refuses the reload as a whole.
-        plan = {} if self._activated else self._listen_plan(config)
-        added = {a: c for a, c in plan.items() if a not in self._listeners}
-        removed = [] if self._activated else [a for a in self._listeners if a not in plan]
-        opened: dict[str, asyncio.Server] = {}
+        try:
+            self._check_fd_limit(config)
+            change = await self.listeners.bind_changes(config)
+        except StartupError as exc:
+            return self._refuse([str(exc)])
         new_admin: AdminServer | None = None
         admin_changed = not self._admin_activated and config.admin.listen != old.admin.listen
-        try:
-            for listen, implicit_tls in added.items():
-                opened[listen] = await self._create_server(listen, implicit_tls, config)
-            if admin_changed and config.admin.listen is not None:
+        if admin_changed and config.admin.listen is not None:
+            try:
                 new_admin = await self._start_admin(config.admin.listen)
-        except OSError as exc:
-            for server in opened.values():
-                server.close()
-            failed = next((a for a in added if a not in opened), config.admin.listen)
-            return self._refuse([f"cannot listen on {failed}: {_reason(exc)}"])
+            except OSError as exc:
+                change.discard()
+                return self._refuse([cannot_listen(config.admin.listen, exc)])
 
         # Commit: from here on nothing can fail the reload.
         self.runtime = runtime
@@ -405,10 +374,7 @@ class BridgeService:
             self.history.retention = config.admin.history  # the next trim keeps to it
         previous_secrets, self._secrets = self._secrets, register_secrets(_config_secrets(config))
         unregister_secrets(previous_secrets)
-        for listen, server in opened.items():
-            self._add_listener(listen, server)
-        for listen in removed:
-            self._close_listener(listen)
+        self.listeners.apply(change)
         if admin_changed:
             old_admin, self._admin = self._admin, new_admin
             if old_admin is not None:
@@ -437,8 +403,8 @@ class BridgeService:
             log,
             "reloaded",
             routes=len(config.routes),
-            listeners_added=list(opened),
-            listeners_removed=removed,
+            listeners_added=list(change.opened),
+            listeners_removed=change.removed,
             api_client="rebuilt" if api_rebuilt else "kept",
         )
         if gc.get_freeze_count():
@@ -476,76 +442,9 @@ class BridgeService:
         log_event(log, "reload_refused", level=logging.ERROR, errors=errors)
         return False
 
-    # ------------------------------------------------------------ listeners
-
-    def _listen_plan(self, config: Config) -> dict[str, bool]:
-        """The SMTP listeners ``config`` asks for: key -> implicit TLS. Keys are the
-        ``listen`` entries, and ``tls:`` + the ``tls.implicit_listen`` ones; a
-        reload opens and closes listeners by these keys."""
-        plan = dict.fromkeys(config.smtp.listen, False)
-        if config.smtp.tls is not None:
-            implicit = (IMPLICIT_TLS_KEY + a for a in config.smtp.tls.implicit_listen)
-            plan.update(dict.fromkeys(implicit, True))
-        return plan
-
-    async def _create_server(
-        self, listen: str, implicit_tls: bool, config: Config
-    ) -> asyncio.Server:
-        # Implicit TLS listeners are plain TCP: each session does its own
-        # handshake with the certificate of the runtime it starts with (so a
-        # reload renews it, and a PROXY header can come before it).
-        host, port = split_host_port(listen.removeprefix(IMPLICIT_TLS_KEY))
-        factory = functools.partial(self._factory, implicit_tls)
-        if is_ipv6_wildcard(host):  # [::]: IPv4 too, unless told otherwise (sockets.py)
-            plain = [k.removeprefix(IMPLICIT_TLS_KEY) for k in self._listen_plan(config)]
-            v6only = ipv6_only(port, config.smtp.dual_stack, plain)
-            sock = listen_socket(host, port, v6only=v6only, reuse_port=self.reuse_port)
-            return await asyncio.get_running_loop().create_server(
-                factory, sock=sock, start_serving=True
-            )
-        return await asyncio.get_running_loop().create_server(
-            factory,
-            host or None,
-            port,
-            reuse_address=True,
-            reuse_port=self.reuse_port or None,
-            start_serving=True,
-        )
-
-    @property
-    def implicit_tls_addresses(self) -> list[tuple[str, int]]:
-        """Bound addresses of the implicit TLS listeners (``smtp.tls.implicit_listen``)."""
-        return [
-            (sock.getsockname()[0], sock.getsockname()[1])
-            for key, server in self._listeners.items()
-            if key.startswith(IMPLICIT_TLS_KEY)
-            for sock in server.sockets
-        ]
-
-    def _add_listener(self, key: str, server: asyncio.Server, *, activated: bool = False) -> None:
-        self._listeners[key] = server
-        for sock in server.sockets:
-            address = sock.getsockname()
-            self.addresses.append((address[0], address[1]))
-            fields: dict[str, Any] = {"activated": True} if activated else {}
-            if sock.family == socket.AF_INET6:  # what it truly takes: [::] may take IPv4 too
-                fields["ipv4"] = takes_ipv4(sock)
-            log_event(log, "listening", address=format_address(address), **fields)
-
-    def _close_listener(self, key: str) -> None:
-        """Stop accepting on ``key``; the sessions it accepted carry on."""
-        server = self._listeners.pop(key)
-        for sock in server.sockets:  # empty once closed
-            address = sock.getsockname()
-            with contextlib.suppress(ValueError):
-                self.addresses.remove((address[0], address[1]))
-        server.close()
-        self._retired.append(server)
-        log_event(log, "listener_closed", listen=key)
-
     def _status(self) -> str:
         """systemd's STATUS= line: what ``systemctl status`` shows."""
-        where = ", ".join(format_address((h, p)) for h, p in self.addresses) or "nothing"
+        where = ", ".join(format_address(a) for a in self.listeners.addresses) or "nothing"
         return f"accepting mail on {where}; {len(self.runtime.config.routes)} routes"
 
     # ------------------------------------------------------------ admin
@@ -580,7 +479,7 @@ class BridgeService:
 
     def _greet(self) -> None:
         """``serve --sandbox``: tell a newcomer, on stdout, where to send and where to look."""
-        smtp = ", ".join(f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self.addresses)
+        smtp = ", ".join(format_address(a) for a in self.listeners.addresses)
         lines = [f"smtp-bridge sandbox: send mail to {smtp or '(no listener)'}"]
         if self._admin is not None and self._admin.address is not None:
             url = f"http://{self._admin.address}/"
@@ -605,9 +504,7 @@ class BridgeService:
     async def _check_listening(self) -> str | None:
         if self._stopping or self._stop.is_set():
             return "shutting down"
-        if not self._listeners or not all(s.is_serving() for s in self._listeners.values()):
-            return "not listening"
-        return None
+        return None if self.listeners.is_serving() else "not listening"
 
     async def _check_store(self) -> str | None:
         if self._store is None or not self._store.is_open:
@@ -698,11 +595,6 @@ async def _open_ready_store(config: Config) -> StateStore:
     if settled:
         log_event(log, "stale_settled", level=logging.WARNING, rows=settled)
     return store
-
-
-def _reason(exc: OSError) -> str:
-    """The system's words ("Address already in use"), not asyncio's text around them."""
-    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 def _api_settings(config: Config) -> tuple[str, Literal["form", "json"], float, int]:

@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, split_host_port
+from .listeners import IMPLICIT_TLS_KEY, listen_plan
 from .logs import log_event
 from .metrics import MULTIPROCESS_ENV, forget_process
-from .service import IMPLICIT_TLS_KEY
 from .sockets import ipv6_only, is_ipv6_wildcard
 from .systemd import (
     handle_signals,
@@ -371,11 +371,8 @@ class _Supervisor:
         The placeholder sockets are bound (SO_REUSEPORT) but never listen, so they
         receive no connections; holding them keeps the port ours between restarts.
         """
-        entries = list(self.config.smtp.listen)
-        if self.config.smtp.tls is not None:
-            entries += [IMPLICIT_TLS_KEY + a for a in self.config.smtp.tls.implicit_listen]
         resolved: dict[str, str] = {}
-        for entry in entries:
+        for entry in listen_plan(self.config):
             host, port = split_host_port(entry.removeprefix(IMPLICIT_TLS_KEY))
             if port != 0:
                 continue

@@ -19,8 +19,9 @@ from typing import Any
 
 from .config import Config
 from .errors import StartupError
+from .listeners import IMPLICIT_TLS_KEY
 from .logs import log_event
-from .service import IMPLICIT_TLS_KEY, BridgeService
+from .service import BridgeService
 
 __all__ = [
     "EXIT_OK",

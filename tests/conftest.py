@@ -79,7 +79,7 @@ class RunningBridge:
     def __init__(self, service: BridgeService, sandbox: Sandbox) -> None:
         self.service = service
         self.sandbox = sandbox
-        self.host, self.port = service.addresses[0]
+        self.host, self.port = service.listeners.addresses[0]
 
     def client(self, **kwargs: Any) -> aiosmtplib.SMTP:
         return aiosmtplib.SMTP(hostname=self.host, port=self.port, start_tls=False, **kwargs)
@@ -87,7 +87,7 @@ class RunningBridge:
     @property
     def tls_port(self) -> int:
         """The first implicit TLS listener's port (``smtp.tls.implicit_listen``)."""
-        return self.service.implicit_tls_addresses[0][1]
+        return self.service.listeners.implicit_tls_addresses[0][1]
 
     def tls_client(self, context: ssl.SSLContext, **kwargs: Any) -> aiosmtplib.SMTP:
         """A client of the implicit TLS listener."""

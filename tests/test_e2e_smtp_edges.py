@@ -135,7 +135,7 @@ async def _send(host: str, port: int) -> tuple[int, str]:
 @needs_ipv6
 async def test_the_ipv6_wildcard_takes_ipv4_clients_too(bridge, log_lines) -> None:
     async with bridge(config('{listen: ["[::]:0"]}')) as b:
-        [(host, port)] = b.service.addresses
+        [(host, port)] = b.service.listeners.addresses
         assert host == "::"
         # From 127.0.0.1, seen as 127.0.0.1 (a trusted network: no AUTH needed).
         code, text = await _send("127.0.0.1", port)
@@ -151,7 +151,7 @@ async def test_the_ipv6_wildcard_takes_ipv4_clients_too(bridge, log_lines) -> No
 @needs_ipv6
 async def test_dual_stack_false_keeps_the_wildcard_ipv6_only(bridge, log_lines) -> None:
     async with bridge(config('{listen: ["[::]:0"], dual_stack: false}')) as b:
-        [(_, port)] = b.service.addresses
+        [(_, port)] = b.service.listeners.addresses
         with pytest.raises((aiosmtplib.SMTPConnectError, OSError)):
             await _send("127.0.0.1", port)
         code, text = await _send("::1", port)

@@ -115,7 +115,7 @@ class ThreadedBridge:
                     base_delay=0.0, max_delay=0.0, disconnect_after=10**9
                 )
                 self.loop, self.service, self.sandbox = asyncio.get_running_loop(), service, sandbox
-                self.host, self.port = service.addresses[0]
+                self.host, self.port = service.listeners.addresses[0]
                 self._stop = asyncio.Event()
                 self._ready.set()
                 try:

@@ -46,7 +46,9 @@ class Conn(RawSmtp):
 @asynccontextmanager
 async def connect(b, source: str = "127.0.0.1", *, banner: bool = True) -> AsyncIterator[Conn]:
     """A connection from ``source`` to the bridge's listener of the same family."""
-    host, port = next((h, p) for h, p in b.service.addresses if (":" in h) == (":" in source))
+    host, port = next(
+        (h, p) for h, p in b.service.listeners.addresses if (":" in h) == (":" in source)
+    )
     reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
     conn = Conn(reader, writer)
     try:

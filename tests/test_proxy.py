@@ -96,7 +96,7 @@ async def through_proxy(
     b, header: bytes | None, *, source: str = "127.0.0.1", port: int | None = None
 ) -> AsyncIterator[Conn]:
     host, port = next(
-        (h, port or p) for h, p in b.service.addresses if (":" in h) == (":" in source)
+        (h, port or p) for h, p in b.service.listeners.addresses if (":" in h) == (":" in source)
     )
     reader, writer = await asyncio.open_connection(host, port, local_addr=(source, 0))
     if header is not None:

@@ -97,7 +97,7 @@ async def test_session_in_progress_finishes_on_the_old_config(
 ) -> None:
     path = write_config(tmp_path / "config.yaml", sandbox.url)
     async with running(path) as service:
-        address = service.addresses[0]
+        address = service.listeners.addresses[0]
         async with smtp(address) as old_session:
             await old_session.ehlo()
             await old_session.mail("app@example.com")
@@ -122,7 +122,7 @@ async def test_bad_config_is_refused_and_the_old_one_kept(
 ) -> None:
     path = write_config(tmp_path / "config.yaml", sandbox.url)
     async with running(path) as service:
-        address = service.addresses[0]
+        address = service.listeners.addresses[0]
         good = path.read_text()
         path.write_text(good.replace('"template_id"', '"template_idd"'))
         assert await service.reload() is False
@@ -151,7 +151,7 @@ async def test_sighup_during_startup_reloads_once_ready(tmp_path: Path, sandbox:
     try:
         await asyncio.wait_for(asyncio.gather(*service._tasks), WAIT)
         assert reloads(service, "ok") == 1
-        assert (await send_one(service.addresses[0], "x@b.example"))[0] == 250
+        assert (await send_one(service.listeners.addresses[0], "x@b.example"))[0] == 250
     finally:
         service.stop()
         await service.shutdown()
@@ -166,20 +166,20 @@ async def test_listeners_change_only_when_the_addresses_change(
     first, second = "127.0.0.1:0", "127.0.0.2:0"  # both loopback (127.0.0.0/8)
     path = write_config(tmp_path / "config.yaml", sandbox.url, listen=[first])
     async with running(path) as service:
-        [kept] = service.addresses
+        [kept] = service.listeners.addresses
         async with smtp(kept) as session:  # a session on the listener that goes away later
             await session.ehlo()
 
             # Same addresses, other routes: the very same listener stays.
             write_config(path, sandbox.url, listen=[first], routes=ROUTES_A + ROUTES_B)
             assert await service.reload() is True
-            assert service.addresses == [kept]
+            assert service.listeners.addresses == [kept]
 
             # One added: opened; the unchanged one keeps its (ephemeral) port.
             write_config(path, sandbox.url, listen=[first, second])
             assert await service.reload() is True
-            assert service.addresses[0] == kept
-            [added] = service.addresses[1:]
+            assert service.listeners.addresses[0] == kept
+            [added] = service.listeners.addresses[1:]
             assert added[0] == "127.0.0.2"
             assert (await send_one(added, "x@a.example"))[0] == 250
             assert (await send_one(kept, "x@a.example"))[0] == 250
@@ -187,7 +187,7 @@ async def test_listeners_change_only_when_the_addresses_change(
             # One removed: closed for new connections ...
             write_config(path, sandbox.url, listen=[second])
             assert await service.reload() is True
-            assert service.addresses == [added]
+            assert service.listeners.addresses == [added]
             with pytest.raises(OSError):
                 await asyncio.open_connection(*kept)
             # ... while the session it accepted carries on.
@@ -202,7 +202,7 @@ async def test_listen_address_that_cannot_be_bound_refuses_the_reload(
 ) -> None:
     path = write_config(tmp_path / "config.yaml", sandbox.url)
     async with running(path) as service:
-        before = list(service.addresses)
+        before = list(service.listeners.addresses)
         with socket.socket() as blocker:
             blocker.bind(("127.0.0.1", 0))
             blocker.listen()
@@ -212,7 +212,7 @@ async def test_listen_address_that_cannot_be_bound_refuses_the_reload(
         [refused] = [line for line in log_lines() if line["event"] == "reload_refused"]
         assert refused["errors"] == [f"cannot listen on {busy}: Address already in use"]
         # Nothing of the refused config was applied: not the routes either.
-        assert service.addresses == before
+        assert service.listeners.addresses == before
         assert (await send_one(before[0], "x@a.example"))[0] == 250
 
 
@@ -276,7 +276,7 @@ async def test_api_client_rebuilt_only_when_its_settings_change(
     async with GatedApi() as gated:
         path = write_config(tmp_path / "config.yaml", gated.url)
         async with running(path) as service:
-            address = service.addresses[0]
+            address = service.listeners.addresses[0]
             original = service.api
             assert original is not None
 
