@@ -24,15 +24,15 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from . import history
-from .admin import AdminServer, format_address
+from .admin import format_address
 from .api import ApiClient
 from .config import Config, load_config
-from .console import BreakerView, ConsoleSources
+from .daemon_admin import AdminEndpoint
 from .delivery import Delivery
 from .errors import ConfigError, StartupError, StoreError, TlsError
 from .fdlimit import ensure_fd_limit, fd_plan
 from .history import HistoryRecorder
-from .listeners import Listeners, cannot_listen
+from .listeners import Listeners
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
 from .policy import RecipientOutcome, session_lease
@@ -118,27 +118,29 @@ class BridgeService:
         self.sandbox: Sandbox | None = None
         self.runtime = Runtime.build(self._with_sandbox(config))
         self.tracker = ConnectionTracker()
-        self.listeners = Listeners(reuse_port=self.reuse_port)
-        self._deliveries: set[asyncio.Task[list[RecipientOutcome]]] = set()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._stop = asyncio.Event()
-        self._stopping = False
-        self._reload_lock = asyncio.Lock()
-        self._api: ApiClient | None = None
-        self._worker: QueueWorker | None = None
-        self._delivery: Delivery | None = None
-        self._store: DeferredStore | None = None
-        self._admin: AdminServer | None = None
-        self._admin_activated = False
-        self._watchdog: asyncio.Task[None] | None = None
-        self._signals_installed = False
-        self._secrets: list[str] = []
-        self._ready = False
-        self._reload_pending = False
-        self.handler: BridgeHandler | None = None
         self.metrics = Metrics()
+        self.listeners = Listeners(reuse_port=self.reuse_port)
+        self.admin = AdminEndpoint(self)
+        self.handler: BridgeHandler | None = None
         #: The console's history recorder (None before startup or without a History store).
         self.history: HistoryRecorder | None = None
+        # The parts startup makes (None before it): the state store, the API client
+        # (a reload may replace it), the delivery every session and the spool's
+        # queue worker go through.
+        self.store: DeferredStore | None = None
+        self.api: ApiClient | None = None
+        self.delivery: Delivery | None = None
+        self.worker: QueueWorker | None = None
+        self._deliveries: set[asyncio.Task[list[RecipientOutcome]]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watchdog: asyncio.Task[None] | None = None
+        self._secrets: list[str] = []
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self._ready = False
+        self._reload_pending = False
+        self._reload_lock = asyncio.Lock()
+        self._signals_installed = False
 
     # ------------------------------------------------------------ phases
 
@@ -157,7 +159,7 @@ class BridgeService:
             self.runtime = Runtime.build(config)
         # A store that cannot be opened (full or read-only disk) does not stop the
         # start: mail gets 451 4.3.0 and /readyz says why until it opens by itself.
-        store = self._store = DeferredStore(
+        store = self.store = DeferredStore(
             functools.partial(_open_ready_store, config),
             name=describe_store(config.delivery),
             dedup_ttl=config.delivery.dedup_ttl,
@@ -168,12 +170,12 @@ class BridgeService:
             # a full local disk is weathered with 451s until it has room again.
             await store.close()
             raise StartupError(f"state store: {store.error}")
-        self._api = _api_client(config)
-        delivery = self._delivery = Delivery(
-            self._api, store, self.metrics, mode=config.delivery.mode
+        self.api = _api_client(config)
+        delivery = self.delivery = Delivery(
+            self.api, store, self.metrics, mode=config.delivery.mode
         )
         # Workers run in every mode: mail spooled before a change of mode still goes out.
-        worker = self._worker = QueueWorker(
+        worker = self.worker = QueueWorker(
             delivery.gate,
             store,
             lambda: self.runtime,
@@ -208,15 +210,7 @@ class BridgeService:
                 smtp_socks.append(sock)
         # Socket activation: the socket unit owns the addresses; smtp.listen is not used.
         await self.listeners.open(config, new_session, smtp_socks if passed else None)
-        if admin_sock is not None:
-            self._admin_activated = True
-            self._admin = await self._start_admin(None, sock=admin_sock)
-        elif config.admin.listen is not None:
-            try:
-                self._admin = await self._start_admin(config.admin.listen)
-            except OSError as exc:
-                where = f"{config.admin.listen} (admin.listen)"
-                raise StartupError(cannot_listen(where, exc)) from None
+        await self.admin.open(config, admin_sock)
         self._ready = True
         if self.use_sandbox:
             self._greet()
@@ -275,17 +269,16 @@ class BridgeService:
         await self.listeners.wait_closed()
         if self._tasks:  # API clients replaced by a reload, closing once idle
             await asyncio.wait(list(self._tasks))
-        if self._admin is not None:
-            await self._admin.stop()
-        if self._delivery is not None:
-            await self._delivery.close()  # outcome writes still failing: a last try each
-        if self._api is not None:
-            await self._api.aclose()
+        await self.admin.close()
+        if self.delivery is not None:
+            await self.delivery.close()  # outcome writes still failing: a last try each
+        if self.api is not None:
+            await self.api.aclose()
         if self.history is not None:
             history.uninstall(self.history)
             await self.history.close()
-        if self._store is not None:
-            await self._store.close()
+        if self.store is not None:
+            await self.store.close()
         if self.sandbox is not None:
             await self.sandbox.stop()
         if self._watchdog is not None:
@@ -359,14 +352,11 @@ class BridgeService:
             change = await self.listeners.bind_changes(config)
         except StartupError as exc:
             return self._refuse([str(exc)])
-        new_admin: AdminServer | None = None
-        admin_changed = not self._admin_activated and config.admin.listen != old.admin.listen
-        if admin_changed and config.admin.listen is not None:
-            try:
-                new_admin = await self._start_admin(config.admin.listen)
-            except OSError as exc:
-                change.discard()
-                return self._refuse([cannot_listen(config.admin.listen, exc)])
+        try:
+            admin_move = await self.admin.bind_move(old, config)
+        except StartupError as exc:
+            change.discard()
+            return self._refuse([str(exc)])
 
         # Commit: from here on nothing can fail the reload.
         self.runtime = runtime
@@ -375,15 +365,11 @@ class BridgeService:
         previous_secrets, self._secrets = self._secrets, register_secrets(_config_secrets(config))
         unregister_secrets(previous_secrets)
         self.listeners.apply(change)
-        if admin_changed:
-            old_admin, self._admin = self._admin, new_admin
-            if old_admin is not None:
-                await old_admin.stop()
-                log_event(log, "admin_closed", address=old_admin.address)
-        api_rebuilt = self._api is not None and self._api.settings != _api_settings(config)
-        if api_rebuilt and self._api is not None and self._delivery is not None:
-            previous, self._api = self._api, _api_client(config)
-            self._delivery.api = self._api
+        await self.admin.apply(admin_move)
+        api_rebuilt = self.api is not None and self.api.settings != _api_settings(config)
+        if api_rebuilt and self.api is not None and self.delivery is not None:
+            previous, self.api = self.api, _api_client(config)
+            self.delivery.api = self.api
             # Calls already on the old client finish there (each bounded by api.timeout).
             self._spawn(previous.aclose_when_idle())
         restart = [
@@ -414,17 +400,17 @@ class BridgeService:
     def _store_opened(self) -> None:
         """The store is open (at start, or later by itself): the spool workers and
         the console's history recorder start."""
-        if self._worker is not None:
+        if self.worker is not None:
             # Mail spooled by another instance (PostgreSQL's NOTIFY) wakes ours too.
-            if self._store is not None:
-                self._store.on_spooled(self._worker.wake)
-            self._worker.start()
-        real = self._store.real if self._store is not None else None
+            if self.store is not None:
+                self.store.on_spooled(self.worker.wake)
+            self.worker.start()
+        real = self.store.real if self.store is not None else None
         if isinstance(real, History) and self.history is None:
             config = self.runtime.config
             self.history = HistoryRecorder(
                 # Through the proxy, which delegates History to the real store.
-                cast(History, self._store),
+                cast(History, self.store),
                 retention=config.admin.history,
                 encoding=lambda: self.runtime.config.api.encoding,
             )
@@ -447,95 +433,33 @@ class BridgeService:
         where = ", ".join(format_address(a) for a in self.listeners.addresses) or "nothing"
         return f"accepting mail on {where}; {len(self.runtime.config.routes)} routes"
 
-    # ------------------------------------------------------------ admin
-
-    async def _start_admin(
-        self, listen: str | None, *, sock: socket.socket | None = None
-    ) -> AdminServer:
-        # Queue and hybrid mode spool while the breaker is open: still ready (docs/cli.md).
-        mode = self._delivery.mode if self._delivery else self.runtime.config.delivery.mode
-        admin = AdminServer(
-            self.metrics,
-            checks={
-                "listening": self._check_listening,
-                "store": self._check_store,
-                "connections": self._check_connections,
-                "breaker": self._check_breaker,
-            },
-            refresh=self._refresh_metrics,
-            advisory=() if mode == "direct" else ("breaker",),
-            console=ConsoleSources(
-                store=lambda: self._store,
-                config=lambda: self.runtime.config,
-                breakers=self._breaker_views,
-                sandbox=lambda: self.sandbox,
-                history_failures=lambda: self.history.failures if self.history else 0,
-            ),
-            token=self._admin_token,
-        )
-        address = await admin.start(listen, sock=sock)
-        log_event(log, "admin_listening", address=address)
-        return admin
-
     def _greet(self) -> None:
         """``serve --sandbox``: tell a newcomer, on stdout, where to send and where to look."""
         smtp = ", ".join(format_address(a) for a in self.listeners.addresses)
         lines = [f"smtp-bridge sandbox: send mail to {smtp or '(no listener)'}"]
-        if self._admin is not None and self._admin.address is not None:
-            url = f"http://{self._admin.address}/"
+        if self.admin.address is not None:
+            url = f"http://{self.admin.address}/"
             lines.append(f"smtp-bridge console: {url}  (the sandbox outbox: {url}sandbox)")
             log_event(log, "console_url", url=url)
         print("\n".join(lines), flush=True)
 
-    def _admin_token(self) -> str | None:
-        token = self.runtime.config.admin.token
-        return token.get_secret_value() if token is not None else None
-
-    def _breaker_views(self) -> list[BreakerView]:
-        if self._delivery is None:
-            return []
-        gate = self._delivery.gate
-        now = gate.clock()
-        return [
-            BreakerView(key, breaker.state.value, breaker.retry_in(now))
-            for key, breaker in gate.breakers.by_key()
-        ]
-
-    async def _check_listening(self) -> str | None:
-        if self._stopping or self._stop.is_set():
-            return "shutting down"
-        return None if self.listeners.is_serving() else "not listening"
-
-    async def _check_store(self) -> str | None:
-        if self._store is None or not self._store.is_open:
-            return "not open"
-        return None if await self._store.check_writable() else "not writable"
-
-    async def _check_connections(self) -> str | None:
-        # Every new connection would get 421: send the mail elsewhere.
-        full = self.tracker.total >= self.runtime.config.smtp.max_connections
-        return "full" if full else None
-
-    async def _check_breaker(self) -> str | None:
-        return "open" if self.breaker_is_open() else None
-
-    async def _refresh_metrics(self) -> None:
-        """Queue depth and age, dead letters and breaker state, fresh for each scrape
-        (the worker also refreshes them on its own schedule)."""
-        if self._worker is not None and self._store is not None and self._store.is_open:
-            await self._worker.refresh_gauges()
-
-    # ------------------------------------------------------------ helpers
+    # ------------------------------------------------------------ state
 
     @property
     def admin_address(self) -> str | None:
         """The admin endpoint's bound ``host:port``, None when disabled."""
-        return self._admin.address if self._admin is not None else None
+        return self.admin.address
 
     @property
-    def api(self) -> ApiClient | None:
-        """The current API client (a reload may replace it)."""
-        return self._api
+    def stopping(self) -> bool:
+        """SIGTERM came, or shutdown has begun."""
+        return self._stopping or self._stop.is_set()
+
+    def breaker_is_open(self) -> bool:
+        """True while the API circuit breaker of any key is open or probing (docs/replies.md)."""
+        return self.delivery is not None and self.delivery.gate.is_open()
+
+    # ------------------------------------------------------------ helpers
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -558,21 +482,12 @@ class BridgeService:
             update["app_key"] = SecretStr(SANDBOX_APP_KEY)
         return config.model_copy(update={"api": config.api.model_copy(update=update)})
 
-    def breaker_is_open(self) -> bool:
-        """True while the API circuit breaker of any key is open or probing (docs/replies.md)."""
-        return self._delivery is not None and self._delivery.gate.is_open()
-
-    @property
-    def worker(self) -> QueueWorker | None:
-        """The spool's queue worker (None before startup)."""
-        return self._worker
-
     def _stop_worker(self, grace: float) -> asyncio.Future[None]:
-        if self._worker is None:
+        if self.worker is None:
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             future.set_result(None)
             return future
-        return asyncio.ensure_future(self._worker.stop(grace))
+        return asyncio.ensure_future(self.worker.stop(grace))
 
     def _track(self, task: asyncio.Task[list[RecipientOutcome]]) -> None:
         self._deliveries.add(task)

@@ -115,7 +115,7 @@ async def test_readyz_503_when_the_store_is_unwritable(
     bridge: Any, http: httpx.AsyncClient
 ) -> None:
     async with bridge(ADMIN + DEFAULT_ROUTES) as b:
-        store = b.service._store
+        store = b.service.store
         assert store is not None
         await store.close()  # what a failed disk looks like to the bridge: writes fail
         ready = await http.get(f"http://{admin_of(b)}/readyz")
@@ -217,7 +217,7 @@ async def test_metrics_dead_letters_and_queue_from_the_store(
         code, text = await send(b, ["ok@example.org", "bad@example.org"])
         assert code == 250, text
         # A spooled recipient, as queue mode writes it (mode is issue 4's).
-        store = b.service._store
+        store = b.service.store
         assert store is not None
         now = __import__("time").time()
         await store.add_message(

@@ -349,7 +349,7 @@ async def test_api_outage_queue_and_hybrid_keep_answering_250_then_deliver_all(
         for n in range(1, 10):  # the outage: every message is taken, none is sent
             code, text = await send_data(b, f"m{n}")
             assert code == 250, text
-        depth, _ = await b.service._store.spool_stats()
+        depth, _ = await b.service.store.spool_stats()
         assert depth == 10
         assert len(b.sandbox.sent()) == 1
         await b.service.worker.refresh_gauges()

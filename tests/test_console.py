@@ -284,8 +284,8 @@ async def test_purge_a_selection(bridge: Any, http: httpx.AsyncClient) -> None:
         token = csrf_of(queue.text)
         done = await http.post(base(b) + "/queue/purge", data={"csrf": token, "queue_id": [ids[0]]})
         assert done.status_code == 303 and "Purged+1" in done.headers["Location"]
-        assert await b.service._store.get_message(ids[0]) is None
-        assert await b.service._store.get_message(ids[1]) is not None
+        assert await b.service.store.get_message(ids[0]) is None
+        assert await b.service.store.get_message(ids[1]) is not None
 
 
 async def test_try_a_message_sends_nothing(bridge: Any, http: httpx.AsyncClient) -> None:
@@ -315,14 +315,14 @@ async def test_history_zero_keeps_none(bridge: Any, http: httpx.AsyncClient) -> 
         code, text = await b.send(message(), ["bob@example.org"])
         assert code == 250
         await settled(b)
-        assert await b.service._store.search_history() == []
+        assert await b.service.store.search_history() == []
         page = await http.get(base(b) + "/")
         assert "History is off" in page.text
 
 
 async def test_a_failing_history_write_never_fails_mail(bridge: Any) -> None:
     async with bridge(ADMIN + ROUTES) as b:
-        store = b.service._store
+        store = b.service.store
 
         async def broken(*args: Any) -> None:
             raise OSError("disk full")
@@ -336,7 +336,7 @@ async def test_a_failing_history_write_never_fails_mail(bridge: Any) -> None:
 
 async def test_the_reply_does_not_wait_for_the_history_write(bridge: Any) -> None:
     async with bridge(ADMIN + ROUTES) as b:
-        store = b.service._store
+        store = b.service.store
         release = asyncio.Event()
         written: list[Any] = []
         original = store.record_history

@@ -24,7 +24,7 @@ async def test_the_console_lists_mail_received_on_a_postgres_store(
     bridge: Any, pg_url: str
 ) -> None:
     async with bridge(on_postgres(pg_url)) as b, httpx.AsyncClient(timeout=WAIT) as http:
-        assert isinstance(b.service._store, History)
+        assert isinstance(b.service.store, History)
         assert b.service.history is not None  # the recorder runs on this store
         code, text = await b.send(message("Postgres order"), ["bob@example.org"])
         assert code == 250, text

@@ -69,7 +69,7 @@ def assert_reply(line: str, expected: Reply) -> str:
 
 
 async def states(b: Any, qid: str) -> dict[str, RecipientState]:
-    stored = await b.service._store.get_message(qid)
+    stored = await b.service.store.get_message(qid)
     assert stored is not None, f"queue id {qid} not recorded"
     return {r.rcpt: r.state for r in stored[1]}
 
@@ -144,7 +144,7 @@ async def test_permanent_beside_delivered_is_250_and_dead_letter(
         b.sandbox.script({"code": 40005, "to": B})
         qid = assert_reply(await data_reply(b, make_message(), [A, B]), replies.OK)
         assert await states(b, qid) == {A: S.DELIVERED, B: S.DEAD}
-        dead = await b.service._store.list_recipients(states=[S.DEAD])
+        dead = await b.service.store.list_recipients(states=[S.DEAD])
         assert [(r.queue_id, r.rcpt) for r in dead] == [(qid, B)]
         assert dead[0].api_code == 40005
         assert dead[0].reply == str(replies.BAD_RECIPIENT)
@@ -274,7 +274,7 @@ async def test_unknown_outcome_is_sent_again_as_possible_duplicate(
         b.sandbox.script({"action": action, "to": B})
         qid1 = assert_reply(await data_reply(b, message, [A, B]), replies.OUTCOME_UNKNOWN)
         assert await states(b, qid1) == {A: S.DELIVERED, B: S.UNKNOWN}
-        unknown = await b.service._store.list_recipients(states=[S.UNKNOWN])
+        unknown = await b.service.store.list_recipients(states=[S.UNKNOWN])
         assert [(r.queue_id, r.rcpt) for r in unknown] == [(qid1, B)]
         # At-least-once: the retry sends B again and says it may be a duplicate.
         qid2 = assert_reply(await data_reply(b, message, [A, B]), replies.OK)
@@ -365,7 +365,7 @@ async def test_client_disconnect_mid_delivery_does_not_cancel_api_calls(
         outcomes = await asyncio.wait_for(asyncio.shield(task), 10)
         assert not task.cancelled()
         assert {o.rcpt: o.state for o in outcomes} == {A: S.DELIVERED, B: S.DELIVERED}
-        delivered = await b.service._store.list_recipients(states=[S.DELIVERED])
+        delivered = await b.service.store.list_recipients(states=[S.DELIVERED])
         assert sorted(r.rcpt for r in delivered) == [A, B]
         # The client retries (it never saw a reply): nothing is sent again.
         line = await data_reply(b, message, [A, B])
@@ -412,9 +412,9 @@ async def test_api_key_never_in_replies_logs_or_repr(
             assert not line.startswith("2")
             config: Config = b.service.runtime.config
             shown = [repr(config), str(config), repr(config.api), str(config.api),
-                     repr(b.service._api), repr(b.service)]  # fmt: skip
-            recorded = await b.service._store.list_recipients()
-            stored = await b.service._store.get_message(qid)
+                     repr(b.service.api), repr(b.service)]  # fmt: skip
+            recorded = await b.service.store.list_recipients()
+            stored = await b.service.store.get_message(qid)
         # The key really was used (the check below is not vacuous) ...
         assert [r["key"] for r in api.sent()] == [fingerprint(SECRET)]
     # ... and it is nowhere else.

@@ -79,13 +79,13 @@ async def check_reply(b: Any, line: str, expected: Reply, code: int, status: str
     assert reply == str(expected)
     assert line == expected.with_id(qid)
     assert_no_leak(line)
-    stored = await b.service._store.get_message(qid)
+    stored = await b.service.store.get_message(qid)
     assert stored is not None, f"queue id {qid} not in the state store"
     return qid
 
 
 async def recipient_state(b: Any, qid: str, rcpt: str = RCPT) -> RecipientState:
-    stored = await b.service._store.get_message(qid)
+    stored = await b.service.store.get_message(qid)
     assert stored is not None
     _, recipients = stored
     (record,) = [r for r in recipients if r.rcpt == rcpt]

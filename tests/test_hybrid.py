@@ -23,7 +23,7 @@ S = RecipientState
 
 async def hurry(b: Any, queue_id: str) -> None:
     """What ``smtp-bridge queue retry ID`` does: the message's waiting recipients are due now."""
-    await b.service._store.retry(queue_id)
+    await b.service.store.retry(queue_id)
     b.service.worker.wake()
 
 
@@ -47,7 +47,7 @@ async def test_permanent_answer_for_a_single_recipient_gets_its_5xx(bridge: Any)
         message, rcpts = await record(b, queue_id_of(text))
         assert rcpts["bob@example.org"].state is S.FAILED  # told to the client: no dead letter
         assert message.content is None
-        assert (await b.service._store.counts())["dead"] == 0
+        assert (await b.service.store.counts())["dead"] == 0
 
 
 async def test_transient_answer_gets_250_and_is_delivered_later(bridge: Any) -> None:
@@ -131,4 +131,4 @@ async def test_only_permanent_failures_get_the_5xx(bridge: Any) -> None:
         b.sandbox.script({"code": 40008, "times": 2})
         code, _ = await send(b, make_message(), ["a@example.org", "b@example.org"])
         assert code == 554
-        assert (await b.service._store.spool_stats()).depth == 0
+        assert (await b.service.store.spool_stats()).depth == 0

@@ -83,7 +83,7 @@ async def busy_workers(b: Any) -> InFlow:
         assert code == 250, text
     await requests(b, 2)
     assert b.service.worker.in_flight == 2
-    flow: InFlow = b.service._delivery.flow
+    flow: InFlow = b.service.delivery.flow
     return flow
 
 
@@ -319,7 +319,7 @@ async def test_no_token_holds_the_250_until_an_attempt_finishes(bridge: Any) -> 
         assert code == 250, text
         assert worker.attempts_done >= 1
         assert flow.delayed == 1
-        found = await b.service._store.get_message(queue_id_of(text))
+        found = await b.service.store.get_message(queue_id_of(text))
         assert found is not None and found[0].content == message("third")  # committed
 
 
@@ -333,7 +333,7 @@ async def test_every_finished_attempt_gives_its_token_back_failures_included(
         await b.sandbox.stop()  # both hanging calls end in a reset: outcome unknown
         async with asyncio.timeout(WAIT):
             await b.service.worker.wait_attempts(2)
-        assert b.service._delivery.gate.is_open()
+        assert b.service.delivery.gate.is_open()
         assert flow.tokens == 2
 
 
@@ -346,7 +346,7 @@ async def test_waiting_messages_go_on_when_the_breaker_opens(bridge: Any) -> Non
         async with asyncio.timeout(WAIT):  # in_flow_delay is 25s
             results = await asyncio.gather(*waiting)
         assert [code for code, _ in results] == [250, 250, 250]
-        assert b.service._delivery.gate.is_open()
+        assert b.service.delivery.gate.is_open()
 
 
 async def test_in_flow_delay_0_accepts_at_once(bridge: Any) -> None:
@@ -379,8 +379,8 @@ async def test_breaker_open_the_spool_takes_mail_at_full_speed(bridge: Any) -> N
         assert code == 250
         async with asyncio.timeout(WAIT):
             await b.service.worker.wait_attempts(1)
-        assert b.service._delivery.gate.is_open()
-        flow: InFlow = b.service._delivery.flow
+        assert b.service.delivery.gate.is_open()
+        flow: InFlow = b.service.delivery.flow
         async with asyncio.timeout(WAIT):  # in_flow_delay is 25s
             for n in range(4):  # more than the two tokens
                 code, text = await send(b, f"outage {n}")
@@ -392,7 +392,7 @@ async def test_breaker_open_the_spool_takes_mail_at_full_speed(bridge: Any) -> N
 async def test_hybrid_mode_sessions_never_come_to_the_gate(bridge: Any) -> None:
     body = "api: {max_concurrency: 2}\ndelivery: {mode: hybrid, in_flow_delay: 25s}\n" + ROUTES
     async with bridge(body) as b:
-        flow: InFlow = b.service._delivery.flow
+        flow: InFlow = b.service.delivery.flow
         async with asyncio.timeout(WAIT):  # in_flow_delay is 25s
             for n in range(2):
                 code, text = await send(b, f"hybrid {n}")

@@ -23,6 +23,7 @@ from test_daemon import Daemon
 from test_once import A, B, make_message, send, spool_drained, text_of
 
 from smtp_bridge import replies
+from smtp_bridge.daemon_admin import Readiness
 from smtp_bridge.sandbox import Sandbox
 
 #: Upper bound of any one wait; never a synchronisation sleep.
@@ -55,7 +56,7 @@ async def shared_spool_empty(b: Any) -> None:
     async with asyncio.timeout(WAIT):
         while True:
             done = worker.attempts_done  # before the look (see test_once.spool_drained)
-            if not (await b.service._store.spool_stats()).depth:
+            if not (await b.service.store.spool_stats()).depth:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(worker.wait_attempts(done + 1), 0.1)
@@ -206,7 +207,7 @@ async def test_database_stopped_under_load_never_250_without_commit(
         pg_cluster.stop()
         try:
             down = [await send(b, make_message(f"<down-{n}@app>"), [A]) for n in range(3)]
-            unready = await b.service._check_store()  # /readyz's store check
+            unready = await Readiness(b.service).store()  # /readyz's store check
         finally:
             pg_cluster.start()
         after = [await send(b, make_message(f"<back-{n}@app>"), [A]) for n in range(3)]

@@ -78,13 +78,13 @@ async def spool_drained(b: Any) -> None:
         while True:
             # Counted before the look: an attempt that ends during it is not waited for.
             done = worker.attempts_done
-            if not (await b.service._store.spool_stats()).depth:
+            if not (await b.service.store.spool_stats()).depth:
                 return
             await worker.wait_attempts(done + 1)
 
 
 async def states(b: Any, queue_id: str) -> dict[str, RecipientState]:
-    found = await b.service._store.get_message(queue_id)
+    found = await b.service.store.get_message(queue_id)
     assert found is not None
     return {r.rcpt: r.state for r in found[1]}
 
@@ -96,7 +96,7 @@ def queue_id_of(text: str) -> str:
 async def refuse_writes(b: Any, refuse: bool) -> None:
     """The store's writer refuses every write (SQLite's query_only), or takes them again."""
     pragma = f"PRAGMA query_only = {'ON' if refuse else 'OFF'}"
-    await b.service._store.writer.submit("test: read-only", lambda c: c.execute(pragma), alone=True)
+    await b.service.store.writer.submit("test: read-only", lambda c: c.execute(pragma), alone=True)
 
 
 # --- queue mode: a resubmitted message -----------------------------------------------

@@ -89,7 +89,7 @@ async def spool_drained(b: Any) -> None:
         while True:
             # Counted before the look: an attempt that ends during it is not waited for.
             done = worker.attempts_done
-            if not (await b.service._store.spool_stats()).depth:
+            if not (await b.service.store.spool_stats()).depth:
                 return
             await worker.wait_attempts(done + 1)
 
@@ -102,7 +102,7 @@ async def requests(b: Any, count: int) -> list[dict[str, Any]]:
 
 
 async def record(b: Any, queue_id: str) -> tuple[Any, dict[str, Any]]:
-    found = await b.service._store.get_message(queue_id)
+    found = await b.service.store.get_message(queue_id)
     assert found is not None, queue_id
     message, rcpts = found
     return message, {r.rcpt: r for r in rcpts}
@@ -282,7 +282,7 @@ async def test_queue_retry_all_dead_and_purge(
         await attempts_done(b, 3)
         code, out = await run_cli(capsys, "queue", "--config", str(config_path), "purge", ids[0])
         assert code == 0 and f"{ids[0]}: purged (1 recipients)" in out
-        assert await b.service._store.get_message(ids[0]) is None
+        assert await b.service.store.get_message(ids[0]) is None
         code, out = await run_cli(
             capsys, "queue", "--config", str(config_path), "retry", "--all-dead"
         )
@@ -325,7 +325,7 @@ async def test_failure_notice_goes_to_the_sender_but_never_to_a_null_sender(
             "subject": "Invoice 42",
             "reason": str(replies.BAD_RECIPIENT),
         }
-        assert (await b.service._store.counts())["dead"] == 2
+        assert (await b.service.store.counts())["dead"] == 2
 
 
 # ---------------------------------------------------------------- store failures
@@ -338,7 +338,7 @@ async def limit_pages(b: Any, pages: int | None) -> None:
         (current,) = conn.execute("PRAGMA page_count").fetchone()
         conn.execute(f"PRAGMA max_page_count = {pages or current}")
 
-    await b.service._store.writer.submit("test: disk full", limit, alone=True)
+    await b.service.store.writer.submit("test: disk full", limit, alone=True)
 
 
 async def test_store_full_answers_451_never_250_and_recovers(bridge: Any) -> None:
@@ -359,7 +359,7 @@ async def test_store_full_answers_451_never_250_and_recovers(bridge: Any) -> Non
 @pytest.mark.parametrize("mode", ["queue", "hybrid", "direct"])
 async def test_unwritable_store_answers_451_never_250(bridge: Any, mode: str) -> None:
     async with bridge(f"delivery: {{mode: {mode}, backoff: [50ms]}}\n" + ROUTES) as b:
-        store = b.service._store
+        store = b.service.store
         await store.writer.submit("ro", lambda c: c.execute("PRAGMA query_only = ON"), alone=True)
         code, text = await send(b, make_message(), ["bob@example.org"])
         assert code == 451, text
