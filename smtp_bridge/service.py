@@ -1,21 +1,21 @@
-"""The daemon's lifecycle: startup -> serve -> shutdown, signals, reload, sd_notify.
+"""The daemon's composition and lifecycle: startup -> serve -> shutdown, reload.
 
-One event loop carries the SMTP listeners, the admin endpoint, the API client
-and the store (no threaded Controller), so a session, its API calls and its
-ledger writes never cross threads except into the store's own writer thread.
+:class:`BridgeService` is the one place that wires the daemon together: the
+store, the API client, delivery, the spool workers, the SMTP handler and
+listeners (listeners.py), the admin endpoint (daemon_admin.py) and the sandbox
+of ``serve --sandbox``; every part it holds is declared in ``__init__``.
 
-systemd (systemd.py): READY=1 once every listener is up, STATUS= lines,
-WATCHDOG=1 from the event loop when ``$WATCHDOG_USEC`` asks for it (a stuck
-loop stops pinging and gets restarted), RELOADING=1 around a SIGHUP reload and
-STOPPING=1 on SIGTERM. Listening sockets may come from socket activation
-(``$LISTEN_FDS``, sd_listen_fds(3)) instead of ``smtp.listen``.
+One event loop carries them all (no threaded Controller), so a session, its API
+calls and its ledger writes never cross threads except into the store's own
+writer thread. systemd (systemd.py) hears READY=1 once every listener is up,
+RELOADING=1 around a SIGHUP reload, STOPPING=1 on SIGTERM, and WATCHDOG=1 from
+the event loop; listening sockets may come from socket activation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import logging
 import socket
@@ -26,21 +26,25 @@ from typing import Any, Literal, cast
 from . import history
 from .admin import format_address
 from .api import ApiClient
-from .config import Config, load_config
+from .config import Config
 from .daemon_admin import AdminEndpoint
 from .delivery import Delivery
-from .errors import ConfigError, StartupError, StoreError, TlsError
+from .errors import StartupError
 from .fdlimit import ensure_fd_limit, fd_plan
+from .heap import settle_heap
 from .history import HistoryRecorder
 from .listeners import Listeners
 from .logs import log_event, register_secrets, unregister_secrets
 from .metrics import Metrics
-from .policy import RecipientOutcome, session_lease
+from .policy import RecipientOutcome
+from .reload import load_new, warn_restart_needed
 from .sandbox import Sandbox
+from .sandbox_mode import greet, start_sandbox, with_sandbox
 from .smtp import BridgeHandler, BridgeLMTP, BridgeSMTP, ConnectionTracker, Runtime
-from .store import StateStore, describe_store, open_store, sqlite_path, store_secrets
+from .store import store_secrets
 from .store.deferred import DeferredStore
 from .store.history import History
+from .store_start import start_store
 from .systemd import (
     ADMIN_FD_NAME,
     handle_signals,
@@ -52,31 +56,10 @@ from .systemd import (
 )
 from .worker import QueueWorker
 
-__all__ = ["BridgeService", "StartupError", "settle_heap", "SANDBOX_APP_KEY"]
+# settle_heap: ``serve`` (cli.py) takes it from here.
+__all__ = ["BridgeService", "StartupError", "settle_heap"]
 
 log = logging.getLogger("smtp_bridge.service")
-
-#: The key ``serve --sandbox`` uses when the config has none.
-SANDBOX_APP_KEY = "sandbox-key"
-
-
-#: Collections of the youngest generation: every 20,000 allocations, not 700.
-_GC_THRESHOLD = (20_000, 50, 100)
-
-
-def settle_heap() -> None:
-    """Keep the cyclic GC off the daemon's long-lived objects (modules, config).
-
-    ``serve`` calls this once the config is loaded: what is alive then goes to
-    the permanent generation (``gc.freeze``), so the collections that mail
-    traffic triggers no longer walk it (bench/README: p99 60 -> 36 ms, 2-4% less
-    CPU a message). A reload settles the heap again, so an old config's cycles
-    are collected; a process that never called this (tests) is left alone.
-    """
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*_GC_THRESHOLD)
 
 
 def _config_secrets(config: Config) -> list[str]:
@@ -92,17 +75,6 @@ def _config_secrets(config: Config) -> list[str]:
     return [s for s in found if s]
 
 
-#: Settings read once at startup; a reload that changes them logs that a
-#: restart is needed (the rest takes effect for new sessions).
-_RESTART_KEYS = (
-    ("delivery", "mode"),
-    ("delivery", "state_dir"),
-    ("delivery", "store"),
-    ("delivery", "dedup_ttl"),
-    ("smtp", "dual_stack"),  # open listeners keep their socket; new ones take the new value
-)
-
-
 class BridgeService:
     """Owns the listeners, the API client, the store and the sandbox if any."""
 
@@ -116,6 +88,7 @@ class BridgeService:
         self.config_path = config_path
         self.use_sandbox = sandbox
         self.sandbox: Sandbox | None = None
+        #: What new sessions work with; a reload replaces it as a whole.
         self.runtime = Runtime.build(self._with_sandbox(config))
         self.tracker = ConnectionTracker()
         self.metrics = Metrics()
@@ -152,24 +125,10 @@ class BridgeService:
         self._check_fd_limit(config)
         self._secrets = register_secrets(_config_secrets(config))
         if self.use_sandbox:
-            self.sandbox = Sandbox()
-            url = await self.sandbox.start("127.0.0.1", 0)
-            log_event(log, "sandbox_started", url=url)
+            self.sandbox = await start_sandbox()
             config = self._with_sandbox(config)
             self.runtime = Runtime.build(config)
-        # A store that cannot be opened (full or read-only disk) does not stop the
-        # start: mail gets 451 4.3.0 and /readyz says why until it opens by itself.
-        store = self.store = DeferredStore(
-            functools.partial(_open_ready_store, config),
-            name=describe_store(config.delivery),
-            dedup_ttl=config.delivery.dedup_ttl,
-        )
-        if not await store.start() and sqlite_path(config.delivery) is None:
-            # A database that cannot be reached at start is most often a wrong
-            # URL, password or firewall: say so and stop (systemd retries), where
-            # a full local disk is weathered with 451s until it has room again.
-            await store.close()
-            raise StartupError(f"state store: {store.error}")
+        store = self.store = await start_store(config)
         self.api = _api_client(config)
         delivery = self.delivery = Delivery(
             self.api, store, self.metrics, mode=config.delivery.mode
@@ -213,7 +172,7 @@ class BridgeService:
         await self.admin.open(config, admin_sock)
         self._ready = True
         if self.use_sandbox:
-            self._greet()
+            greet(self.listeners.addresses, self.admin.address)
         sd_notify(f"READY=1\nSTATUS={self._status()}")
         if self._reload_pending:  # SIGHUP during startup: the file may have changed
             self._spawn(self.reload())
@@ -253,7 +212,8 @@ class BridgeService:
             session.close_when_idle()
         grace = self.runtime.config.smtp.shutdown_timeout
         # Workers claim nothing more; calls in flight finish within the grace period.
-        worker_stopped = self._stop_worker(grace)
+        worker = self.worker
+        worker_stopped = asyncio.ensure_future(worker.stop(grace)) if worker is not None else None
         try:
             await asyncio.wait_for(self.tracker.wait_empty(), grace)
         except TimeoutError:
@@ -265,7 +225,8 @@ class BridgeService:
         # API calls already sent finish and are recorded (bounded by api.timeout).
         if self._deliveries:
             await asyncio.wait(list(self._deliveries))
-        await worker_stopped
+        if worker_stopped is not None:
+            await worker_stopped
         await self.listeners.wait_closed()
         if self._tasks:  # API clients replaced by a reload, closing once idle
             await asyncio.wait(list(self._tasks))
@@ -334,16 +295,10 @@ class BridgeService:
             return ok
 
     async def _reload(self) -> bool:
-        if self.config_path is None:
-            return self._refuse(["no config file to reload: started with the built-in config"])
-        try:
-            config = self._with_sandbox(load_config(self.config_path))
-        except ConfigError as exc:
-            return self._refuse([str(i) for i in exc.issues])
-        try:
-            runtime = Runtime.build(config)
-        except TlsError as exc:  # the files changed since load_config read them
-            return self._refuse([f"smtp.tls: {exc}"])
+        loaded = load_new(self.config_path, self._with_sandbox)
+        if isinstance(loaded, list):
+            return self._refuse(loaded)
+        config, runtime = loaded
         old = self.runtime.config
         # Bind what is new before changing anything: a port that cannot be
         # bound refuses the reload as a whole.
@@ -372,19 +327,7 @@ class BridgeService:
             self.delivery.api = self.api
             # Calls already on the old client finish there (each bounded by api.timeout).
             self._spawn(previous.aclose_when_idle())
-        restart = [
-            ".".join(key)
-            for key in _RESTART_KEYS
-            if getattr(getattr(config, key[0]), key[1]) != getattr(getattr(old, key[0]), key[1])
-        ]
-        if restart:
-            log_event(
-                log,
-                "reload_needs_restart",
-                level=logging.WARNING,
-                keys=restart,
-                detail="these settings keep their old values until a restart",
-            )
+        warn_restart_needed(old, config)
         log_event(
             log,
             "reloaded",
@@ -433,16 +376,6 @@ class BridgeService:
         where = ", ".join(format_address(a) for a in self.listeners.addresses) or "nothing"
         return f"accepting mail on {where}; {len(self.runtime.config.routes)} routes"
 
-    def _greet(self) -> None:
-        """``serve --sandbox``: tell a newcomer, on stdout, where to send and where to look."""
-        smtp = ", ".join(format_address(a) for a in self.listeners.addresses)
-        lines = [f"smtp-bridge sandbox: send mail to {smtp or '(no listener)'}"]
-        if self.admin.address is not None:
-            url = f"http://{self.admin.address}/"
-            lines.append(f"smtp-bridge console: {url}  (the sandbox outbox: {url}sandbox)")
-            log_event(log, "console_url", url=url)
-        print("\n".join(lines), flush=True)
-
     # ------------------------------------------------------------ state
 
     @property
@@ -472,44 +405,15 @@ class BridgeService:
             log.error("background task failed", exc_info=task.exception())
 
     def _with_sandbox(self, config: Config) -> Config:
-        """Point ``api.url`` at the in-process sandbox (``serve --sandbox``)."""
+        """Every config the service takes passes through here: ``serve --sandbox``
+        points it at the in-process sandbox."""
         if not self.use_sandbox or self.sandbox is None:
             return config
-        update: dict[str, object] = {"url": self.sandbox.url}
-        if config.api.app_key is None:
-            from pydantic import SecretStr
-
-            update["app_key"] = SecretStr(SANDBOX_APP_KEY)
-        return config.model_copy(update={"api": config.api.model_copy(update=update)})
-
-    def _stop_worker(self, grace: float) -> asyncio.Future[None]:
-        if self.worker is None:
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            future.set_result(None)
-            return future
-        return asyncio.ensure_future(self.worker.stop(grace))
+        return with_sandbox(config, self.sandbox)
 
     def _track(self, task: asyncio.Task[list[RecipientOutcome]]) -> None:
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
-
-
-async def _open_ready_store(config: Config) -> StateStore:
-    """Open the store and take over the spool: claims left by a process that died
-    are due again, stale in-flight rows settled. StoreError, with nothing left
-    open, when any of it fails."""
-    store = await open_store(config.delivery)
-    try:
-        recovered = await store.recover_claims()
-        settled = await store.resolve_stale(older_than=2 * session_lease(config))
-    except StoreError:
-        await store.close()
-        raise
-    if recovered:
-        log_event(log, "spool_recovered", level=logging.WARNING, recipients=recovered)
-    if settled:
-        log_event(log, "stale_settled", level=logging.WARNING, rows=settled)
-    return store
 
 
 def _api_settings(config: Config) -> tuple[str, Literal["form", "json"], float, int]:
