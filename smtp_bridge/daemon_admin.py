@@ -190,6 +190,7 @@ class AdminEndpoint:
             log_event(log, "admin_closed", address=old.address)
 
     async def close(self) -> None:
+        """Shutdown: stop answering."""
         if self._server is not None:
             await self._server.stop()
 

@@ -130,6 +130,7 @@ class Listeners:
         return change
 
     def apply(self, change: ListenerChange) -> None:
+        """Commit a reload's change: its new listeners in, the dropped ones closed."""
         for listen, server in change.opened.items():
             self._add(listen, server)
         for listen in change.removed:
