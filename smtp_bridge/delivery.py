@@ -9,7 +9,8 @@ committed to the spool, and the client gets ``250``.
 
 The policy (plans, outcomes, replies, retries, dead letters) is the pure
 :mod:`smtp_bridge.policy`, shared with the queue workers; this module does the
-IO around it, behind the ApiClient and store seams. The per-recipient outcome
+IO around it, behind the ApiClient and store seams; copies of a message delivered
+at once wait for each other (:mod:`smtp_bridge.copies`). The per-recipient outcome
 is recorded in the store before the reply is chosen, so a client retry after a
 4xx sends only what was not delivered. :meth:`Delivery.deliver` returns one
 outcome per recipient, each with its own reply (LMTP answers those);
@@ -33,6 +34,7 @@ from typing import Any
 from . import history, replies
 from .api import ApiClient
 from .config import Config
+from .copies import InFlight, as_copy, held_elsewhere, note_reuse, wait_for_copies
 from .errors import StoreError
 from .flow import InFlow
 from .gate import ApiGate
@@ -42,27 +44,23 @@ from .message import ParsedMessage
 from .metrics import Metrics
 from .outcomes import ApiRequest, ApiResult, RecipientState
 from .policy import (
-    GUARD_MARGIN,
     Plan,
     RecipientOutcome,
     attempted,
     dead_letter,
-    duplicate_outcome,
     next_delay,
     plan_recipient,
     session_lease,
 )
 from .replies import Reply
 from .rules import Router
-from .store import Guard, GuardState, Ledger, MessageRecord, RecipientRecord
+from .store import Guard, Ledger, MessageRecord, RecipientRecord
 from .templating import ClientInfo
 
 __all__ = ["Delivery", "IncomingMessage", "log_api_call"]
 
 log = logging.getLogger("smtp_bridge.delivery")
 
-#: How often a copy waiting for another copy's call looks at the ledger again.
-GUARD_POLL = 0.1
 #: Backoff between tries of an outcome write that failed (the call was made).
 RECORD_RETRY = (0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -105,8 +103,8 @@ class Delivery:
         self.on_spooled: Callable[[], None] | None = None
         #: Queue mode's ``in_flow_delay`` tokens; the queue worker attaches to it.
         self.flow = InFlow()
-        # (message key, lower-cased rcpt) -> done when its delivery is recorded.
-        self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
+        #: Copies of a message in flight in this process wait for each other.
+        self._in_flight = InFlight()
         #: Outcome writes that failed after the calls, retried until on record.
         self._recording: set[asyncio.Task[None]] = set()
 
@@ -150,10 +148,9 @@ class Delivery:
             message = dataclasses.replace(message, rcpts=rcpts)
         key = message_key(message.parsed, message.raw)
         pairs = [(key, rcpt.lower()) for rcpt in message.rcpts]
-        while busy := {self._in_flight[p] for p in pairs if p in self._in_flight}:
+        while busy := self._in_flight.busy(pairs):
             await asyncio.wait(busy)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._in_flight.update(dict.fromkeys(pairs, done))
+        done = self._in_flight.hold(pairs)
         try:
             if self.mode != "queue":
                 return await self._deliver(message, config, router, key, per_recipient)
@@ -167,10 +164,7 @@ class Delivery:
                     admission.keep()  # the worker's attempt gives the token back
             return outcomes
         finally:
-            for pair in pairs:
-                if self._in_flight.get(pair) is done:
-                    del self._in_flight[pair]
-            done.set_result(None)
+            self._in_flight.release(pairs, done)
 
     async def _deliver(
         self,
@@ -194,12 +188,13 @@ class Delivery:
                 # The message and the guards of its recipients are on record before
                 # anything is sent: a store that takes no writes keeps the mail with
                 # the client (451) and nothing goes out.
+                lease = session_lease(config)
                 record = self._message_record(message, key, now, content=None)
-                admission = await self.store.open_message(
-                    record, message.rcpts, lease=session_lease(config)
-                )
+                admission = await self.store.open_message(record, message.rcpts, lease=lease)
                 self._note_reuse(message, admission.message_id_reused_by)
-                guards = await self._wait_for_copies(message, key, admission.guards, config)
+                guards = await wait_for_copies(
+                    self.store, key, admission.guards, queue_id=message.queue_id, lease=lease
+                )
                 previous = {}
         except StoreError:
             return self._store_failed(message, message.rcpts)
@@ -241,25 +236,12 @@ class Delivery:
         guard = guards.get(rcpt.lower())
         before = previous.get(rcpt.lower())
         holder = ""
-        if guard is not None and not guard.acquired and guard.state is GuardState.SENDING:
-            # Still in flight elsewhere after waiting as long as its lease: keep the mail.
-            return Plan(
-                rcpt,
-                outcome=RecipientOutcome(rcpt, RecipientState.RETRYING, replies.SAME_IN_FLIGHT),
-            )
-        if guard is not None and not guard.acquired:
-            # Another copy has it: delivered already, or waiting in its spool.
-            log_event(
-                log,
-                "duplicate_skipped",
-                queue_id=message.queue_id,
-                previous_queue_id=guard.holder,
-                rcpt=rcpt,
-                held=guard.state.value if guard.state else "",
-            )
-            return Plan(rcpt, outcome=duplicate_outcome(rcpt, guard.state))
-        if guard is not None and guard.possibly_sent:
-            before, holder = RecipientState.UNKNOWN, guard.holder
+        if guard is not None:
+            elsewhere = held_elsewhere(message.queue_id, rcpt, guard)
+            if elsewhere is not None:
+                return Plan(rcpt, outcome=elsewhere)
+            if guard.possibly_sent:
+                before, holder = RecipientState.UNKNOWN, guard.holder
         return plan_recipient(
             message.parsed,
             rcpt,
@@ -273,43 +255,8 @@ class Delivery:
             previous_holder=holder,
         )
 
-    async def _wait_for_copies(
-        self, message: IncomingMessage, key: str, guards: dict[str, Guard], config: Config
-    ) -> dict[str, Guard]:
-        """Recipients whose call another copy has in flight: wait for its end, then ask again.
-
-        Never longer than that copy's lease can last (then it is presumed dead and
-        the guard is ours, as a possible duplicate); if it is still held after
-        that, the recipient gets ``SAME_IN_FLIGHT`` (451), the client retries.
-        """
-        lease = session_lease(config)
-        deadline = time.monotonic() + lease + GUARD_MARGIN
-        guards = dict(guards)
-        while True:
-            busy = [
-                rcpt
-                for rcpt, guard in guards.items()
-                if not guard.acquired and guard.state is GuardState.SENDING
-            ]
-            if not busy or time.monotonic() >= deadline:
-                return guards
-            # Copies in this process were waited for in deliver() before the
-            # message was opened: a guard still held is another process's.
-            await asyncio.sleep(GUARD_POLL)
-            guards.update(
-                await self.store.acquire(key, busy, queue_id=message.queue_id, lease=lease)
-            )
-
     def _note_reuse(self, message: IncomingMessage, earlier: str) -> None:
-        if earlier:
-            log_event(
-                log,
-                "message_id_reused",
-                level=logging.WARNING,
-                queue_id=message.queue_id,
-                previous_queue_id=earlier,
-                message_id=message.parsed.message_id[:200],
-            )
+        note_reuse(message.queue_id, message.parsed.message_id, earlier)
 
     def _store_failed(
         self, message: IncomingMessage, rcpts: Sequence[str]
@@ -367,7 +314,7 @@ class Delivery:
         except StoreError:
             return None
         self._note_reuse(message, admission.message_id_reused_by)
-        outcomes = [self._as_copy(message, o, admission.guards) for o in outcomes]
+        outcomes = [as_copy(message.queue_id, o, admission.guards) for o in outcomes]
         spooled = any(o.spooled for o in outcomes)
         if spooled:
             log_event(
@@ -379,23 +326,6 @@ class Delivery:
             )
             self._wake()
         return outcomes
-
-    def _as_copy(
-        self, message: IncomingMessage, outcome: RecipientOutcome, guards: dict[str, Guard]
-    ) -> RecipientOutcome:
-        """A spooled outcome whose guard another copy holds: that copy sends it."""
-        guard = guards.get(outcome.rcpt.lower())
-        if not outcome.spooled or guard is None or guard.acquired:
-            return outcome
-        log_event(
-            log,
-            "duplicate_skipped",
-            queue_id=message.queue_id,
-            previous_queue_id=guard.holder,
-            rcpt=outcome.rcpt,
-            held=guard.state.value if guard.state else "",
-        )
-        return duplicate_outcome(outcome.rcpt, guard.state, outcome.route)
 
     async def _record_outcomes(
         self,
