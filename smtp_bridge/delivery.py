@@ -8,11 +8,12 @@ the workers' pace (``delivery.in_flow_delay``, :mod:`smtp_bridge.flow`).
 committed to the spool, and the client gets ``250``.
 
 The policy (plans, outcomes, replies, retries, dead letters) is the pure
-:mod:`smtp_bridge.policy`, shared with the queue workers; this module does the
-IO around it, behind the ApiClient and store seams; copies of a message delivered
-at once wait for each other (:mod:`smtp_bridge.copies`). The per-recipient outcome
-is recorded in the store before the reply is chosen, so a client retry after a
-4xx sends only what was not delivered. :meth:`Delivery.deliver` returns one
+:mod:`smtp_bridge.policy`, shared with the queue workers, as is the report of a
+call (:mod:`smtp_bridge.calls`); copies of a message delivered at once wait for
+each other (:mod:`smtp_bridge.copies`). This module does the IO around them,
+behind the ApiClient and store seams. The per-recipient outcome is recorded in
+the store before the reply is chosen, so a client retry after a 4xx sends only
+what was not delivered. :meth:`Delivery.deliver` returns one
 outcome per recipient, each with its own reply (LMTP answers those);
 :func:`~smtp_bridge.policy.aggregate` makes the one SMTP reply of a message.
 
@@ -29,10 +30,10 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from . import history, replies
+from . import replies
 from .api import ApiClient
+from .calls import Call
 from .config import Config
 from .copies import InFlight, as_copy, held_elsewhere, note_reuse, wait_for_copies
 from .errors import StoreError
@@ -42,11 +43,10 @@ from .identity import message_key
 from .logs import log_event
 from .message import ParsedMessage
 from .metrics import Metrics
-from .outcomes import ApiRequest, ApiResult, RecipientState
+from .outcomes import RecipientState
 from .policy import (
     Plan,
     RecipientOutcome,
-    attempted,
     dead_letter,
     next_delay,
     plan_recipient,
@@ -57,7 +57,7 @@ from .rules import Router
 from .store import Guard, Ledger, MessageRecord, RecipientRecord
 from .templating import ClientInfo
 
-__all__ = ["Delivery", "IncomingMessage", "log_api_call"]
+__all__ = ["Delivery", "IncomingMessage"]
 
 log = logging.getLogger("smtp_bridge.delivery")
 
@@ -443,32 +443,22 @@ class Delivery:
         if plan.outcome is not None:
             return plan.outcome, ""
         assert plan.request is not None and plan.route is not None
-        request = plan.request
-        fields = {"queue_id": message.queue_id, "rcpt": plan.rcpt, "route": plan.route.name}
-        attempt = await self.gate.call(request, app_key, config.replies, **fields)
-        result = attempt.result
-        if result is None:
-            # Not sent: the breaker held it back, or no slot of the key's pace freed
-            # in time (the gate logged api_pace_wait_expired).
-            paced = attempt.reply == replies.THROTTLED
-            if not paced:
-                log_event(
-                    log, "breaker_held", level=logging.WARNING, reply=str(attempt.reply), **fields
-                )
-            outcome = RecipientOutcome(
-                plan.rcpt,
-                RecipientState.RETRYING,
-                attempt.reply,
-                plan.route.name,
-                request.template_id,
+        call = Call(message.queue_id, plan.rcpt, plan.route.name, plan.request)
+        attempt = await self.gate.call(call.request, app_key, config.replies, **call.fields)
+        if attempt.result is not None:
+            return call.answered(attempt)
+        # Not sent: the breaker held it back, or no slot of the key's pace freed
+        # in time (the gate logged api_pace_wait_expired).
+        paced = attempt.reply == replies.THROTTLED
+        if not paced:
+            log_event(
+                log, "breaker_held", level=logging.WARNING, reply=str(attempt.reply), **call.fields
             )
-            why = "no API slot of the key's pace in time" if paced else "circuit breaker open"
-            return outcome, f"not sent: {why}"
-        outcome = attempted(
-            plan.rcpt, plan.route.name, request, result, attempt.reply, attempt.calls
+        outcome = RecipientOutcome(
+            plan.rcpt, RecipientState.RETRYING, attempt.reply, call.route, call.request.template_id
         )
-        log_api_call(message.queue_id, plan.rcpt, plan.route.name, request, result, outcome)
-        return outcome, result.message[:200]
+        why = "no API slot of the key's pace in time" if paced else "circuit breaker open"
+        return outcome, f"not sent: {why}"
 
     async def _bury(
         self, message: IncomingMessage, outcome: RecipientOutcome, key: str, config: Config
@@ -500,32 +490,3 @@ class Delivery:
                 )
                 self._wake()
         return dead
-
-
-def log_api_call(
-    queue_id: str,
-    rcpt: str,
-    route: str,
-    request: ApiRequest,
-    result: ApiResult,
-    outcome: RecipientOutcome,
-    **extra: Any,
-) -> None:
-    """The one ``api_call`` line per recipient attempt, sessions' and workers' alike."""
-    log_event(
-        log,
-        "api_call",
-        level=logging.INFO if outcome.reply.is_success else logging.WARNING,
-        queue_id=queue_id,
-        rcpt=rcpt,
-        route=route,
-        template=request.template_id,
-        result=result.kind.value,
-        api_code=result.code,
-        http_status=result.http_status,
-        latency_ms=round(result.latency * 1000, 1),
-        state=outcome.state.value,
-        reply=str(outcome.reply),
-        **extra,
-    )
-    history.record_attempt(queue_id, rcpt, route, request, result, outcome)  # the console's

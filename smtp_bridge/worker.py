@@ -45,8 +45,9 @@ from typing import Any, Protocol
 
 from . import replies
 from .auth import Authenticator
+from .calls import Call
 from .config import Config
-from .delivery import RECORD_RETRY, log_api_call
+from .delivery import RECORD_RETRY
 from .errors import StoreError
 from .flow import InFlow
 from .gate import ApiGate
@@ -58,7 +59,6 @@ from .policy import (
     NOTICE_MODE,
     NOTICE_ROUTE,
     RecipientOutcome,
-    attempted,
     dead_letter,
     next_delay,
     plan_recipient,
@@ -397,11 +397,13 @@ class QueueWorker:
         app_key = user_key or config.app_key()
         if message.mode == NOTICE_MODE:
             request = _notice_request(message, record)
-            route = NOTICE_ROUTE
             if request is None:
-                bad = RecipientOutcome(record.rcpt, RecipientState.FAILED, replies.INTERNAL, route)
+                bad = RecipientOutcome(
+                    record.rcpt, RecipientState.FAILED, replies.INTERNAL, NOTICE_ROUTE
+                )
                 await self._settle(message, record, bad, config, progress)
                 return
+            call = Call(message.queue_id, record.rcpt, NOTICE_ROUTE, request)
         else:
             assert message.content is not None  # claim_due only claims spooled messages
             content = message.content
@@ -428,12 +430,10 @@ class QueueWorker:
                 await self._settle(message, record, plan.outcome, config, progress)
                 return
             assert plan.request is not None and plan.route is not None
-            request, route = plan.request, plan.route.name
-        fields: dict[str, Any] = {"queue_id": message.queue_id, "rcpt": record.rcpt, "route": route}
+            call = Call(message.queue_id, record.rcpt, plan.route.name, plan.request)
         progress.sent = True
-        attempt = await self.gate.call(request, app_key, config.replies, **fields)
-        result = attempt.result
-        if result is None:
+        attempt = await self.gate.call(call.request, app_key, config.replies, **call.fields)
+        if attempt.result is None:
             # Held back by the breaker: nothing was sent, hand the recipient back.
             progress.sent = False
             progress.settled = True
@@ -441,13 +441,10 @@ class QueueWorker:
             await asyncio.shield(
                 self.store.release_claim(record.queue_id, record.rcpt, next_attempt=retry_at)
             )
-            log_event(log, "breaker_held", reply=str(attempt.reply), **fields)
+            log_event(log, "breaker_held", reply=str(attempt.reply), **call.fields)
             return
-        outcome = attempted(record.rcpt, route, request, result, attempt.reply, attempt.calls)
-        log_api_call(
-            message.queue_id, record.rcpt, route, request, result, outcome, attempt=record.attempts
-        )
-        await self._settle(message, record, outcome, config, progress, result.message[:200])
+        outcome, error = call.answered(attempt, attempt=record.attempts)
+        await self._settle(message, record, outcome, config, progress, error)
 
     async def _settle(
         self,
