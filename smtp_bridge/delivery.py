@@ -8,13 +8,14 @@ the workers' pace (``delivery.in_flow_delay``, :mod:`smtp_bridge.flow`).
 committed to the spool, and the client gets ``250``.
 
 The policy (plans, outcomes, replies, retries, dead letters) is the pure
-:mod:`smtp_bridge.policy`, shared with the queue workers, as is the report of a
-call (:mod:`smtp_bridge.calls`); copies of a message delivered at once wait for
-each other (:mod:`smtp_bridge.copies`). This module does the IO around them,
+:mod:`smtp_bridge.policy`, shared with the queue workers, as are the report of a
+call (:mod:`smtp_bridge.calls`) and the writes that put a recipient's end on
+record (:mod:`smtp_bridge.settle`); copies of a message delivered at once wait
+for each other (:mod:`smtp_bridge.copies`). This module does the IO around them,
 behind the ApiClient and store seams. The per-recipient outcome is recorded in
 the store before the reply is chosen, so a client retry after a 4xx sends only
-what was not delivered. :meth:`Delivery.deliver` returns one
-outcome per recipient, each with its own reply (LMTP answers those);
+what was not delivered. :meth:`Delivery.deliver` returns one outcome per
+recipient, each with its own reply (LMTP answers those);
 :func:`~smtp_bridge.policy.aggregate` makes the one SMTP reply of a message.
 
 Every API call, a session's or a worker's, goes through
@@ -44,25 +45,16 @@ from .logs import log_event
 from .message import ParsedMessage
 from .metrics import Metrics
 from .outcomes import RecipientState
-from .policy import (
-    Plan,
-    RecipientOutcome,
-    dead_letter,
-    next_delay,
-    plan_recipient,
-    session_lease,
-)
+from .policy import Origin, Plan, RecipientOutcome, next_delay, plan_recipient, session_lease
 from .replies import Reply
 from .rules import Router
+from .settle import LateWrites, bury
 from .store import Guard, Ledger, MessageRecord, RecipientRecord
 from .templating import ClientInfo
 
 __all__ = ["Delivery", "IncomingMessage"]
 
 log = logging.getLogger("smtp_bridge.delivery")
-
-#: Backoff between tries of an outcome write that failed (the call was made).
-RECORD_RETRY = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +69,11 @@ class IncomingMessage:
     user: str = ""
     client: ClientInfo = field(default_factory=lambda: ClientInfo(""))
     app_key: str = ""
+
+    @property
+    def origin(self) -> Origin:
+        """Whom a failure notice about this message goes back to."""
+        return Origin(self.queue_id, self.mail_from, self.parsed.subject, self.user, self.client.ip)
 
 
 # --- delivery of one received message -------------------------------------------------------
@@ -106,7 +103,7 @@ class Delivery:
         #: Copies of a message in flight in this process wait for each other.
         self._in_flight = InFlight()
         #: Outcome writes that failed after the calls, retried until on record.
-        self._recording: set[asyncio.Task[None]] = set()
+        self._late = LateWrites()
 
     @property
     def api(self) -> ApiClient:
@@ -380,57 +377,20 @@ class Delivery:
             # Nothing spooled: every 4xx stands. What was sent must still reach the
             # ledger (its guards say SENDING meanwhile, so no copy sends it again).
             kept = [o.record(message.queue_id, now=now, error=e) for o, e in ran]
-            self._keep_recording(message.queue_id, kept, key)
+            self._late.keep(
+                message.queue_id,
+                kept,
+                lambda: self.store.record_outcomes(message.queue_id, kept, message_key=key),
+            )
             return [original for original, _ in ran]
         if spooled:
             log_event(log, "spooled", queue_id=message.queue_id, rcpts=spooled)
             self._wake()
         return outcomes
 
-    def _keep_recording(self, queue_id: str, records: Sequence[RecipientRecord], key: str) -> None:
-        """Write ``records`` in the background until the store takes them (or close())."""
-        task = asyncio.get_running_loop().create_task(
-            self._record_until_done(queue_id, records, key)
-        )
-        self._recording.add(task)
-        task.add_done_callback(self._recording.discard)
-
-    async def _record_until_done(
-        self, queue_id: str, records: Sequence[RecipientRecord], key: str
-    ) -> None:
-        tries = 0
-        while True:
-            delay = RECORD_RETRY[min(tries, len(RECORD_RETRY) - 1)]
-            tries += 1
-            try:
-                await asyncio.sleep(delay)
-                await self.store.record_outcomes(queue_id, records, message_key=key)
-            except StoreError:
-                continue
-            except asyncio.CancelledError:
-                # Shutdown: one last try, then say what the ledger does not know.
-                try:
-                    await self.store.record_outcomes(queue_id, records, message_key=key)
-                except StoreError:
-                    log_event(
-                        log,
-                        "outcome_unrecorded",
-                        level=logging.ERROR,
-                        queue_id=queue_id,
-                        rcpts=[r.rcpt for r in records],
-                        states=[RecipientState(r.state).value for r in records],
-                    )
-                raise
-            log_event(log, "outcome_recorded_late", queue_id=queue_id, tries=tries)
-            return
-
     async def close(self) -> None:
         """Stop retrying outcome writes (each gets a last try, or is logged unrecorded)."""
-        pending = list(self._recording)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._late.close()
 
     def _wake(self) -> None:
         if self.on_spooled is not None:
@@ -463,30 +423,18 @@ class Delivery:
     async def _bury(
         self, message: IncomingMessage, outcome: RecipientOutcome, key: str, config: Config
     ) -> RecipientOutcome:
-        dead, notice = dead_letter(
-            outcome,
-            config=config,
-            queue_id=message.queue_id,
-            mail_from=message.mail_from,
-            subject=message.parsed.subject,
-            reason=str(outcome.reply),
-            user=message.user,
-            client=message.client.ip,
-            now=time.time(),
-        )
-        record = dead.record(message.queue_id, now=time.time())
         try:
-            await self.store.update_recipient(record, message_key=key, notice=notice)
+            return await bury(
+                outcome,
+                message.origin,
+                lambda record, notice: self.store.update_recipient(
+                    record, message_key=key, notice=notice
+                ),
+                config=config,
+                reason=str(outcome.reply),
+                now=time.time(),
+                wake=self._wake,
+            )
         except StoreError:
             log_event(log, "store_error", level=logging.ERROR, queue_id=message.queue_id)
-        else:
-            if notice is not None:
-                log_event(
-                    log,
-                    "notice_spooled",
-                    queue_id=notice[0].queue_id,
-                    origin=message.queue_id,
-                    rcpt=outcome.rcpt,
-                )
-                self._wake()
-        return dead
+            return dataclasses.replace(outcome, state=RecipientState.DEAD)

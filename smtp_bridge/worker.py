@@ -47,7 +47,6 @@ from . import replies
 from .auth import Authenticator
 from .calls import Call
 from .config import Config
-from .delivery import RECORD_RETRY
 from .errors import StoreError
 from .flow import InFlow
 from .gate import ApiGate
@@ -58,13 +57,14 @@ from .outcomes import ApiRequest, RecipientState
 from .policy import (
     NOTICE_MODE,
     NOTICE_ROUTE,
+    Origin,
     RecipientOutcome,
-    dead_letter,
     next_delay,
     plan_recipient,
     session_lease,
 )
 from .rules import Router
+from .settle import bury, write_until_recorded
 from .store import MessageRecord, Notice, RecipientRecord, StateStore
 from .templating import ClientInfo
 
@@ -507,30 +507,21 @@ class QueueWorker:
             )
             self._count(outcome.route, state)
             return
-        gone, notice = dead_letter(
+        origin = Origin(
+            message.queue_id, message.mail_from, message.subject, message.user, message.client
+        )
+        await bury(
             dataclasses.replace(outcome, rcpt=record.rcpt),
+            origin,
+            lambda dead, notice: asyncio.shield(self._recorded(dead, message.message_key, notice)),
             config=config,
-            queue_id=message.queue_id,
-            mail_from=message.mail_from,
-            subject=message.subject,
             reason=reason,
-            user=message.user,
-            client=message.client,
             now=now,
+            wake=self.wake,
+            columns={"attempts": attempts, "error": (error or reason)[:200]},
             attempt=attempts,
         )
-        dead = dataclasses.replace(final, state=gone.state, error=(error or reason)[:200])
-        await asyncio.shield(self._recorded(dead, message.message_key, notice))
         self._count(outcome.route, RecipientState.DEAD)
-        if notice is not None:
-            log_event(
-                log,
-                "notice_spooled",
-                queue_id=notice[0].queue_id,
-                origin=message.queue_id,
-                rcpt=record.rcpt,
-            )
-            self._wake.set()
 
     async def _recorded(
         self, record: RecipientRecord, message_key: str, notice: Notice | None = None
@@ -543,46 +534,18 @@ class QueueWorker:
         too the line ``outcome_unrecorded`` says so, and the lease's expiry makes
         the next attempt a logged possible duplicate.
         """
-        tries = 0
-        while True:
-            try:
-                kept = await self.store.update_recipient(
-                    record, message_key=message_key, notice=notice, claim=True
-                )
-            except StoreError as exc:
-                tries += 1
-                if self._stopping and tries > 1:
-                    log_event(
-                        log,
-                        "outcome_unrecorded",
-                        level=logging.ERROR,
-                        queue_id=record.queue_id,
-                        rcpt=record.rcpt,
-                        state=RecipientState(record.state).value,
-                        error=str(exc),
-                    )
-                    raise
-                log_event(
-                    log,
-                    "store_error",
-                    level=logging.ERROR,
-                    queue_id=record.queue_id,
-                    rcpt=record.rcpt,
-                    error=str(exc),
-                    retry=tries,
-                )
-                await asyncio.sleep(RECORD_RETRY[min(tries, len(RECORD_RETRY)) - 1])
-                continue
-            if not kept:
-                log_event(
-                    log,
-                    "claim_lost",
-                    level=logging.WARNING,
-                    queue_id=record.queue_id,
-                    rcpt=record.rcpt,
-                    state=RecipientState(record.state).value,
-                )
-            return
+        where = {"queue_id": record.queue_id, "rcpt": record.rcpt}
+        state = RecipientState(record.state).value
+        kept, _ = await write_until_recorded(
+            lambda: self.store.update_recipient(
+                record, message_key=message_key, notice=notice, claim=True
+            ),
+            about={**where, "state": state},
+            stopping=lambda: self._stopping,
+            retry_fields=where,
+        )
+        if not kept:
+            log_event(log, "claim_lost", level=logging.WARNING, **where, state=state)
 
     async def _interrupted(
         self, record: RecipientRecord, message: MessageRecord, progress: _Progress
