@@ -1,7 +1,7 @@
 """One recipient's API call, reported the same way by sessions and queue workers.
 
 Direct and hybrid sessions (:mod:`smtp_bridge.delivery`) and the queue workers
-(:mod:`smtp_bridge.worker`) make their calls through the same
+(:mod:`smtp_bridge.spool_attempt`) make their calls through the same
 :class:`~smtp_bridge.gate.ApiGate`. What they make of a call that went out is
 written here once: the recipient's outcome (:func:`~smtp_bridge.policy.attempted`),
 the error text its record keeps, the one ``api_call`` line, and the console's

@@ -6,7 +6,7 @@ the one reply of a message (:func:`aggregate`), when to try again
 (:func:`plan_recipient`, which ``smtp-bridge route`` shows as its dry run), the
 dead letter and its failure notice (:func:`dead_letter`, :func:`failure_notice`).
 :mod:`smtp_bridge.delivery` (direct, hybrid and queue sessions) and
-:mod:`smtp_bridge.worker` (the spool) do the IO around them,
+:mod:`smtp_bridge.spool_attempt` (the spool's attempts) do the IO around them,
 with :mod:`smtp_bridge.calls` and :mod:`smtp_bridge.settle`.
 """
 
