@@ -38,8 +38,9 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("state store", ("smtp_bridge/store/", "sqlite3", "concurrent/futures", "psycopg")),
     ("routing + templating", ("jinja2", "templating.py", "rules.py", "plan_recipient")),
     ("metrics", ("prometheus", "metrics.py")),
-    ("queue worker", ("smtp_bridge/worker.py",)),
-    ("delivery", ("smtp_bridge/delivery.py",)),
+    ("queue worker", ("smtp_bridge/worker.py", "smtp_bridge/spool_attempt.py")),
+    ("delivery", ("smtp_bridge/delivery.py", "smtp_bridge/copies.py", "smtp_bridge/settle.py",
+                  "smtp_bridge/calls.py")),
     ("SMTP engine (aiosmtpd + smtp/)",
      ("aiosmtpd/", "smtp_bridge/smtp/", "asyncio/streams")),
 ]  # fmt: skip

@@ -8,11 +8,14 @@ the workers' pace (``delivery.in_flow_delay``, :mod:`smtp_bridge.flow`).
 committed to the spool, and the client gets ``250``.
 
 The policy (plans, outcomes, replies, retries, dead letters) is the pure
-:mod:`smtp_bridge.policy`, shared with the queue workers; this module does the
-IO around it, behind the ApiClient and store seams. The per-recipient outcome
-is recorded in the store before the reply is chosen, so a client retry after a
-4xx sends only what was not delivered. :meth:`Delivery.deliver` returns one
-outcome per recipient, each with its own reply (LMTP answers those);
+:mod:`smtp_bridge.policy`, shared with the queue workers, as are the report of a
+call (:mod:`smtp_bridge.calls`) and the writes that put a recipient's end on
+record (:mod:`smtp_bridge.settle`); copies of a message delivered at once wait
+for each other (:mod:`smtp_bridge.copies`). This module does the IO around them,
+behind the ApiClient and store seams. The per-recipient outcome is recorded in
+the store before the reply is chosen, so a client retry after a 4xx sends only
+what was not delivered. :meth:`Delivery.deliver` returns one outcome per
+recipient, each with its own reply (LMTP answers those);
 :func:`~smtp_bridge.policy.aggregate` makes the one SMTP reply of a message.
 
 Every API call, a session's or a worker's, goes through
@@ -28,11 +31,12 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
-from . import history, replies
+from . import replies
 from .api import ApiClient
+from .calls import Call
 from .config import Config
+from .copies import InFlight, as_copy, held_elsewhere, note_reuse, wait_for_copies
 from .errors import StoreError
 from .flow import InFlow
 from .gate import ApiGate
@@ -40,31 +44,17 @@ from .identity import message_key
 from .logs import log_event
 from .message import ParsedMessage
 from .metrics import Metrics
-from .outcomes import ApiRequest, ApiResult, RecipientState
-from .policy import (
-    GUARD_MARGIN,
-    Plan,
-    RecipientOutcome,
-    attempted,
-    dead_letter,
-    duplicate_outcome,
-    next_delay,
-    plan_recipient,
-    session_lease,
-)
+from .outcomes import RecipientState
+from .policy import Origin, Plan, RecipientOutcome, next_delay, plan_recipient, session_lease
 from .replies import Reply
 from .rules import Router
-from .store import Guard, GuardState, Ledger, MessageRecord, RecipientRecord
+from .settle import LateWrites, bury
+from .store import Guard, Ledger, MessageRecord, RecipientRecord
 from .templating import ClientInfo
 
-__all__ = ["Delivery", "IncomingMessage", "log_api_call"]
+__all__ = ["Delivery", "IncomingMessage"]
 
 log = logging.getLogger("smtp_bridge.delivery")
-
-#: How often a copy waiting for another copy's call looks at the ledger again.
-GUARD_POLL = 0.1
-#: Backoff between tries of an outcome write that failed (the call was made).
-RECORD_RETRY = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +69,11 @@ class IncomingMessage:
     user: str = ""
     client: ClientInfo = field(default_factory=lambda: ClientInfo(""))
     app_key: str = ""
+
+    @property
+    def origin(self) -> Origin:
+        """Whom a failure notice about this message goes back to."""
+        return Origin(self.queue_id, self.mail_from, self.parsed.subject, self.user, self.client.ip)
 
 
 # --- delivery of one received message -------------------------------------------------------
@@ -105,10 +100,10 @@ class Delivery:
         self.on_spooled: Callable[[], None] | None = None
         #: Queue mode's ``in_flow_delay`` tokens; the queue worker attaches to it.
         self.flow = InFlow()
-        # (message key, lower-cased rcpt) -> done when its delivery is recorded.
-        self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
+        #: Copies of a message in flight in this process wait for each other.
+        self._in_flight = InFlight()
         #: Outcome writes that failed after the calls, retried until on record.
-        self._recording: set[asyncio.Task[None]] = set()
+        self._late = LateWrites()
 
     @property
     def api(self) -> ApiClient:
@@ -150,10 +145,9 @@ class Delivery:
             message = dataclasses.replace(message, rcpts=rcpts)
         key = message_key(message.parsed, message.raw)
         pairs = [(key, rcpt.lower()) for rcpt in message.rcpts]
-        while busy := {self._in_flight[p] for p in pairs if p in self._in_flight}:
+        while busy := self._in_flight.busy(pairs):
             await asyncio.wait(busy)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._in_flight.update(dict.fromkeys(pairs, done))
+        done = self._in_flight.hold(pairs)
         try:
             if self.mode != "queue":
                 return await self._deliver(message, config, router, key, per_recipient)
@@ -167,10 +161,7 @@ class Delivery:
                     admission.keep()  # the worker's attempt gives the token back
             return outcomes
         finally:
-            for pair in pairs:
-                if self._in_flight.get(pair) is done:
-                    del self._in_flight[pair]
-            done.set_result(None)
+            self._in_flight.release(pairs, done)
 
     async def _deliver(
         self,
@@ -194,12 +185,13 @@ class Delivery:
                 # The message and the guards of its recipients are on record before
                 # anything is sent: a store that takes no writes keeps the mail with
                 # the client (451) and nothing goes out.
+                lease = session_lease(config)
                 record = self._message_record(message, key, now, content=None)
-                admission = await self.store.open_message(
-                    record, message.rcpts, lease=session_lease(config)
-                )
+                admission = await self.store.open_message(record, message.rcpts, lease=lease)
                 self._note_reuse(message, admission.message_id_reused_by)
-                guards = await self._wait_for_copies(message, key, admission.guards, config)
+                guards = await wait_for_copies(
+                    self.store, key, admission.guards, queue_id=message.queue_id, lease=lease
+                )
                 previous = {}
         except StoreError:
             return self._store_failed(message, message.rcpts)
@@ -241,25 +233,12 @@ class Delivery:
         guard = guards.get(rcpt.lower())
         before = previous.get(rcpt.lower())
         holder = ""
-        if guard is not None and not guard.acquired and guard.state is GuardState.SENDING:
-            # Still in flight elsewhere after waiting as long as its lease: keep the mail.
-            return Plan(
-                rcpt,
-                outcome=RecipientOutcome(rcpt, RecipientState.RETRYING, replies.SAME_IN_FLIGHT),
-            )
-        if guard is not None and not guard.acquired:
-            # Another copy has it: delivered already, or waiting in its spool.
-            log_event(
-                log,
-                "duplicate_skipped",
-                queue_id=message.queue_id,
-                previous_queue_id=guard.holder,
-                rcpt=rcpt,
-                held=guard.state.value if guard.state else "",
-            )
-            return Plan(rcpt, outcome=duplicate_outcome(rcpt, guard.state))
-        if guard is not None and guard.possibly_sent:
-            before, holder = RecipientState.UNKNOWN, guard.holder
+        if guard is not None:
+            elsewhere = held_elsewhere(message.queue_id, rcpt, guard)
+            if elsewhere is not None:
+                return Plan(rcpt, outcome=elsewhere)
+            if guard.possibly_sent:
+                before, holder = RecipientState.UNKNOWN, guard.holder
         return plan_recipient(
             message.parsed,
             rcpt,
@@ -273,43 +252,8 @@ class Delivery:
             previous_holder=holder,
         )
 
-    async def _wait_for_copies(
-        self, message: IncomingMessage, key: str, guards: dict[str, Guard], config: Config
-    ) -> dict[str, Guard]:
-        """Recipients whose call another copy has in flight: wait for its end, then ask again.
-
-        Never longer than that copy's lease can last (then it is presumed dead and
-        the guard is ours, as a possible duplicate); if it is still held after
-        that, the recipient gets ``SAME_IN_FLIGHT`` (451), the client retries.
-        """
-        lease = session_lease(config)
-        deadline = time.monotonic() + lease + GUARD_MARGIN
-        guards = dict(guards)
-        while True:
-            busy = [
-                rcpt
-                for rcpt, guard in guards.items()
-                if not guard.acquired and guard.state is GuardState.SENDING
-            ]
-            if not busy or time.monotonic() >= deadline:
-                return guards
-            # Copies in this process were waited for in deliver() before the
-            # message was opened: a guard still held is another process's.
-            await asyncio.sleep(GUARD_POLL)
-            guards.update(
-                await self.store.acquire(key, busy, queue_id=message.queue_id, lease=lease)
-            )
-
     def _note_reuse(self, message: IncomingMessage, earlier: str) -> None:
-        if earlier:
-            log_event(
-                log,
-                "message_id_reused",
-                level=logging.WARNING,
-                queue_id=message.queue_id,
-                previous_queue_id=earlier,
-                message_id=message.parsed.message_id[:200],
-            )
+        note_reuse(message.queue_id, message.parsed.message_id, earlier)
 
     def _store_failed(
         self, message: IncomingMessage, rcpts: Sequence[str]
@@ -367,7 +311,7 @@ class Delivery:
         except StoreError:
             return None
         self._note_reuse(message, admission.message_id_reused_by)
-        outcomes = [self._as_copy(message, o, admission.guards) for o in outcomes]
+        outcomes = [as_copy(message.queue_id, o, admission.guards) for o in outcomes]
         spooled = any(o.spooled for o in outcomes)
         if spooled:
             log_event(
@@ -379,23 +323,6 @@ class Delivery:
             )
             self._wake()
         return outcomes
-
-    def _as_copy(
-        self, message: IncomingMessage, outcome: RecipientOutcome, guards: dict[str, Guard]
-    ) -> RecipientOutcome:
-        """A spooled outcome whose guard another copy holds: that copy sends it."""
-        guard = guards.get(outcome.rcpt.lower())
-        if not outcome.spooled or guard is None or guard.acquired:
-            return outcome
-        log_event(
-            log,
-            "duplicate_skipped",
-            queue_id=message.queue_id,
-            previous_queue_id=guard.holder,
-            rcpt=outcome.rcpt,
-            held=guard.state.value if guard.state else "",
-        )
-        return duplicate_outcome(outcome.rcpt, guard.state, outcome.route)
 
     async def _record_outcomes(
         self,
@@ -450,57 +377,20 @@ class Delivery:
             # Nothing spooled: every 4xx stands. What was sent must still reach the
             # ledger (its guards say SENDING meanwhile, so no copy sends it again).
             kept = [o.record(message.queue_id, now=now, error=e) for o, e in ran]
-            self._keep_recording(message.queue_id, kept, key)
+            self._late.keep(
+                message.queue_id,
+                kept,
+                lambda: self.store.record_outcomes(message.queue_id, kept, message_key=key),
+            )
             return [original for original, _ in ran]
         if spooled:
             log_event(log, "spooled", queue_id=message.queue_id, rcpts=spooled)
             self._wake()
         return outcomes
 
-    def _keep_recording(self, queue_id: str, records: Sequence[RecipientRecord], key: str) -> None:
-        """Write ``records`` in the background until the store takes them (or close())."""
-        task = asyncio.get_running_loop().create_task(
-            self._record_until_done(queue_id, records, key)
-        )
-        self._recording.add(task)
-        task.add_done_callback(self._recording.discard)
-
-    async def _record_until_done(
-        self, queue_id: str, records: Sequence[RecipientRecord], key: str
-    ) -> None:
-        tries = 0
-        while True:
-            delay = RECORD_RETRY[min(tries, len(RECORD_RETRY) - 1)]
-            tries += 1
-            try:
-                await asyncio.sleep(delay)
-                await self.store.record_outcomes(queue_id, records, message_key=key)
-            except StoreError:
-                continue
-            except asyncio.CancelledError:
-                # Shutdown: one last try, then say what the ledger does not know.
-                try:
-                    await self.store.record_outcomes(queue_id, records, message_key=key)
-                except StoreError:
-                    log_event(
-                        log,
-                        "outcome_unrecorded",
-                        level=logging.ERROR,
-                        queue_id=queue_id,
-                        rcpts=[r.rcpt for r in records],
-                        states=[RecipientState(r.state).value for r in records],
-                    )
-                raise
-            log_event(log, "outcome_recorded_late", queue_id=queue_id, tries=tries)
-            return
-
     async def close(self) -> None:
         """Stop retrying outcome writes (each gets a last try, or is logged unrecorded)."""
-        pending = list(self._recording)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        await self._late.close()
 
     def _wake(self) -> None:
         if self.on_spooled is not None:
@@ -513,89 +403,38 @@ class Delivery:
         if plan.outcome is not None:
             return plan.outcome, ""
         assert plan.request is not None and plan.route is not None
-        request = plan.request
-        fields = {"queue_id": message.queue_id, "rcpt": plan.rcpt, "route": plan.route.name}
-        attempt = await self.gate.call(request, app_key, config.replies, **fields)
-        result = attempt.result
-        if result is None:
-            # Not sent: the breaker held it back, or no slot of the key's pace freed
-            # in time (the gate logged api_pace_wait_expired).
-            paced = attempt.reply == replies.THROTTLED
-            if not paced:
-                log_event(
-                    log, "breaker_held", level=logging.WARNING, reply=str(attempt.reply), **fields
-                )
-            outcome = RecipientOutcome(
-                plan.rcpt,
-                RecipientState.RETRYING,
-                attempt.reply,
-                plan.route.name,
-                request.template_id,
+        call = Call(message.queue_id, plan.rcpt, plan.route.name, plan.request)
+        attempt = await self.gate.call(call.request, app_key, config.replies, **call.fields)
+        if attempt.result is not None:
+            return call.answered(attempt)
+        # Not sent: the breaker held it back, or no slot of the key's pace freed
+        # in time (the gate logged api_pace_wait_expired).
+        paced = attempt.reply == replies.THROTTLED
+        if not paced:
+            log_event(
+                log, "breaker_held", level=logging.WARNING, reply=str(attempt.reply), **call.fields
             )
-            why = "no API slot of the key's pace in time" if paced else "circuit breaker open"
-            return outcome, f"not sent: {why}"
-        outcome = attempted(
-            plan.rcpt, plan.route.name, request, result, attempt.reply, attempt.calls
+        outcome = RecipientOutcome(
+            plan.rcpt, RecipientState.RETRYING, attempt.reply, call.route, call.request.template_id
         )
-        log_api_call(message.queue_id, plan.rcpt, plan.route.name, request, result, outcome)
-        return outcome, result.message[:200]
+        why = "no API slot of the key's pace in time" if paced else "circuit breaker open"
+        return outcome, f"not sent: {why}"
 
     async def _bury(
         self, message: IncomingMessage, outcome: RecipientOutcome, key: str, config: Config
     ) -> RecipientOutcome:
-        dead, notice = dead_letter(
-            outcome,
-            config=config,
-            queue_id=message.queue_id,
-            mail_from=message.mail_from,
-            subject=message.parsed.subject,
-            reason=str(outcome.reply),
-            user=message.user,
-            client=message.client.ip,
-            now=time.time(),
-        )
-        record = dead.record(message.queue_id, now=time.time())
         try:
-            await self.store.update_recipient(record, message_key=key, notice=notice)
+            return await bury(
+                outcome,
+                message.origin,
+                lambda record, notice: self.store.update_recipient(
+                    record, message_key=key, notice=notice
+                ),
+                config=config,
+                reason=str(outcome.reply),
+                now=time.time(),
+                wake=self._wake,
+            )
         except StoreError:
             log_event(log, "store_error", level=logging.ERROR, queue_id=message.queue_id)
-        else:
-            if notice is not None:
-                log_event(
-                    log,
-                    "notice_spooled",
-                    queue_id=notice[0].queue_id,
-                    origin=message.queue_id,
-                    rcpt=outcome.rcpt,
-                )
-                self._wake()
-        return dead
-
-
-def log_api_call(
-    queue_id: str,
-    rcpt: str,
-    route: str,
-    request: ApiRequest,
-    result: ApiResult,
-    outcome: RecipientOutcome,
-    **extra: Any,
-) -> None:
-    """The one ``api_call`` line per recipient attempt, sessions' and workers' alike."""
-    log_event(
-        log,
-        "api_call",
-        level=logging.INFO if outcome.reply.is_success else logging.WARNING,
-        queue_id=queue_id,
-        rcpt=rcpt,
-        route=route,
-        template=request.template_id,
-        result=result.kind.value,
-        api_code=result.code,
-        http_status=result.http_status,
-        latency_ms=round(result.latency * 1000, 1),
-        state=outcome.state.value,
-        reply=str(outcome.reply),
-        **extra,
-    )
-    history.record_attempt(queue_id, rcpt, route, request, result, outcome)  # the console's
+            return dataclasses.replace(outcome, state=RecipientState.DEAD)

@@ -1,7 +1,7 @@
 """Records the console's message history without ever holding mail up.
 
-Two hooks feed it: :func:`record_attempt` from ``delivery.log_api_call`` (every API
-attempt, sessions' and workers' alike) and :func:`record_reply` from the SMTP
+Two hooks feed it: :func:`record_attempt` from :meth:`smtp_bridge.calls.Call.answered`
+(every API attempt, sessions' and workers' alike) and :func:`record_reply` from the SMTP
 handler once the client's DATA reply is known. Both only append to a buffer and
 return; the buffer goes to the store in a task of its own on the next turn of the
 loop (with SQLite it joins the writer's next group commit), so no SMTP reply
@@ -27,6 +27,7 @@ from .logs import log_event
 from .store.history import History, HistoryAttempt, HistoryMessage
 
 if TYPE_CHECKING:
+    from .calls import Answer, Call
     from .delivery import IncomingMessage
     from .outcomes import ApiRequest, ApiResult
     from .policy import RecipientOutcome
@@ -108,34 +109,21 @@ class HistoryRecorder:
 
     # -- the hooks ------------------------------------------------------------------------
 
-    def attempt(
-        self,
-        queue_id: str,
-        rcpt: str,
-        route: str,
-        request: ApiRequest,
-        result: ApiResult,
-        outcome: RecipientOutcome,
-    ) -> None:
-        """One API call for one recipient."""
+    def attempt(self, call: Call, result: ApiResult, answer: Answer) -> None:
+        """One API call for one recipient, as its ``api_call`` line tells it (``answer``)."""
         if not self.enabled:
             return
-        body = redacted_request(request, self._encoding())
+        body = redacted_request(call.request, self._encoding())
         self._attempts.append(
             HistoryAttempt(
-                queue_id=queue_id,
-                rcpt=rcpt,
+                queue_id=call.queue_id,
+                rcpt=call.rcpt,
                 at=self._clock(),
-                route=route,
-                template_id=request.template_id,
-                result=result.kind.value,
-                api_code=result.code,
-                http_status=result.http_status,
+                route=call.route,
+                template_id=call.request.template_id,
                 api_message=result.message[:200],
-                latency_ms=round(result.latency * 1000, 1),
-                state=outcome.state.value,
-                reply=str(outcome.reply),
                 request=json.dumps(body, ensure_ascii=False),
+                **answer,
             )
         )
         self._schedule()
@@ -284,19 +272,12 @@ def current() -> HistoryRecorder | None:
     return _current
 
 
-def record_attempt(
-    queue_id: str,
-    rcpt: str,
-    route: str,
-    request: ApiRequest,
-    result: ApiResult,
-    outcome: RecipientOutcome,
-) -> None:
-    """Hook for ``log_api_call``: never raises."""
+def record_attempt(call: Call, result: ApiResult, answer: Answer) -> None:
+    """Hook for :meth:`~smtp_bridge.calls.Call.answered`: never raises."""
     if _current is None:
         return
     try:
-        _current.attempt(queue_id, rcpt, route, request, result, outcome)
+        _current.attempt(call, result, answer)
     except Exception:  # a history bug must not break delivery
         log.exception("history: cannot record an attempt")
 

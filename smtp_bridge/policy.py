@@ -6,7 +6,8 @@ the one reply of a message (:func:`aggregate`), when to try again
 (:func:`plan_recipient`, which ``smtp-bridge route`` shows as its dry run), the
 dead letter and its failure notice (:func:`dead_letter`, :func:`failure_notice`).
 :mod:`smtp_bridge.delivery` (direct, hybrid and queue sessions) and
-:mod:`smtp_bridge.worker` (the spool) do the IO around them.
+:mod:`smtp_bridge.spool_attempt` (the spool's attempts) do the IO around them,
+with :mod:`smtp_bridge.calls` and :mod:`smtp_bridge.settle`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "JITTER",
     "NOTICE_MODE",
     "NOTICE_ROUTE",
+    "Origin",
     "Plan",
     "RecipientOutcome",
     "aggregate",
@@ -308,7 +310,7 @@ def plan_recipient(
     return Plan(rcpt, route, request=request)
 
 
-# --- the gate every API call passes ------------------------------------------------------
+# --- what an attempt makes of a recipient -------------------------------------------------
 
 
 def attempted(
@@ -327,27 +329,37 @@ def attempted(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """The message a dead letter came from: whom its failure notice goes back to."""
+
+    queue_id: str
+    #: The envelope sender: the notice's recipient ("" for ``<>``, which gets none).
+    mail_from: str
+    subject: str
+    #: The sender's login ("" if none) and client IP, kept on the notice as on any message.
+    user: str
+    client: str
+
+
 def dead_letter(
     outcome: RecipientOutcome,
+    origin: Origin,
     *,
     config: Config,
-    queue_id: str,
-    mail_from: str,
-    subject: str,
     reason: str,
-    user: str = "",
-    client: str = "",
     now: float,
     **fields: Any,
 ) -> tuple[RecipientOutcome, Notice | None]:
     """Give up on a recipient: its DEAD outcome, the failure notice to spool with it,
-    and the ``dead_letter`` line. The caller writes both in one transaction."""
+    and the ``dead_letter`` line. The caller writes both in one transaction
+    (:func:`smtp_bridge.settle.bury`)."""
     dead = dataclasses.replace(outcome, state=RecipientState.DEAD)
     log_event(
         log,
         "dead_letter",
         level=logging.WARNING,
-        queue_id=queue_id,
+        queue_id=origin.queue_id,
         rcpt=outcome.rcpt,
         route=outcome.route,
         template=outcome.template_id,
@@ -356,31 +368,11 @@ def dead_letter(
         reason=reason,
         **fields,
     )
-    notice = failure_notice(
-        config=config,
-        queue_id=queue_id,
-        mail_from=mail_from,
-        rcpt=outcome.rcpt,
-        subject=subject,
-        reason=reason,
-        user=user,
-        client=client,
-        now=now,
-    )
-    return dead, notice
+    return dead, failure_notice(origin, outcome.rcpt, config=config, reason=reason, now=now)
 
 
 def failure_notice(
-    *,
-    config: Config,
-    queue_id: str,
-    mail_from: str,
-    rcpt: str,
-    subject: str,
-    reason: str,
-    user: str = "",
-    client: str = "",
-    now: float | None = None,
+    origin: Origin, rcpt: str, *, config: Config, reason: str, now: float | None = None
 ) -> Notice | None:
     """The failure notice to the envelope sender, as a message to spool (docs/guarantees.md).
 
@@ -390,21 +382,21 @@ def failure_notice(
     it with retries like any spooled mail; its content is the API request.
     """
     template_id = config.delivery.bounce_template_id
-    if not template_id or not mail_from:
+    if not template_id or not origin.mail_from:
         return None
     now = time.time() if now is None else now
     notice_id = new_queue_id()
-    data = {"recipient": rcpt, "subject": subject, "reason": reason}
+    data = {"recipient": rcpt, "subject": origin.subject, "reason": reason}
     content = json.dumps(
-        {"template_id": template_id, "data": data, "origin": queue_id}, ensure_ascii=False
+        {"template_id": template_id, "data": data, "origin": origin.queue_id}, ensure_ascii=False
     ).encode()
     message = MessageRecord(
         queue_id=notice_id,
-        message_key=f"notice:{queue_id}:{rcpt.lower()}",
+        message_key=f"notice:{origin.queue_id}:{rcpt.lower()}",
         mail_from="",
-        client=client,
-        user=user,
-        subject=f"Failure notice: {subject}"[:200],
+        client=origin.client,
+        user=origin.user,
+        subject=f"Failure notice: {origin.subject}"[:200],
         size=len(content),
         received_at=now,
         mode=NOTICE_MODE,
@@ -412,7 +404,7 @@ def failure_notice(
     )
     record = RecipientRecord(
         queue_id=notice_id,
-        rcpt=mail_from,
+        rcpt=origin.mail_from,
         state=RecipientState.RETRYING,
         route=NOTICE_ROUTE,
         template_id=template_id,

@@ -2,22 +2,13 @@
 
 Retries are data (STYLE 9): :meth:`Spool.claim_due` counts the attempt and
 leases the recipient (``delivery.claim_lease``) in one commit before the call is
-made; the lease is renewed while the attempt runs, and the final state of the
-attempt is written under ``asyncio.shield`` only while the claim is still ours,
-so cancelling a worker never loses what the API answered and a worker whose
-lease ran out never overwrites the one that took over. A recipient whose attempt
-never finished (``kill -9``, power loss) is picked up again: when its lease
-expires, or at once by the next daemon that recovers the spool's claims
+made; then a :class:`~smtp_bridge.spool_attempt.SpoolAttempt` plans it with the
+current config, sends it through the same :class:`~smtp_bridge.gate.ApiGate` as
+SMTP sessions (breaker, the key's pace after HTTP 429s, rate limit, reply table)
+and writes its end: delivered, the next try, or a dead letter. A recipient whose
+attempt never finished (``kill -9``, power loss) is picked up again: when its
+lease expires, or at once by the next daemon that recovers the spool's claims
 (:meth:`Spool.recover_claims`).
-
-Each attempt plans the recipient with the routes of the *current* config (a
-reload that fixes a template helps mail already spooled), sends through the
-same :class:`~smtp_bridge.gate.ApiGate` as SMTP sessions (breaker, the
-key's pace after HTTP 429s, rate limit, reply table) and then either records
-the delivery, schedules the next try (``delivery.backoff`` with jitter, never
-before Retry-After, which the gate cuts to ``api.max_retry_after``, never after
-``max_age``) or makes a dead letter, spooling a failure notice to the sender
-in the same transaction when ``delivery.bounce_template_id`` is set.
 
 While the breaker of the default API key is open the workers claim nothing;
 when its pause is over they claim one recipient, the probe, and resume
@@ -34,71 +25,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
 
-from . import replies
-from .auth import Authenticator
 from .config import Config
-from .delivery import RECORD_RETRY, log_api_call
 from .errors import StoreError
 from .flow import InFlow
 from .gate import ApiGate
 from .logs import log_event
-from .message import parse_message
 from .metrics import Metrics
-from .outcomes import ApiRequest, RecipientState
-from .policy import (
-    NOTICE_MODE,
-    NOTICE_ROUTE,
-    RecipientOutcome,
-    attempted,
-    dead_letter,
-    next_delay,
-    plan_recipient,
-    session_lease,
-)
-from .rules import Router
-from .store import MessageRecord, Notice, RecipientRecord, StateStore
-from .templating import ClientInfo
+from .policy import session_lease
+from .spool_attempt import AttemptDeps, SpoolAttempt, WorkerRuntime
+from .store import MessageRecord, RecipientRecord, StateStore
 
-__all__ = ["QueueWorker", "WorkerRuntime"]
+__all__ = ["QueueWorker"]
 
 log = logging.getLogger("smtp_bridge.worker")
 
-#: Parse spooled content in a thread above this size (as sessions do).
-PARSE_IN_THREAD_BYTES = 256 * 1024
 #: Seconds between refreshes of the spool gauges.
 STATS_INTERVAL = 2.0
 #: Seconds between looks for what sessions that died left in flight.
 RESOLVE_INTERVAL = 30.0
 #: Seconds between purges of records older than ``delivery.dedup_ttl``.
 PURGE_INTERVAL = 600.0
-
-
-class WorkerRuntime(Protocol):
-    """What a worker needs of the daemon's current runtime (``server.Runtime``)."""
-
-    @property
-    def config(self) -> Config: ...
-
-    @property
-    def router(self) -> Router: ...
-
-    @property
-    def authenticator(self) -> Authenticator: ...
-
-
-@dataclass(slots=True)
-class _Progress:
-    sent: bool = False  # the API call may have left: an interruption makes it UNKNOWN
-    settled: bool = False  # the attempt's final write is on its way: nothing more to do
 
 
 class QueueWorker:
@@ -127,8 +78,17 @@ class QueueWorker:
         self.metrics = metrics
         self.clock = clock
         self.idle_poll = idle_poll
-        self.rand = rand
         self._runtime = runtime
+        self._attempt_deps = AttemptDeps(
+            gate,
+            store,
+            runtime,
+            metrics,
+            clock,
+            rand,
+            stopping=lambda: self._stopping,
+            wake=self.wake,
+        )
         self._wake = asyncio.Event()
         self.gate.on_closed.append(self.wake)  # a session's probe may close the breaker
         self.flow = flow
@@ -279,7 +239,7 @@ class QueueWorker:
         return slots if self.mode == "queue" else max(1, slots // 2)
 
     def _lease(self, config: Config) -> float:
-        # Renewed every third of itself while the attempt runs (_keep_claim).
+        # Renewed every third of itself while the attempt runs (SpoolAttempt._keep_claim).
         return config.delivery.claim_lease
 
     async def _housekeeping(self, now: float) -> None:
@@ -310,7 +270,8 @@ class QueueWorker:
 
     def _spawn(self, message: MessageRecord, record: RecipientRecord) -> asyncio.Task[None]:
         key = (record.queue_id, record.rcpt.lower())
-        task = asyncio.get_running_loop().create_task(self._attempt(message, record))
+        attempt = SpoolAttempt(self._attempt_deps, message, record)
+        task = asyncio.get_running_loop().create_task(attempt.run())
         self._tasks[task] = key
         task.add_done_callback(self._done)
         return task
@@ -325,311 +286,3 @@ class QueueWorker:
         for count, future in self._waiters:
             if self.attempts_done >= count and not future.done():
                 future.set_result(None)
-
-    # -- one attempt ----------------------------------------------------------
-
-    async def _attempt(self, message: MessageRecord, record: RecipientRecord) -> None:
-        progress = _Progress()
-        keeper = asyncio.get_running_loop().create_task(self._keep_claim(record))
-        try:
-            await self._deliver(message, record, progress)
-        except asyncio.CancelledError:
-            with contextlib.suppress(StoreError):
-                await asyncio.shield(self._interrupted(record, message, progress))
-            raise
-        except StoreError as exc:
-            # The claim stays; its lease expiry brings the recipient back.
-            log_event(
-                log,
-                "store_error",
-                level=logging.ERROR,
-                queue_id=record.queue_id,
-                rcpt=record.rcpt,
-                error=str(exc),
-            )
-        except Exception:
-            # A bug must not lose the mail: log it and try again later.
-            log.exception(
-                "delivery attempt failed",
-                extra={"bridge_fields": {"queue_id": record.queue_id, "rcpt": record.rcpt}},
-            )
-            if progress.settled:
-                return
-            outcome = RecipientOutcome(record.rcpt, record.state, replies.INTERNAL, record.route)
-            with contextlib.suppress(StoreError):
-                await self._settle(message, record, outcome, self._runtime().config, progress)
-        finally:
-            keeper.cancel()
-
-    async def _keep_claim(self, record: RecipientRecord) -> None:
-        """Renew the claim every third of its lease while the attempt runs."""
-        while True:
-            lease = self._lease(self._runtime().config)
-            await asyncio.sleep(lease / 3)
-            try:
-                kept = await self.store.renew_claim(record.queue_id, record.rcpt, lease=lease)
-            except StoreError as exc:
-                log_event(
-                    log,
-                    "claim_renew_failed",
-                    level=logging.WARNING,
-                    error=str(exc),
-                    queue_id=record.queue_id,
-                    rcpt=record.rcpt,
-                )
-                continue
-            if not kept:
-                log_event(
-                    log,
-                    "claim_lost",
-                    level=logging.WARNING,
-                    queue_id=record.queue_id,
-                    rcpt=record.rcpt,
-                )
-                return
-
-    async def _deliver(
-        self, message: MessageRecord, record: RecipientRecord, progress: _Progress
-    ) -> None:
-        runtime = self._runtime()
-        config = runtime.config
-        user_key = runtime.authenticator.credentials.app_key(message.user) if message.user else ""
-        app_key = user_key or config.app_key()
-        if message.mode == NOTICE_MODE:
-            request = _notice_request(message, record)
-            route = NOTICE_ROUTE
-            if request is None:
-                bad = RecipientOutcome(record.rcpt, RecipientState.FAILED, replies.INTERNAL, route)
-                await self._settle(message, record, bad, config, progress)
-                return
-        else:
-            assert message.content is not None  # claim_due only claims spooled messages
-            content = message.content
-            if len(content) > PARSE_IN_THREAD_BYTES:
-                parsed = await asyncio.to_thread(parse_message, content)
-            else:
-                parsed = parse_message(content)
-            previous = await self.store.previous_outcomes(message.message_key, [record.rcpt])
-            before = previous.get(record.rcpt.lower())
-            if before is None and record.state is RecipientState.UNKNOWN:
-                before = RecipientState.UNKNOWN  # an interrupted attempt may have sent it
-            plan = plan_recipient(
-                parsed,
-                record.rcpt,
-                config=config,
-                router=runtime.router,
-                mail_from=message.mail_from,
-                user=message.user,
-                client=ClientInfo(message.client),
-                previous=before,
-                queue_id=message.queue_id,
-            )
-            if plan.outcome is not None:
-                await self._settle(message, record, plan.outcome, config, progress)
-                return
-            assert plan.request is not None and plan.route is not None
-            request, route = plan.request, plan.route.name
-        fields: dict[str, Any] = {"queue_id": message.queue_id, "rcpt": record.rcpt, "route": route}
-        progress.sent = True
-        attempt = await self.gate.call(request, app_key, config.replies, **fields)
-        result = attempt.result
-        if result is None:
-            # Held back by the breaker: nothing was sent, hand the recipient back.
-            progress.sent = False
-            progress.settled = True
-            retry_at = self.clock() + max(self.gate.retry_in(app_key), 0.05)
-            await asyncio.shield(
-                self.store.release_claim(record.queue_id, record.rcpt, next_attempt=retry_at)
-            )
-            log_event(log, "breaker_held", reply=str(attempt.reply), **fields)
-            return
-        outcome = attempted(record.rcpt, route, request, result, attempt.reply, attempt.calls)
-        log_api_call(
-            message.queue_id, record.rcpt, route, request, result, outcome, attempt=record.attempts
-        )
-        await self._settle(message, record, outcome, config, progress, result.message[:200])
-
-    async def _settle(
-        self,
-        message: MessageRecord,
-        record: RecipientRecord,
-        outcome: RecipientOutcome,
-        config: Config,
-        progress: _Progress,
-        error: str = "",
-    ) -> None:
-        """Write what became of the attempt (under shield): done, next try, or dead.
-
-        The write is committed even if the attempt is cancelled meanwhile.
-        """
-        progress.settled = True
-        now = self.clock()
-        attempts = record.attempts + max(outcome.attempts - 1, 0)
-        fields: dict[str, Any] = {
-            "queue_id": message.queue_id,
-            "rcpt": record.rcpt,
-            "route": outcome.route,
-            "attempt": attempts,
-        }
-        final = outcome.record(record.queue_id, now=now, attempts=attempts, error=error)
-        if outcome.state in (
-            RecipientState.DELIVERED,
-            RecipientState.DROPPED,
-            RecipientState.DUPLICATE,
-        ):
-            await asyncio.shield(self._recorded(final, message.message_key))
-            log_event(log, outcome.state.value, age=round(now - message.received_at, 3), **fields)
-            self._count(outcome.route, outcome.state)
-            return
-        spooled_at = record.spooled_at if record.spooled_at is not None else message.received_at
-        deadline = spooled_at + config.delivery.max_age
-        if outcome.reply.is_permanent:
-            reason = str(outcome.reply)
-        elif now >= deadline:
-            reason = f"gave up after {_duration(config.delivery.max_age)}: {outcome.reply}"
-        else:
-            delay = next_delay(
-                attempts,
-                config.delivery.backoff,
-                retry_after=outcome.retry_after,
-                rand=self.rand,
-            )
-            retry_at = min(now + delay, deadline)  # one last try at max_age
-            state = outcome.state
-            if state not in (RecipientState.RETRYING, RecipientState.UNKNOWN):
-                state = RecipientState.RETRYING
-            waiting = dataclasses.replace(final, state=state, next_attempt=retry_at)
-            await asyncio.shield(self._recorded(waiting, message.message_key))
-            log_event(
-                log,
-                "retry_scheduled",
-                level=logging.WARNING,
-                reply=str(outcome.reply),
-                retry_in=round(retry_at - now, 3),
-                **fields,
-            )
-            self._count(outcome.route, state)
-            return
-        gone, notice = dead_letter(
-            dataclasses.replace(outcome, rcpt=record.rcpt),
-            config=config,
-            queue_id=message.queue_id,
-            mail_from=message.mail_from,
-            subject=message.subject,
-            reason=reason,
-            user=message.user,
-            client=message.client,
-            now=now,
-            attempt=attempts,
-        )
-        dead = dataclasses.replace(final, state=gone.state, error=(error or reason)[:200])
-        await asyncio.shield(self._recorded(dead, message.message_key, notice))
-        self._count(outcome.route, RecipientState.DEAD)
-        if notice is not None:
-            log_event(
-                log,
-                "notice_spooled",
-                queue_id=notice[0].queue_id,
-                origin=message.queue_id,
-                rcpt=record.rcpt,
-            )
-            self._wake.set()
-
-    async def _recorded(
-        self, record: RecipientRecord, message_key: str, notice: Notice | None = None
-    ) -> None:
-        """Write an attempt's end, retrying until the store takes it.
-
-        The call was made: its outcome must reach the ledger, or the next attempt
-        could not know to skip it. Meanwhile the claim (renewed by _keep_claim)
-        keeps other claimers off. Stopping, it gets one last try; if that fails
-        too the line ``outcome_unrecorded`` says so, and the lease's expiry makes
-        the next attempt a logged possible duplicate.
-        """
-        tries = 0
-        while True:
-            try:
-                kept = await self.store.update_recipient(
-                    record, message_key=message_key, notice=notice, claim=True
-                )
-            except StoreError as exc:
-                tries += 1
-                if self._stopping and tries > 1:
-                    log_event(
-                        log,
-                        "outcome_unrecorded",
-                        level=logging.ERROR,
-                        queue_id=record.queue_id,
-                        rcpt=record.rcpt,
-                        state=RecipientState(record.state).value,
-                        error=str(exc),
-                    )
-                    raise
-                log_event(
-                    log,
-                    "store_error",
-                    level=logging.ERROR,
-                    queue_id=record.queue_id,
-                    rcpt=record.rcpt,
-                    error=str(exc),
-                    retry=tries,
-                )
-                await asyncio.sleep(RECORD_RETRY[min(tries, len(RECORD_RETRY)) - 1])
-                continue
-            if not kept:
-                log_event(
-                    log,
-                    "claim_lost",
-                    level=logging.WARNING,
-                    queue_id=record.queue_id,
-                    rcpt=record.rcpt,
-                    state=RecipientState(record.state).value,
-                )
-            return
-
-    async def _interrupted(
-        self, record: RecipientRecord, message: MessageRecord, progress: _Progress
-    ) -> None:
-        """Shutdown cancelled the attempt: leave the recipient due for the next run."""
-        if progress.settled:
-            return
-        now = self.clock()
-        if not progress.sent:
-            due = record.next_attempt if record.next_attempt is not None else now
-            await self.store.release_claim(record.queue_id, record.rcpt, next_attempt=due)
-            return
-        unknown = RecipientRecord(
-            queue_id=record.queue_id,
-            rcpt=record.rcpt,
-            state=RecipientState.UNKNOWN,
-            route=record.route,
-            template_id=record.template_id,
-            reply=str(replies.OUTCOME_UNKNOWN),
-            attempts=record.attempts,
-            next_attempt=now,
-            updated_at=now,
-            error="interrupted at shutdown: the call may have been sent",
-        )
-        await self.store.update_recipient(unknown, message_key=message.message_key, claim=True)
-
-    def _count(self, route: str, state: RecipientState) -> None:
-        self.metrics.messages.labels(route=route or "-", outcome=state.value).inc()
-
-
-def _notice_request(message: MessageRecord, record: RecipientRecord) -> ApiRequest | None:
-    """The API request a spooled failure notice carries, or None if it is unreadable."""
-    try:
-        doc = json.loads(message.content or b"")
-        template_id, data = doc["template_id"], doc["data"]
-    except (ValueError, KeyError, TypeError):
-        return None
-    if not isinstance(template_id, str) or not isinstance(data, dict):
-        return None
-    return ApiRequest(template_id=template_id, to=record.rcpt, data=data)
-
-
-def _duration(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
