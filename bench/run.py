@@ -475,6 +475,7 @@ class Bench:
             out += [
                 (f"6/{name}", figure, ok, note) for name, figure, ok, note in self.store_targets(PG)
             ]
+            out += self.postgres_targets()
         for what in self.skipped:
             out.append((f"{what}", "-", None, f"skipped: {self.skipped[what]}"))
         return out
@@ -548,6 +549,24 @@ class Bench:
                 f" @0ms; CPU ms/msg {cpu:.2f}x direct's"
             )
             out.append(("5 hybrid within 5% of direct", f"{ratio:.2f}x", ratio >= 0.95, note))
+        return out
+
+    def postgres_targets(self) -> list[Target]:
+        """Issue 10's: the bridge on PostgreSQL beside itself on SQLite, same rounds."""
+        out: list[Target] = []
+        wanted = (("direct", 0.8, "msgs/s"), ("queue", 0.6, "accept rate"))
+        for mode, floor, what in wanted:
+            sqlite, pg = self.row(mode), self.row(f"{mode}{PG}")
+            if not (sqlite and pg):
+                continue
+            ratio = pg.median("rate") / max(sqlite.median("rate"), 1e-9)
+            note = (
+                f"{mode}-pg {pg.median('rate'):.0f} vs {mode} {sqlite.median('rate'):.0f} msgs/s;"
+                f" CPU ms/msg {pg.median('cpu_ms_per_msg'):.2f} vs "
+                f"{sqlite.median('cpu_ms_per_msg'):.2f}"
+            )
+            name = f"10/ {mode} on PostgreSQL >= {floor}x its {what} on SQLite"
+            out.append((name, f"{ratio:.2f}x", ratio >= floor, note))
         return out
 
     def shared_targets(self) -> list[Target]:
@@ -681,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(
         "\ntargets (issue 15; 6/ = the same with --store-url; before/ = --baseline-tree's"
-        " rows, same run):"
+        " rows, same run; 10/ = issue 10's, PostgreSQL beside SQLite):"
     )
     for name, figure, passed, note in targets:
         verdict = "SKIP" if passed is None else ("PASS" if passed else "FAIL")

@@ -85,14 +85,22 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
+                        help="the event loop (the daemon runs on uvloop)")  # fmt: skip
     args = parser.parse_args()
+    if args.loop == "uvloop":
+        import uvloop
+
+        run = uvloop.run
+    else:
+        run = asyncio.run
     with tempfile.TemporaryDirectory() as tmp:
         stores = {"sqlite": f"sqlite:///{Path(tmp) / 'state.db'}"}
         stores.update({f"pg{i or ''}": url for i, url in enumerate(args.store_url)})
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in stores}
         for _ in range(args.rounds):
             for name, url in stores.items():
-                results[name].append(asyncio.run(round_of(url, args.count, args.concurrency)))
+                results[name].append(run(round_of(url, args.count, args.concurrency)))
     print(f"{'store':8} {'msgs/s':>8} {'CPU ms/msg':>11}  (median of {args.rounds} rounds)")
     for name, figures in results.items():
         rate = statistics.median(f[0] for f in figures)

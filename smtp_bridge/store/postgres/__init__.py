@@ -66,7 +66,7 @@ from .rows import (
     recipients_insert,
     recipients_params,
 )
-from .schema import migrate
+from .schema import GUARDS_HELD, migrate
 from .spool import SpoolMixin
 
 __all__ = ["PostgresStore"]
@@ -225,53 +225,60 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin, Guard
     ) -> Admission:
         """Before the calls of direct and hybrid mode, in one commit (see base.Ledger).
 
-        A new message is one statement (the guards' locks, the guards that have no
-        row, the message and its rows, the reused Message-ID); only recipients
-        whose guard has a row (a retry, another copy) take a second look.
+        A new message is one statement, its own transaction (the guards' locks, the
+        guards, the message and its rows, the reused Message-ID). When a guard it
+        wants has a row (a client's retry, another copy), that statement fails whole
+        and the message is opened by the lock-read-decide path instead.
         """
         now = self._clock()
         rows = [self._stamped(r) for r in opening_rows(message, rcpts)]
         check_recipients(message, rows)
-        key = message.message_key
-        request = self._sending(message.queue_id, key, now, lease)
+        request = self._sending(message.queue_id, message.message_key, now, lease)
         wanted = sorted({rcpt.lower() for rcpt in rcpts})
-        if len(wanted) > ROWS_PER_STATEMENT:
-            return await self._open_large(message, rows, request)
-        ctes, params = ledger.take_free(key, wanted, request)
-        sql = (
-            f"WITH {ctes}, message AS ({MESSAGE_INSERT}),"
-            f" recipient_rows AS ({recipients_insert(len(rows), upsert=False)})"
-            f" SELECT ARRAY(SELECT rcpt FROM taken), ({_REUSED_MESSAGE_ID})"
-        )
-        params += [*message_values(message), *recipients_params(rows)]
-        params += self._reused_params(message, now)
+        if len(wanted) <= ROWS_PER_STATEMENT:
+            sql, params = self._new_message_statement(message, rows, wanted, request)
+
+            async def new(conn: Conn) -> str | None:
+                try:
+                    cursor = await conn.execute(sql, params)
+                except psycopg.Error as exc:
+                    if exc.sqlstate == GUARDS_HELD:
+                        return None  # nothing of it was kept
+                    raise
+                found = await cursor.fetchone()
+                return (found[0] if found else None) or ""
+
+            reused = await self._db.run("open message", new, single=True)
+            if reused is not None:
+                return Admission({rcpt: Guard(True) for rcpt in wanted}, reused)
 
         async def write(conn: Conn) -> Admission:
-            cursor = await conn.execute(sql, params)
-            found = await cursor.fetchone()
-            taken, reused = (set(found[0]), found[1] or "") if found else (set(), "")
-            guards = await ledger.acquire_rest(conn, key, wanted, taken, request)
-            return Admission(guards, reused)
-
-        return await self._db.run("open message", write)
-
-    async def _open_large(
-        self,
-        message: MessageRecord,
-        rows: Sequence[RecipientRecord],
-        request: GuardRequest,
-    ) -> Admission:
-        """open_message for more recipients than one statement takes: several, one commit."""
-
-        async def write(conn: Conn) -> Admission:
-            reused = await self._reused_message_id(conn, message, request.now)
+            reused = await self._reused_message_id(conn, message, now)
             await conn.execute(MESSAGE_INSERT, message_values(message))
             await insert_rows(conn, rows)
-            rcpts = [row.rcpt for row in rows]
             guards = await ledger.acquire(conn, message.message_key, rcpts, request)
             return Admission(guards, reused)
 
         return await self._db.run("open message", write)
+
+    def _new_message_statement(
+        self,
+        message: MessageRecord,
+        rows: Sequence[RecipientRecord],
+        wanted: Sequence[str],
+        request: GuardRequest,
+    ) -> tuple[str, list[object]]:
+        """open_message's one statement: all of it, or an error (GUARDS_HELD) and nothing."""
+        ctes, params = ledger.take_free(message.message_key, wanted, request)
+        sql = (
+            f"WITH {ctes}, message AS ({MESSAGE_INSERT}),"
+            f" recipient_rows AS ({recipients_insert(len(rows), upsert=False)})"
+            " SELECT CASE WHEN (SELECT count(*) FROM taken) = %s"
+            f" THEN ({_REUSED_MESSAGE_ID}) ELSE smtp_bridge_guards_held() END"
+        )
+        params += [*message_values(message), *recipients_params(rows), len(wanted)]
+        params += self._reused_params(message, request.now)
+        return sql, params
 
     async def acquire(
         self, message_key: str, rcpts: Sequence[str], *, queue_id: str, lease: float

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DIALECT",
+    "GUARDS_HELD",
     "MIGRATIONS",
     "MIGRATION_LOCK",
     "SCHEMA_VERSION",
@@ -26,6 +27,9 @@ __all__ = [
 
 #: The key of the advisory lock the migrations run under ("smtpbrdg" in ASCII).
 MIGRATION_LOCK: Final = 0x736D_7470_6272_6467
+
+#: The SQLSTATE of ``smtp_bridge_guards_held()`` (a class of our own).
+GUARDS_HELD: Final = "SB001"
 
 #: ``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``.
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
@@ -127,6 +131,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )""",
         "CREATE INDEX history_attempts_message ON history_attempts (queue_id, at)",
         "CREATE INDEX history_attempts_at ON history_attempts (at)",
+    ),
+    (
+        # open_message's one statement for a new message stops with this error when
+        # a guard it wants has a row, so nothing of it is kept (store/postgres/ledger.py).
+        f"""CREATE FUNCTION smtp_bridge_guards_held() RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'a guard of this message has a row'
+                USING ERRCODE = '{GUARDS_HELD}';
+        END $$""",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
