@@ -3,10 +3,12 @@
 Two hooks feed it: :func:`record_attempt` from :meth:`smtp_bridge.calls.Call.answered`
 (every API attempt, sessions' and workers' alike) and :func:`record_reply` from the SMTP
 handler once the client's DATA reply is known. Both only append to a buffer and
-return; the buffer goes to the store in a task of its own on the next turn of the
-loop (with SQLite it joins the writer's next group commit), so no SMTP reply
-waits for it, and a write that fails is logged and dropped: history is lost,
-never mail. A background task trims what is older than ``admin.history``.
+return; the buffer goes to the store in a task of its own every
+:data:`FLUSH_DELAY` (one statement for many messages: with PostgreSQL a write a
+message cost as much as the message's own ledger writes), or at once when
+:data:`FLUSH_ROWS` rows wait, so no SMTP reply waits for it, and a write that
+fails is logged and dropped: history is lost, never mail. A background task
+trims what is older than ``admin.history``.
 
 The recorder is process-wide (:func:`install`): the hooks sit in code that has no
 handle on the service, and one daemon runs one recorder.
@@ -49,6 +51,10 @@ log = logging.getLogger("smtp_bridge.history")
 REDACTED: Final = "***"
 #: Longer string values of a request are cut: the history is not a copy of the mail.
 MAX_VALUE_CHARS: Final = 500
+#: How long a history row waits to be written with the others that come meanwhile.
+FLUSH_DELAY: Final = 0.1
+#: Rows buffered that are written at once, without waiting for the delay.
+FLUSH_ROWS: Final = 500
 #: How often the trimmer runs at most.
 TRIM_INTERVAL: Final = 300.0
 
@@ -96,7 +102,7 @@ class HistoryRecorder:
         self._clock = clock
         self._messages: list[HistoryMessage] = []
         self._attempts: list[HistoryAttempt] = []
-        self._scheduled = False
+        self._timer: asyncio.TimerHandle | None = None  # the next flush, when rows wait
         self._writes: set[asyncio.Task[None]] = set()
         self._trimmer: asyncio.Task[None] | None = None
         #: Writes that failed (history lost, mail not): the console says so.
@@ -174,17 +180,22 @@ class HistoryRecorder:
     # -- writing ----------------------------------------------------------------------------
 
     def _schedule(self) -> None:
-        if self._scheduled:
+        full = len(self._messages) + len(self._attempts) >= FLUSH_ROWS
+        if self._timer is not None and not full:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (a test calling a hook directly): keep it for flush()
-        self._scheduled = True
-        loop.call_soon(self._flush)
+        if full:
+            self._flush()
+        else:
+            self._timer = loop.call_later(FLUSH_DELAY, self._flush)
 
     def _flush(self) -> None:
-        self._scheduled = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         messages, self._messages = self._messages, []
         attempts, self._attempts = self._attempts, []
         if not messages and not attempts:

@@ -12,14 +12,16 @@ from typing import Any, Final
 
 from ..outcomes import RecipientState
 from .dialect import Dialect, Query
-from .records import CLAIMABLE_STATES, GuardState
+from .records import CLAIMABLE_STATES, CONTENT_DONE_STATES, GuardState
 
 __all__ = [
     "ABANDONED",
     "CUT",
     "INTERRUPTED",
     "abandoned",
+    "claimer",
     "cut_sessions",
+    "drop_done_content",
     "settle_cut",
     "spool_stats_query",
     "waiting",
@@ -100,4 +102,25 @@ def abandoned(dialect: Dialect, now: float, older_than: float) -> Query:
             RecipientState.RETRYING.value,
             now - older_than,
         ),
+    )
+
+
+def claimer(dialect: Dialect, queue_id: str, rcpt: str, *, suffix: str = "") -> Query:
+    """Who holds the claim of a recipient row (``suffix``: PostgreSQL's ``FOR UPDATE``)."""
+    m = dialect.mark
+    return Query(
+        f"SELECT claimed_by FROM recipients WHERE queue_id = {m} AND rcpt = {m}{suffix}",
+        (queue_id, rcpt),
+    )
+
+
+def drop_done_content(dialect: Dialect, queue_id: str) -> Query:
+    """Forget a message's content once no recipient of it can need it (CONTENT_DONE_STATES)."""
+    m = dialect.mark
+    done, params = dialect.one_of("state", CONTENT_DONE_STATES)
+    return Query(
+        f"UPDATE messages SET content = NULL WHERE queue_id = {m} AND content IS NOT NULL"
+        " AND NOT EXISTS (SELECT 1 FROM recipients WHERE queue_id = messages.queue_id"
+        f" AND NOT ({done}))",
+        (queue_id, *params),
     )

@@ -31,6 +31,7 @@ from typing import Final
 import psycopg
 
 from ...outcomes import RecipientState
+from .. import spool_sql
 from ..records import (
     CONTENT_DONE_STATES,
     Admission,
@@ -66,7 +67,7 @@ from .rows import (
     recipients_insert,
     recipients_params,
 )
-from .schema import GUARDS_HELD, migrate
+from .schema import DIALECT, GUARDS_HELD, migrate
 from .spool import SpoolMixin
 
 __all__ = ["PostgresStore"]
@@ -365,23 +366,14 @@ class PostgresStore(SpoolMixin, QueueAdminMixin, QuotaMixin, HistoryMixin, Guard
         async def write(conn: Conn) -> bool:
             if claim:
                 # FOR UPDATE: no claimer can take the row between this check and the write.
-                cursor = await conn.execute(
-                    "SELECT claimed_by FROM recipients WHERE queue_id = %s AND rcpt = %s"
-                    " FOR UPDATE",
-                    (row.queue_id, row.rcpt),
-                )
+                query = spool_sql.claimer(DIALECT, row.queue_id, row.rcpt, suffix=" FOR UPDATE")
+                cursor = await conn.execute(*query)
                 found = await cursor.fetchone()
                 if found is not None and found[0] != token:
                     return False  # another claimer took it over after our lease
             await put_recipients(conn, [row], message_key, self._ttl(message_key))
             if state.value in CONTENT_DONE_STATES:
-                await conn.execute(
-                    "UPDATE messages SET content = NULL WHERE queue_id = %s"
-                    " AND content IS NOT NULL AND NOT EXISTS ("
-                    "  SELECT 1 FROM recipients WHERE queue_id = messages.queue_id"
-                    "  AND state <> ALL(%s))",
-                    (row.queue_id, list(CONTENT_DONE_STATES)),
-                )
+                await conn.execute(*spool_sql.drop_done_content(DIALECT, row.queue_id))
             if notice is not None:
                 await self._insert_message(conn, notice[0], notice[1])
             return True

@@ -13,6 +13,7 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 
 from ...outcomes import RecipientState
+from .. import spool_sql
 from ..records import (
     CONTENT_DONE_STATES,
     Admission,
@@ -25,6 +26,7 @@ from ..rules import check_recipients, opening_rows, spooled_copy, waits_in_spool
 from . import ledger
 from .admin import AdminOps
 from .core import BUSY_TIMEOUT_MS
+from .schema import DIALECT
 from .spool import SpoolOps
 
 __all__ = ["BUSY_TIMEOUT_MS", "SQLiteStore"]
@@ -144,22 +146,12 @@ class SQLiteStore(SpoolOps, AdminOps):
 
         def write(conn: sqlite3.Connection) -> bool:
             if claim:
-                found = conn.execute(
-                    "SELECT claimed_by FROM recipients WHERE queue_id = ? AND rcpt = ?",
-                    (row.queue_id, row.rcpt),
-                ).fetchone()
+                found = conn.execute(*spool_sql.claimer(DIALECT, row.queue_id, row.rcpt)).fetchone()
                 if found is not None and found[0] != owner:
                     return False  # another claimer took it over after our lease
             self._put_recipient(conn, row, message_key)
             if RecipientState(row.state).value in CONTENT_DONE_STATES:
-                marks = ", ".join("?" * len(CONTENT_DONE_STATES))
-                conn.execute(
-                    "UPDATE messages SET content = NULL WHERE queue_id = ?"
-                    " AND content IS NOT NULL AND NOT EXISTS ("
-                    "  SELECT 1 FROM recipients WHERE queue_id = messages.queue_id"
-                    f"  AND state NOT IN ({marks}))",
-                    (row.queue_id, *CONTENT_DONE_STATES),
-                )
+                conn.execute(*spool_sql.drop_done_content(DIALECT, row.queue_id))
             if notice is not None:
                 self._insert_message(conn, notice[0], notice[1])
             return True
