@@ -5,7 +5,10 @@ caller's transaction. SQLite has one writer at a time; here several instances
 write at once, so every decision about a (message key, recipient) pair first
 takes a transaction-scoped advisory lock on the pair (in sorted order, so two
 transactions never wait for each other in a circle) and reads its row FOR
-UPDATE: two copies on two hosts never both acquire one guard.
+UPDATE: two copies on two hosts never both acquire one guard. A guard that has
+no row at all is taken in the statement that locks it (:func:`take_free`, ON
+CONFLICT DO NOTHING): the common case, a new message, costs one statement.
+Statements carry their rows as scalar ``VALUES`` (:func:`values`), never arrays.
 """
 
 from __future__ import annotations
