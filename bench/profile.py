@@ -87,6 +87,7 @@ def main() -> int:
     parser.add_argument("--svg", type=Path, help="also write a flame graph here")
     parser.add_argument("--bridge-tree", type=Path, help="the smtp_bridge package to run")
     parser.add_argument("--store-url", help="the bridge's delivery.store (postgresql://...)")
+    parser.add_argument("--api-down", action="store_true", help="an API that refuses connections")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(spy).exists():
@@ -97,7 +98,7 @@ def main() -> int:
     sandbox = harness.start_sandbox(args.latency / 1000, workdir, load_cpus)
     server = harness.start_server(
         args.server,
-        api_url=sandbox.url,
+        api_url=harness.dead_api_url(sandbox.url) if args.api_down else sandbox.url,
         workdir=workdir,
         cpus=server_cpus,
         mode=args.mode,
