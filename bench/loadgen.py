@@ -236,7 +236,10 @@ class Load:
         self.deadline = self.go_at + args.duration
         self.go.set()
         await asyncio.gather(*tasks)
-        ended = self.stats.last_reply or time.perf_counter()
+        return self.figures(self.stats.last_reply or time.perf_counter(), cpu0)
+
+    def figures(self, ended: float, cpu0: float) -> dict[str, Any]:
+        """The window's figures, from its start (``go_at``) to ``ended``."""
         elapsed = max(ended - self.go_at, 1e-9)
         lat = sorted(self.stats.latencies)
         return {
@@ -331,25 +334,15 @@ class OpenLoad(Load):
         for _ in tasks:
             self.arrivals.put_nowait(None)
         await asyncio.gather(*tasks)
-        elapsed = max(ended - self.go_at, 1e-9)
-        lat = sorted(self.stats.latencies)
         sched = sorted(self.stats.scheduled)
-        return {
-            "ok": self.stats.ok,
-            "replies": self.stats.replies,
-            "errors": self.stats.errors,
-            "elapsed": elapsed,
-            "rate": self.stats.ok / elapsed,
-            "p50_ms": _percentile(lat, 50) * 1000,
-            "p99_ms": _percentile(lat, 99) * 1000,
-            "loadgen_cpu": (_cpu() - cpu0) / elapsed,
-            "extra": {
-                "offered_rate": args.open_rate,
-                "arrivals": float(self.started),
-                "sched_p50_ms": _percentile(sched, 50) * 1000,
-                "sched_p99_ms": _percentile(sched, 99) * 1000,
-            },
+        figures = self.figures(ended, cpu0)
+        figures["extra"] = {
+            "offered_rate": args.open_rate,
+            "arrivals": float(self.started),
+            "sched_p50_ms": _percentile(sched, 50) * 1000,
+            "sched_p99_ms": _percentile(sched, 99) * 1000,
         }
+        return figures
 
 
 async def read_reply(reader: asyncio.StreamReader) -> int:

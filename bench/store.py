@@ -20,10 +20,10 @@ import uuid
 from pathlib import Path
 
 from smtp_bridge.outcomes import RecipientState
-from smtp_bridge.store import MessageRecord, RecipientRecord
+from smtp_bridge.store import Ledger, MessageRecord, RecipientRecord, StateStore
 
 
-async def one(store: object, n: int) -> None:
+async def one(store: Ledger, n: int) -> None:
     queue_id = uuid.uuid4().hex[:12]
     message = MessageRecord(
         queue_id=queue_id,
@@ -38,7 +38,7 @@ async def one(store: object, n: int) -> None:
         message_id=f"<{queue_id}@bench>",
     )
     rcpt = f"user{n}@example.org"
-    admission = await store.open_message(message, [rcpt], lease=60.0)  # type: ignore[attr-defined]
+    admission = await store.open_message(message, [rcpt], lease=60.0)
     assert admission.guards[rcpt].acquired
     done = RecipientRecord(
         queue_id=queue_id,
@@ -50,14 +50,14 @@ async def one(store: object, n: int) -> None:
         reply="250 2.0.0 Ok",
         attempts=1,
     )
-    await store.record_outcomes(queue_id, [done], message_key=message.message_key)  # type: ignore[attr-defined]
+    await store.record_outcomes(queue_id, [done], message_key=message.message_key)
 
 
 async def round_of(url: str, count: int, concurrency: int) -> tuple[float, float]:
     if url.startswith("sqlite:"):
         from smtp_bridge.store.sqlite import SQLiteStore
 
-        store: object = await SQLiteStore.open(Path(url.removeprefix("sqlite://")))
+        store: StateStore = await SQLiteStore.open(Path(url.removeprefix("sqlite://")))
     else:
         from smtp_bridge.store.postgres import PostgresStore
 
@@ -75,7 +75,7 @@ async def round_of(url: str, count: int, concurrency: int) -> tuple[float, float
         await asyncio.gather(*(runner() for _ in range(concurrency)))
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
     finally:
-        await store.close()  # type: ignore[attr-defined]
+        await store.close()
     return count / wall, cpu / count * 1000
 
 
@@ -88,19 +88,19 @@ def main() -> None:
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                         help="the event loop (the daemon runs on uvloop)")  # fmt: skip
     args = parser.parse_args()
+    loop_factory = None
     if args.loop == "uvloop":
         import uvloop
 
-        run = uvloop.run
-    else:
-        run = asyncio.run
+        loop_factory = uvloop.new_event_loop
     with tempfile.TemporaryDirectory() as tmp:
         stores = {"sqlite": f"sqlite:///{Path(tmp) / 'state.db'}"}
         stores.update({f"pg{i or ''}": url for i, url in enumerate(args.store_url)})
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in stores}
         for _ in range(args.rounds):
             for name, url in stores.items():
-                results[name].append(run(round_of(url, args.count, args.concurrency)))
+                with asyncio.Runner(loop_factory=loop_factory) as runner:
+                    results[name].append(runner.run(round_of(url, args.count, args.concurrency)))
     print(f"{'store':8} {'msgs/s':>8} {'CPU ms/msg':>11}  (median of {args.rounds} rounds)")
     for name, figures in results.items():
         rate = statistics.median(f[0] for f in figures)

@@ -32,16 +32,13 @@ from .db import execute_rows
 __all__ = [
     "CHUNK",
     "acquire",
-    "acquire_rest",
     "claim",
     "extend",
     "guard_moves",
     "held",
     "lock_all",
-    "lock_pairs",
     "locks",
     "pair_params",
-    "release",
     "remembered",
     "requeue",
     "take_free",
@@ -50,14 +47,12 @@ __all__ = [
 
 Conn = Any  # psycopg.AsyncConnection
 
-_REMEMBERED: Final = [GuardState.DELIVERED.value, GuardState.UNKNOWN.value]
-_HELD: Final = [GuardState.SENDING.value, GuardState.QUEUED.value]
 #: Recipients whose guards one statement takes, at most (PostgreSQL takes 65,535 parameters).
 CHUNK: Final = 500
-#: The same as SQL literals (enum values, never user data).
+#: Guard states as SQL literals (enum values, never user data).
 _DELIVERED: Final = GuardState.DELIVERED.value
-_REMEMBERED_SQL: Final = "(" + ", ".join(f"'{state}'" for state in _REMEMBERED) + ")"
-_HELD_SQL: Final = "(" + ", ".join(f"'{state}'" for state in _HELD) + ")"
+_REMEMBERED_SQL: Final = f"('{GuardState.DELIVERED.value}', '{GuardState.UNKNOWN.value}')"
+_HELD_SQL: Final = f"('{GuardState.SENDING.value}', '{GuardState.QUEUED.value}')"
 
 _UPSERT: Final = (
     "INSERT INTO dedup (message_key, rcpt, queue_id, state, updated_at, lease_until, owner)"
@@ -93,13 +88,9 @@ def pair_params(pairs: Iterable[tuple[str, str]]) -> list[str]:
     return [part for pair in sorted({(key, rcpt.lower()) for key, rcpt in pairs}) for part in pair]
 
 
-async def lock_pairs(conn: Conn, message_key: str, rcpts: Iterable[str]) -> None:
-    """Serialise decisions on these (key, lower-cased rcpt) pairs across instances."""
-    await lock_all(conn, [(message_key, rcpt) for rcpt in rcpts])
-
-
 async def lock_all(conn: Conn, pairs: Iterable[tuple[str, str]]) -> None:
-    """:func:`lock_pairs` for pairs of several keys, in one statement."""
+    """Serialise decisions on these (key, lower-cased rcpt) pairs across instances,
+    in one statement."""
     params = pair_params(pairs)
     if params:
         await conn.execute(locks(len(params) // 2), params)
@@ -151,7 +142,7 @@ def take_free(
     The common case, a new message, is decided in this one statement. It is safe
     beside the lock-read-decide path because the lock comes first, and ON CONFLICT
     sees rows committed after the statement's snapshot: a row another holder wrote
-    is a conflict, left to :func:`acquire_rest` (on a fresh snapshot) to decide.
+    is a conflict, left to :func:`acquire`'s lock-read-decide (on a fresh snapshot).
     """
     sql = (
         f"locks AS ({locks(len(wanted))}), taken AS ("
@@ -180,11 +171,11 @@ async def acquire(
         ctes, params = take_free(message_key, chunk, request)
         cursor = await conn.execute(f"WITH {ctes} SELECT rcpt FROM taken", params)
         taken = {row[0] for row in await cursor.fetchall()}
-        guards |= await acquire_rest(conn, message_key, chunk, taken, request)
+        guards |= await _decide_rest(conn, message_key, chunk, taken, request)
     return guards
 
 
-async def acquire_rest(
+async def _decide_rest(
     conn: Conn, message_key: str, wanted: Sequence[str], taken: set[str], request: GuardRequest
 ) -> dict[str, Guard]:
     """After :func:`take_free`: decide the guards it found a row for (locked already)."""
@@ -200,7 +191,7 @@ async def claim(
 ) -> GuardState | None:
     """A worker's claim: the guard becomes SENDING by ``holder`` until ``until``.
 
-    The caller has locked the pair (:func:`lock_pairs`). Returns the state it
+    The caller has locked the pair (:func:`lock_all`). Returns the state it
     replaced when the last call may have gone out (SENDING), else None; a guard
     another holder has is left alone.
     """
@@ -212,15 +203,6 @@ async def claim(
         _UPSERT, (message_key, rcpt, holder, GuardState.SENDING.value, now, until, None)
     )
     return prior
-
-
-async def release(conn: Conn, message_key: str, rcpt: str, holder: str) -> None:
-    """Give up ``holder``'s guard (nothing was sent, or it failed for good)."""
-    await conn.execute(
-        "DELETE FROM dedup WHERE message_key = %s AND rcpt = %s AND queue_id = %s"
-        " AND state = ANY(%s)",
-        (message_key, rcpt.lower(), holder, _HELD),
-    )
 
 
 async def requeue(conn: Conn, holder: str, rcpt: str) -> None:
