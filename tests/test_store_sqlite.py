@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -168,6 +169,16 @@ async def test_group_commit_many_writers_one_transaction(store: Store, db_path: 
         assert len(outcomes) == 200
     finally:
         await other.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+async def test_store_threads_do_not_preempt_the_event_loop(store: Store) -> None:
+    """Woken by a write, the writer waits for a free core (bench/README.md, change 16)."""
+    policy = await store.writer.submit("test: policy", lambda conn: os.sched_getscheduler(0))
+    assert policy == os.SCHED_BATCH
+    reader = await store._read("test: policy", lambda conn: os.sched_getscheduler(0))
+    assert reader == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the caller's thread is untouched
 
 
 async def test_unbatched_concurrent_writes_all_land(store: Store) -> None:

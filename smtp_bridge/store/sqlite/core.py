@@ -26,7 +26,7 @@ from ..rules import (
 )
 from . import ledger
 from .schema import DIALECT, MIGRATIONS, SCHEMA_VERSION
-from .writer import GroupCommitWriter
+from .writer import GroupCommitWriter, no_wakeup_preemption
 
 __all__ = ["BUSY_TIMEOUT_MS", "SQLiteCore"]
 
@@ -55,7 +55,9 @@ class SQLiteCore(GuardRequests):
         #: The group-commit writer thread; ``writer.commits`` counts its transactions.
         self.writer = GroupCommitWriter(path, self._connect_writer)
         self._reader = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="smtp-bridge-store-reader"
+            max_workers=1,
+            thread_name_prefix="smtp-bridge-store-reader",
+            initializer=no_wakeup_preemption,
         )
         self._rconn: sqlite3.Connection | None = None
         #: This process's claimer token and its locked file (:meth:`recover_claims`).
