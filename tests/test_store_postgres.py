@@ -68,6 +68,23 @@ def sql(url: str, statement: str) -> list[tuple[Any, ...]]:
 # -- schema --------------------------------------------------------------------------
 
 
+async def test_reused_message_id_lookup_searches_its_index_in_a_generic_plan(
+    stores: Callable[..., Any], pg_url: str
+) -> None:
+    """A prepared statement's generic plan, not a walk over the dedup window."""
+    await stores()
+    from smtp_bridge.store.postgres import _REUSED_MESSAGE_ID
+
+    numbered = _REUSED_MESSAGE_ID.replace("%s", "$1", 1).replace("%s", "$2", 1).replace("%s", "$3")
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        conn.execute("SET enable_seqscan = off")  # an empty table: choose between the indexes
+        conn.execute(f"PREPARE reused (text, text, float8) AS {numbered}")  # type: ignore[arg-type]
+        plan = [row[0] for row in conn.execute("EXPLAIN EXECUTE reused ('<a@b>', 'k', 0)")]
+    assert any("messages_message_id" in line for line in plan), plan
+    assert not any("messages_received" in line for line in plan), plan
+
+
 async def test_four_instances_starting_at_once_on_an_empty_database_all_come_up(
     stores: Callable[..., Any], pg_url: str
 ) -> None:

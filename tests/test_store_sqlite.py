@@ -21,6 +21,7 @@ from store_helpers import SECRET, T0, TTL, Clock, message, rcpt
 from smtp_bridge.outcomes import RecipientState
 from smtp_bridge.store import StoreError
 from smtp_bridge.store.sqlite import SQLiteStore as Store
+from smtp_bridge.store.sqlite.core import REUSED_MESSAGE_ID
 from smtp_bridge.store.sqlite.schema import SCHEMA_VERSION
 
 
@@ -169,6 +170,17 @@ async def test_group_commit_many_writers_one_transaction(store: Store, db_path: 
         assert len(outcomes) == 200
     finally:
         await other.close()
+
+
+async def test_reused_message_id_lookup_searches_its_index(store: Store, db_path: Path) -> None:
+    """Not a walk over every message of the dedup window (one row read each)."""
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        plan = conn.execute(
+            f"EXPLAIN QUERY PLAN {REUSED_MESSAGE_ID}", ("<a@example.com>", "key", 0.0)
+        ).fetchall()
+    details = " ".join(row[3] for row in plan)
+    assert "USING INDEX messages_message_id (message_id=?)" in details, details
+    assert "SCAN" not in details
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")

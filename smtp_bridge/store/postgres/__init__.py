@@ -75,8 +75,11 @@ __all__ = ["PostgresStore"]
 _log = logging.getLogger("smtp_bridge.store")
 
 #: An earlier message with this Message-ID and other content, within the dedup window.
+#: ``message_id <> ''`` is the partial index's condition: a generic plan (a prepared
+#: statement) can use that index only when the query says so itself.
 _REUSED_MESSAGE_ID: Final = (
-    "SELECT queue_id FROM messages WHERE message_id = %s AND message_key <> %s"
+    "SELECT queue_id FROM messages WHERE message_id = %s AND message_id <> ''"
+    " AND message_key <> %s"
     " AND received_at > %s ORDER BY received_at DESC LIMIT 1"
 )
 
