@@ -182,3 +182,49 @@ _ADDRESS_PARTS = st.sampled_from([
 def test_getaddr_matches_aiosmtpd_on_address_like_text(body: str, limit: int) -> None:
     for arg in (body, f"<{body}>", f"<{body}@example.org> {body}", f" <a.b@{body}>{body}"):
         assert BridgeSMTP._getaddr(stub(limit), arg) == aiosmtpd_getaddr(limit, arg), arg
+
+
+# -- is_valid_address: the plain ASCII address in one regex --------------------
+
+#: Pieces of envelope addresses, ordinary and hostile, for the fast path to meet.
+_RCPT_PARTS = st.sampled_from([
+    "a", "Z9", "user.name", "x+tag", "o'neil", "{}|~^`", "..", ".", "@", "-", "a-b", "_",
+    "example.org", "xn--bcher-kva.example", "ü", "[192.0.2.1]", "[IPv6:2001:db8::1]",
+    '"q r"', " ", "<", ">", "\x00", "\x7f", "\ud800", "\n", "a" * 63, "b" * 64, "%",
+])  # fmt: skip
+
+
+def check_address_both_ways(value: str) -> None:
+    from smtp_bridge.message import addresses
+
+    slow = addresses._checked_address(value)
+    assert addresses.is_valid_address(value) == slow, value
+    if len(value) <= 254 and addresses._PLAIN_ADDRESS.fullmatch(value):
+        assert slow, value  # the fast path never accepts what the checks refuse
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "a@b", "user.name+tag@example.org", "a@b.c.d", "a@-b.c", "a@b-.c", "a@b..c", "a@b.c.",
+        ".a@b", "a.@b", "a..b@c", f"{'x' * 64}@b", f"{'x' * 65}@b", f"a@{'l' * 63}.org",
+        f"a@{'l' * 64}.org", f"a@{'b.' * 125}org", "a@b@c", "@b", "a@", "a b@c", "a@b\n",
+        "a@b_c.org", "Ünï@example.org", "a@[192.0.2.1]",
+    ],
+)  # fmt: skip
+def test_is_valid_address_fast_path_matches_the_checks(value: str) -> None:
+    check_address_both_ways(value)
+
+
+@settings(max_examples=600)
+@given(
+    st.lists(_RCPT_PARTS, max_size=10).map("".join), st.lists(_RCPT_PARTS, max_size=10).map("".join)
+)
+def test_is_valid_address_fast_path_matches_on_generated_addresses(local: str, domain: str) -> None:
+    for value in (f"{local}@{domain}", local, f"{local}@{domain}@{domain}"):
+        check_address_both_ways(value)
+
+
+@given(st.text(max_size=80))
+def test_is_valid_address_fast_path_matches_on_any_text(value: str) -> None:
+    check_address_both_ways(value)
