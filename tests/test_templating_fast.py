@@ -1,4 +1,5 @@
-"""A template that is one variable renders exactly as Jinja renders it (issue 15).
+"""A template that is one variable (or one variable ``or`` a constant) renders
+exactly as Jinja renders it (issue 15).
 
 ``CompiledTemplate.render`` skips Jinja for ``{{ subject }}`` and
 ``{{ rcpt.local }}``-like templates. Each case renders both ways, through the
@@ -54,6 +55,10 @@ ONE_VARIABLE = [
     "{{ value }}", "{{ value.visible }}", "{{ value._hidden }}", "{{ value.nosuch }}",
     "{{ value.nosuch.deeper }}", "{{ value.__class__ }}", "{{ value.upper }}", "{{ value.real }}",
     "{{ missing }}", "{{ missing.attr }}", "{{ range }}", "{{ loop }}", "{{ to }}",
+    "{{ sender.name or 'Billing' }}", "{{ value or 'x' }}", "{{ value.visible or 'none' }}",
+    "{{ value or none }}", "{{ value or 0 }}", "{{ value or '' }}", "{{- value or 'y' -}}",
+    "{{ missing or 'x' }}", "{{ value.nosuch or 'd' }}", "{{ value._hidden or 'd' }}",
+    "{{ value.__class__ or 'd' }}", "{{ headers.nosuch or 'h' }}",
 ]  # fmt: skip
 
 VALUES = [
@@ -79,7 +84,9 @@ def test_these_templates_take_the_fast_path() -> None:
     for source in ONE_VARIABLE:
         assert compile_template(source).lookup is not None, source
     others = ("{{ a }}{{ b }}", " {{ a }}", "{{ a['b'] }}", "{{ a|upper }}", "{{ self }}",
-              "{{ none }}", "{{ a() }}", "{% if a %}{{ a }}{% endif %}", "{{ a.b() }}")  # fmt: skip
+              "{{ none }}", "{{ a() }}", "{% if a %}{{ a }}{% endif %}", "{{ a.b() }}",
+              "{{ a or b }}", "{{ 'x' or a }}", "{{ a or b or 'c' }}", "{{ a and 'x' }}",
+              "{{ (a or 'x')|upper }}", "{{ a or 'x' }}{{ b }}")  # fmt: skip
     for source in others:
         assert compile_template(source).lookup is None, source
 
