@@ -312,16 +312,8 @@ class Delivery:
             return None
         self._note_reuse(message, admission.message_id_reused_by)
         outcomes = [as_copy(message.queue_id, o, admission.guards) for o in outcomes]
-        spooled = any(o.spooled for o in outcomes)
-        if spooled:
-            log_event(
-                log,
-                "spooled",
-                queue_id=message.queue_id,
-                rcpts=sum(o.spooled for o in outcomes),
-                size=len(message.raw),
-            )
-            self._wake()
+        if any(o.spooled for o in outcomes):
+            self._wake()  # the message line says how many were spooled (handler.py)
         return outcomes
 
     async def _record_outcomes(
@@ -384,8 +376,7 @@ class Delivery:
             )
             return [original for original, _ in ran]
         if spooled:
-            log_event(log, "spooled", queue_id=message.queue_id, rcpts=spooled)
-            self._wake()
+            self._wake()  # the message line says how many were spooled (handler.py)
         return outcomes
 
     async def close(self) -> None:

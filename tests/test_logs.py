@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import DEFAULT_ROUTES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_daemon import WAIT, Daemon, assert_no_traceback, bridge_command, daemon_env, make_message
@@ -163,8 +164,23 @@ async def test_api_call_line_has_what_an_operator_greps_for(
     )
     assert call["api_code"] == 200
     assert message["routes"] == ["default"]
+    assert message["spooled"] == 0
     assert isinstance(call["latency_ms"], float)
     assert call["level"] == "info"
+
+
+async def test_queue_mode_message_line_counts_the_spooled_recipients(
+    bridge: Any, sandbox: Sandbox, log_lines: Any
+) -> None:
+    """One line a message in queue mode too: how many recipients the workers have."""
+    async with bridge("delivery: {mode: queue}\n" + DEFAULT_ROUTES) as b:
+        code, _ = await b.send(make_message("Spooled"), ["a@example.org", "b@example.org"])
+        assert code == 250
+    lines = log_lines()
+    [message] = [line for line in lines if line["event"] == "message"]
+    assert message["spooled"] == 2
+    assert message["reply"].startswith("250")
+    assert not [line for line in lines if line["event"] == "spooled"]
 
 
 def _record(event: str, **fields: Any) -> str:

@@ -231,6 +231,8 @@ class BridgeHandler:
             mail_from=message.mail_from,
             rcpts=len(message.rcpts),
             routes=sorted({o.route for o in outcomes if o.route}),
+            # Recipients left to the workers: one line a message, not a "spooled" line more.
+            spooled=sum(o.spooled for o in outcomes),
             size=len(raw),
             subject=parsed.subject[:100],
             reply=str(reply),
