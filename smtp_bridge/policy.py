@@ -13,6 +13,7 @@ with :mod:`smtp_bridge.calls` and :mod:`smtp_bridge.settle`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import json
 import logging
@@ -415,7 +416,10 @@ def failure_notice(
     return message, [record]
 
 
+@functools.lru_cache(maxsize=1024)
 def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # Cached: every recipient of every message parses its client's address, and the
+    # clients of a bridge are few (ipaddress objects are immutable).
     try:
         return ipaddress.ip_address(value)
     except ValueError:
