@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -25,8 +23,9 @@ from ..rules import (
     recipient_values,
 )
 from . import ledger
+from .reader import ReadThread
 from .schema import DIALECT, MIGRATIONS, SCHEMA_VERSION
-from .writer import GroupCommitWriter, no_wakeup_preemption
+from .writer import GroupCommitWriter
 
 __all__ = ["BUSY_TIMEOUT_MS", "SQLiteCore"]
 
@@ -54,12 +53,8 @@ class SQLiteCore(GuardRequests):
         self._clock = clock
         #: The group-commit writer thread; ``writer.commits`` counts its transactions.
         self.writer = GroupCommitWriter(path, self._connect_writer)
-        self._reader = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1,
-            thread_name_prefix="smtp-bridge-store-reader",
-            initializer=no_wakeup_preemption,
-        )
-        self._rconn: sqlite3.Connection | None = None
+        #: The reader thread, with its own read-only connection.
+        self._reads = ReadThread(self._connect_reader)
         #: This process's claimer token and its locked file (:meth:`recover_claims`).
         self._owner: str | None = None
         self._owner_fd: int | None = None
@@ -89,14 +84,9 @@ class SQLiteCore(GuardRequests):
                 f"cannot create state directory {path.parent}: {exc.strerror or exc}", path=path
             ) from exc
         store = cls(path, dedup_ttl=dedup_ttl, anonymous_ttl=anonymous_ttl, clock=clock)
+        await store.writer.start()
         try:
-            await store.writer.start()
-        except BaseException:
-            store._reader.shutdown(wait=True)
-            raise
-        try:
-            loop = asyncio.get_running_loop()
-            store._rconn = await loop.run_in_executor(store._reader, store._connect_reader)
+            await store._reads.start()
         except BaseException as exc:
             await store.close()
             if isinstance(exc, sqlite3.Error):
@@ -110,11 +100,7 @@ class SQLiteCore(GuardRequests):
             return
         self._closed = True
         await self.writer.stop()
-        if self._rconn is not None:
-            loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self._reader, self._rconn.close)
-            self._rconn = None
-        self._reader.shutdown(wait=True)
+        await self._reads.stop()
         if self._owner_fd is not None:
             # A clean stop: every claim is settled, the token is not needed any more.
             owners = self._path.with_name(self._path.name + ".owners")
@@ -163,12 +149,10 @@ class SQLiteCore(GuardRequests):
     # -- reads ----------------------------------------------------------------------------
 
     async def _read(self, what: str, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-        if self._closed or self._rconn is None:
+        if self._closed:
             raise StoreError(f"state store {self._path} is closed", path=self._path)
-        conn = self._rconn
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._reader, _in_read_transaction, conn, fn)
+            return await self._reads.submit(fn)
         except sqlite3.Error as exc:
             raise StoreError(
                 f"state store {self._path}: {what} failed: {exc}", path=self._path
@@ -316,13 +300,3 @@ REUSED_MESSAGE_ID: Final = (
     "SELECT queue_id FROM messages WHERE message_id = ? AND message_id != ''"
     " AND message_key != ? AND received_at > ? ORDER BY received_at DESC LIMIT 1"
 )
-
-
-def _in_read_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], _T]) -> _T:
-    # One read transaction: every SELECT of ``fn`` sees the same committed snapshot.
-    conn.execute("BEGIN")
-    try:
-        return fn(conn)
-    finally:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
