@@ -68,11 +68,11 @@ _Answer = tuple[ResultKind, int | None, int | None, str, float | None]
 
 
 def form_encode(fields: dict[str, str]) -> bytes:
-    """``urllib.parse.urlencode(fields).encode()``, by one ``str.translate`` per field.
+    """``urllib.parse.urlencode(fields).encode()``, by ``str.replace`` or ``str.translate``.
 
     urlencode quotes byte by byte in a Python list comprehension; for a 2 KiB
     rendered body that was 4% of the daemon's CPU. Same bytes (tests compare the
-    two over every code point).
+    two over every code point and on generated text).
     """
     return "&".join(
         [_form_quote(key) + "=" + _form_quote(value) for key, value in fields.items()]
@@ -81,7 +81,25 @@ def form_encode(fields: dict[str, str]) -> bytes:
 
 def _form_quote(text: str) -> str:
     # Latin-1 maps each UTF-8 byte to the code point of the same number.
-    return text.encode().decode("latin-1").translate(_FORM_BYTES)
+    text = text.encode().decode("latin-1")
+    unsafe = set(text)
+    unsafe -= _FORM_SAFE
+    if len(unsafe) > _FEW_UNSAFE:
+        return text.translate(_FORM_BYTES)  # one lookup per character
+    # Few distinct characters to quote (a rendered body in JSON has about 8): one
+    # str.replace pass each, half the time of translate on a 2 KiB body. "%" goes
+    # first and "+" second, so no replacement is quoted again.
+    for char in ("%", "+"):
+        if char in unsafe:
+            text = text.replace(char, _FORM_BYTES[ord(char)])
+            unsafe.discard(char)
+    for char in unsafe:
+        text = text.replace(char, _FORM_BYTES[ord(char)])
+    return text
+
+
+_FORM_SAFE = frozenset(chr(b) for b in _UNRESERVED)
+_FEW_UNSAFE = 16
 
 
 def _url_authorization(url: httpx.URL | None) -> str | None:

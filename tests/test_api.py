@@ -21,6 +21,8 @@ import httpx
 import pytest
 import trustme
 from httpx_aiohttp import AiohttpTransport
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtp_bridge import __version__
 from smtp_bridge.api import USER_AGENT, ApiClient, form_encode, request_fields
@@ -381,6 +383,25 @@ def ok(request: httpx.Request) -> httpx.Response:
 def test_form_encode_is_urlencode_for_every_code_point(block: int) -> None:
     text = "".join(chr(c) for c in range(block, block + 0x10000) if not 0xD800 <= c < 0xE000)
     fields = {"data": text, "k y&=": "a b+c%", "": "", "app_key": "K\u00e9/?#"}
+    assert form_encode(fields) == urllib.parse.urlencode(fields).encode()
+
+
+_FORM_TEXT = st.text(
+    alphabet=st.sampled_from(list('aZ09_.-~ +%&=?/#{}":,\\\r\n\x00\x7fé€😀')), max_size=40
+)
+
+
+@settings(max_examples=500)
+@given(st.dictionaries(_FORM_TEXT, _FORM_TEXT, max_size=4))
+def test_form_encode_is_urlencode_on_generated_text(fields: dict[str, str]) -> None:
+    assert form_encode(fields) == urllib.parse.urlencode(fields).encode()
+
+
+@pytest.mark.parametrize(
+    "text", ["%2B", "+ %", "a b+c%d", "%%++  ", "100% + 1", "+", "%", " ", "", "é+%"]
+)
+def test_form_encode_never_quotes_a_replacement_again(text: str) -> None:
+    fields = {"data": text}
     assert form_encode(fields) == urllib.parse.urlencode(fields).encode()
 
 
