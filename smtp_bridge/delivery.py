@@ -205,7 +205,10 @@ class Delivery:
             if outcomes is None:
                 return self._store_failed(message, [p.rcpt for p in plans])
         else:
-            ran = await asyncio.gather(*(self._run(message, p, config, app_key) for p in plans))
+            if len(plans) == 1:  # most mail: no task of its own for the one call
+                ran = [await self._run(message, plans[0], config, app_key)]
+            else:
+                ran = await asyncio.gather(*(self._run(message, p, config, app_key) for p in plans))
             outcomes = await self._record_outcomes(message, plans, ran, key, config)
         if not per_recipient and any(o.reply.is_success for o in outcomes):
             # Permanent failures beside deliveries: the reply will be 250, so
