@@ -214,6 +214,23 @@ async def test_one_bad_write_fails_alone_in_its_batch(store: Store) -> None:
     assert len(await store.list_recipients()) == 1
 
 
+async def test_a_write_alone_in_its_batch_that_fails_leaves_nothing(store: Store) -> None:
+    """No savepoint for a lone op: its failure rolls back the batch, which is only it."""
+
+    def half_then_fail(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('half', 1)")
+        conn.execute("INSERT INTO meta (key, value) VALUES ('half', 2)")  # primary key
+
+    with pytest.raises(StoreError, match="test: lone write failed: UNIQUE"):
+        await store.writer.submit("test: lone write", half_then_fail)
+    rows = await store.writer.submit(
+        "test: read", lambda conn: conn.execute("SELECT * FROM meta WHERE key = 'half'").fetchall()
+    )
+    assert rows == []
+    await store.add_message(message(), [])  # the writer goes on
+    assert await store.get_message("Q1") is not None
+
+
 async def test_failed_commit_fails_every_caller_and_reports_no_success(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:

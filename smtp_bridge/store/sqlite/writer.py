@@ -225,16 +225,21 @@ class GroupCommitWriter:
             return
         done: list[tuple[_Op, Any]] = []
         failed: list[tuple[_Op, BaseException]] = []
+        # A savepoint keeps one op's failure from undoing the others' writes; an op
+        # alone in its batch needs none (two statements less: at low load most are).
+        isolate = len(ops) > 1
         for op in ops:
             try:
-                conn.execute("SAVEPOINT op")
+                if isolate:
+                    conn.execute("SAVEPOINT op")
                 result = op.fn(conn)
-                conn.execute("RELEASE op")
+                if isolate:
+                    conn.execute("RELEASE op")
             except Exception as exc:
                 # A failed statement normally undoes only itself; then only this op
                 # fails. SQLITE_FULL, IOERR and the like may roll back the whole
                 # transaction, taking every write of the batch with it.
-                if conn.in_transaction and _rollback_to_savepoint(conn):
+                if isolate and conn.in_transaction and _rollback_to_savepoint(conn):
                     failed.append((op, self._error(op.what, exc)))
                     continue
                 _rollback(conn)
