@@ -228,3 +228,24 @@ def test_is_valid_address_fast_path_matches_on_generated_addresses(local: str, d
 @given(st.text(max_size=80))
 def test_is_valid_address_fast_path_matches_on_any_text(value: str) -> None:
     check_address_both_ways(value)
+
+
+# -- address headers remembered ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        '"Billing" <billing@example.com>', "a@b.c, d@e.f", "undisclosed-recipients:;",
+        "=?utf-8?q?J=C3=A4ck?= <j@example.org>", "not an address", "<>", "x" * 1200 + "@y.z",
+    ],
+)  # fmt: skip
+def test_remembered_address_header_reads_as_a_fresh_one(value: str) -> None:
+    from smtp_bridge.message import headers
+
+    first = headers._addresses("To", value, value)
+    again = headers._addresses("To", value, value)
+    assert first == again == headers._read_addresses("To", value, value)
+    raw = f"To: {value}\r\nSubject: s\r\n\r\nbody\r\n".encode()
+    one, two = parse_message(raw), parse_message(raw)
+    assert one.to == two.to and one.to is not two.to  # each message its own list

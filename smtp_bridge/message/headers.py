@@ -128,16 +128,26 @@ def _decode_header(name: str, value: str) -> tuple[str, int]:
     return one_line(decoded).strip(), 1
 
 
-def _addresses(name: str, unfolded: str, decoded: str) -> tuple[list[Address], int]:
-    """The mailboxes of one address header (groups flattened), and its defect count."""
+def _addresses(name: str, unfolded: str, decoded: str) -> tuple[tuple[Address, ...], int]:
+    """The mailboxes of one address header (groups flattened), and its defect count.
+
+    Remembered for recent headers as the header objects are (an application sends
+    the same From on every message): the Address objects are immutable.
+    """
+    if len(unfolded) > _HEADER_CACHE_MAX_VALUE:
+        return _read_addresses(name, unfolded, decoded)
+    return _recent_addresses(name, unfolded, decoded)
+
+
+def _read_addresses(name: str, unfolded: str, decoded: str) -> tuple[tuple[Address, ...], int]:
     try:
         header = _STRUCTURED(name, unfolded)
         if isinstance(header, AddressHeader):
-            found = [
+            found = tuple(
                 mailbox(box.addr_spec, box.display_name)
                 for box in header.addresses
                 if box.username or box.domain
-            ]
+            )
             return found, len(header.defects)
     except Exception:
         pass
@@ -145,5 +155,8 @@ def _addresses(name: str, unfolded: str, decoded: str) -> tuple[list[Address], i
     try:
         pairs = getaddresses([decoded])
     except Exception:
-        return [], 1
-    return [mailbox(addr, display) for display, addr in pairs if addr], 1
+        return (), 1
+    return tuple(mailbox(addr, display) for display, addr in pairs if addr), 1
+
+
+_recent_addresses = functools.lru_cache(maxsize=_HEADER_CACHE_SIZE)(_read_addresses)
