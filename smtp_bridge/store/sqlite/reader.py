@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import queue
 import sqlite3
 import threading
@@ -19,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .writer import no_wakeup_preemption
+from .writer import settle, thread_connection
 
 __all__ = ["ReadThread"]
 
@@ -80,22 +79,18 @@ class ReadThread:
         self._thread = None
 
     def _main(self, ready: concurrent.futures.Future[None]) -> None:
-        no_wakeup_preemption()
         try:
-            try:
-                conn = self._connect()
-            except BaseException as exc:
-                ready.set_exception(exc)
+            conn = thread_connection(self._connect, ready)
+            if conn is None:
                 return
-            ready.set_result(None)
             try:
                 while (item := self._queue.get()) is not None:
                     try:
                         result = _in_read_transaction(conn, item.fn)
                     except Exception as exc:
-                        _settle(item, None, exc)
+                        settle(item.loop, item.future, None, exc)
                     else:
-                        _settle(item, result, None)
+                        settle(item.loop, item.future, result, None)
             finally:
                 conn.close()
         finally:
@@ -110,19 +105,3 @@ def _in_read_transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connect
     finally:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
-
-
-def _settle(item: _Read, result: object, error: BaseException | None) -> None:
-    """Resolve ``item``'s future from the reader thread, on the caller's loop."""
-
-    def settle() -> None:
-        if item.future.cancelled():
-            return
-        if error is not None:
-            item.future.set_exception(error)
-        else:
-            item.future.set_result(result)
-
-    # RuntimeError: the caller's loop is closed, nobody is waiting any more.
-    with contextlib.suppress(RuntimeError):
-        item.loop.call_soon_threadsafe(settle)

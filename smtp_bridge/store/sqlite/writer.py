@@ -24,7 +24,7 @@ from typing import Any, Final, TypeVar
 
 from ...errors import StoreError
 
-__all__ = ["MAX_BATCH", "GroupCommitWriter", "no_wakeup_preemption"]
+__all__ = ["MAX_BATCH", "GroupCommitWriter", "no_wakeup_preemption", "settle", "thread_connection"]
 
 _T = TypeVar("_T")
 
@@ -150,17 +150,10 @@ class GroupCommitWriter:
     # -- the thread ------------------------------------------------------------------
 
     def _main(self, ready: concurrent.futures.Future[None]) -> None:
-        no_wakeup_preemption()
         try:
-            # InvalidStateError: start() was cancelled and gave up waiting for us.
-            try:
-                conn = self._connect()
-            except BaseException as exc:
-                with contextlib.suppress(concurrent.futures.InvalidStateError):
-                    ready.set_exception(exc)
+            conn = thread_connection(self._connect, ready)
+            if conn is None:
                 return
-            with contextlib.suppress(concurrent.futures.InvalidStateError):
-                ready.set_result(None)
             lock_fd = self._open_write_lock()
             try:
                 while True:
@@ -304,17 +297,44 @@ class _BatchLost(Exception):
         self.cause = cause
 
 
-def _settle(op: _Op, result: object, error: BaseException | None) -> None:
-    """Resolve ``op``'s future from the writer thread, on the caller's loop."""
+def thread_connection(
+    connect: Callable[[], sqlite3.Connection], ready: concurrent.futures.Future[None]
+) -> sqlite3.Connection | None:
+    """A store thread's start: its scheduling (:func:`no_wakeup_preemption`) and its
+    connection, the outcome told to ``ready`` (the starter); None if it failed."""
+    no_wakeup_preemption()
+    # InvalidStateError: start() was cancelled and gave up waiting for us.
+    try:
+        conn = connect()
+    except BaseException as exc:
+        with contextlib.suppress(concurrent.futures.InvalidStateError):
+            ready.set_exception(exc)
+        return None
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        ready.set_result(None)
+    return conn
 
-    def settle() -> None:
-        if op.future.cancelled():
+
+def _settle(op: _Op, result: object, error: BaseException | None) -> None:
+    settle(op.loop, op.future, result, error)
+
+
+def settle(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    result: object,
+    error: BaseException | None,
+) -> None:
+    """Resolve ``future`` from a store thread, on its loop (the reader's too)."""
+
+    def resolve() -> None:
+        if future.cancelled():
             return
         if error is not None:
-            op.future.set_exception(error)
+            future.set_exception(error)
         else:
-            op.future.set_result(result)
+            future.set_result(result)
 
     # RuntimeError: the caller's loop is closed, nobody is waiting any more.
     with contextlib.suppress(RuntimeError):
-        op.loop.call_soon_threadsafe(settle)
+        loop.call_soon_threadsafe(resolve)
