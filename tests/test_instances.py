@@ -202,7 +202,11 @@ async def test_kill_9_of_one_instance_the_other_delivers_its_spool_once(
 async def test_database_stopped_under_load_never_250_without_commit(
     bridge: Any, sandbox: Sandbox, pg_cluster: Any, pg_url: str
 ) -> None:
-    async with bridge(shared(pg_url, "queue", ", backoff: [50ms]")) as b:
+    # An attempt the outage cuts keeps its claim until the lease runs out (the
+    # recipient then comes back, spool_attempt.py): a 2 s lease, not the default
+    # 60 s, so that the drain below never depends on when the database stopped.
+    delivery = ", backoff: [50ms], claim_lease: 2s"
+    async with bridge(shared(pg_url, "queue", delivery)) as b:
         before = [await send(b, make_message(f"<up-{n}@app>"), [A]) for n in range(3)]
         pg_cluster.stop()
         try:
