@@ -74,14 +74,8 @@ __all__ = ["PostgresStore"]
 
 _log = logging.getLogger("smtp_bridge.store")
 
-#: An earlier message with this Message-ID and other content, within the dedup window.
-#: ``message_id <> ''`` is the partial index's condition: a generic plan (a prepared
-#: statement) can use that index only when the query says so itself.
-_REUSED_MESSAGE_ID: Final = (
-    "SELECT queue_id FROM messages WHERE message_id = %s AND message_id <> ''"
-    " AND message_key <> %s"
-    " AND received_at > %s ORDER BY received_at DESC LIMIT 1"
-)
+#: An earlier message with this Message-ID and other content (see spool_sql).
+_REUSED_MESSAGE_ID: Final = spool_sql.reused_message_id(DIALECT)
 
 #: This host's clock may be this far off the server's before open() warns.
 _SKEW_WARNING: Final = 1.0

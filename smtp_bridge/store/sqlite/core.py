@@ -291,12 +291,5 @@ class SQLiteCore(GuardRequests):
         return str(row[0]) if row else ""
 
 
-#: An earlier message with this Message-ID and other content, within the dedup window.
-#: ``message_id != ''`` is the partial index's own condition, spelled out: without
-#: it SQLite cannot use that index for a bound ``message_id = ?`` and walked every
-#: message of the window by ``received_at`` instead, one row read per message
-#: (3 ms a message with 1,100 in the window; bench/README.md, change 17).
-REUSED_MESSAGE_ID: Final = (
-    "SELECT queue_id FROM messages WHERE message_id = ? AND message_id != ''"
-    " AND message_key != ? AND received_at > ? ORDER BY received_at DESC LIMIT 1"
-)
+#: An earlier message with this Message-ID and other content (see spool_sql).
+REUSED_MESSAGE_ID: Final = spool_sql.reused_message_id(DIALECT)
