@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from test_daemon import WAIT, Daemon, assert_no_traceback, bridge_command, daemon_env, make_message
 from test_systemd import NotifySocket
 
+from smtp_bridge import replies
 from smtp_bridge.logs import (
     JsonFormatter,
     TextFormatter,
@@ -174,12 +175,14 @@ async def test_queue_mode_message_line_counts_the_spooled_recipients(
 ) -> None:
     """One line a message in queue mode too: how many recipients the workers have."""
     async with bridge("delivery: {mode: queue}\n" + DEFAULT_ROUTES) as b:
-        code, _ = await b.send(make_message("Spooled"), ["a@example.org", "b@example.org"])
-        assert code == 250
+        code, text = await b.send(make_message("Spooled"), ["a@example.org", "b@example.org"])
+    queued = f"{replies.QUEUED.status} {replies.QUEUED.text} id="
+    assert code == 250 and text.startswith(queued), text
     lines = log_lines()
     [message] = [line for line in lines if line["event"] == "message"]
     assert message["spooled"] == 2
-    assert message["reply"].startswith("250")
+    assert message["reply"] == f"250 {replies.QUEUED.status} {replies.QUEUED.text}"
+    assert text == f"{queued}{message['queue_id']}"
     assert not [line for line in lines if line["event"] == "spooled"]
 
 
